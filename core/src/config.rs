@@ -1,0 +1,315 @@
+//! Config structs mirroring Hugging Face's `CLIPSegConfig` (`config.json`) and
+//! `ViTImageProcessor` (`preprocessor_config.json`). Defaults are transformers' defaults, so
+//! a config that omits a field means what it means in transformers.
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The activation named by `hidden_act` in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, CLIP's own.
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact (erf) GELU.
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// tanh-approximated GELU.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluTanh,
+    #[serde(rename = "relu")]
+    Relu,
+}
+
+/// `CLIPSegTextConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: i64,
+    pub bos_token_id: i64,
+    pub eos_token_id: i64,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            pad_token_id: 1,
+            bos_token_id: 49406,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+/// `CLIPSegVisionConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// `CLIPSegConfig`: the two towers plus the decoder's sizes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipSegConfig {
+    pub text_config: TextConfig,
+    pub vision_config: VisionConfig,
+    pub projection_dim: usize,
+    /// Vision blocks (0-based) whose outputs feed the decoder: `hidden_states[i + 1]`.
+    pub extract_layers: Vec<usize>,
+    pub reduce_dim: usize,
+    pub decoder_num_attention_heads: usize,
+    pub decoder_intermediate_size: usize,
+    /// Decoder step at which FiLM conditioning is applied.
+    pub conditional_layer: usize,
+    /// `true`: Conv3×3 + ReLU + ConvT(k/4) + ReLU + ConvT(4) ("refined"); `false`: one ConvT.
+    pub use_complex_transposed_convolution: bool,
+}
+
+impl Default for ClipSegConfig {
+    fn default() -> Self {
+        Self {
+            text_config: TextConfig::default(),
+            vision_config: VisionConfig::default(),
+            projection_dim: 512,
+            extract_layers: vec![3, 6, 9],
+            reduce_dim: 64,
+            decoder_num_attention_heads: 4,
+            decoder_intermediate_size: 2048,
+            conditional_layer: 0,
+            use_complex_transposed_convolution: false,
+        }
+    }
+}
+
+impl ClipSegConfig {
+    /// Parses `config.json` and checks that its sizes fit together.
+    pub fn from_json(json: &[u8]) -> Result<Self> {
+        let config: Self = serde_json::from_slice(json)
+            .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The number of vision blocks that must run: up to the deepest tapped one.
+    pub fn vision_layers_used(&self) -> usize {
+        self.extract_layers.iter().max().map_or(0, |&l| l + 1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        let (t, v) = (&self.text_config, &self.vision_config);
+        for (name, value) in [
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            ("text_config.vocab_size", t.vocab_size),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.num_channels", v.num_channels),
+            ("reduce_dim", self.reduce_dim),
+            ("decoder_num_attention_heads", self.decoder_num_attention_heads),
+            ("projection_dim", self.projection_dim),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if t.hidden_size % t.num_attention_heads != 0 {
+            return bad(format!(
+                "text hidden_size {} is not divisible by num_attention_heads {}",
+                t.hidden_size, t.num_attention_heads
+            ));
+        }
+        if v.hidden_size % v.num_attention_heads != 0 {
+            return bad(format!(
+                "vision hidden_size {} is not divisible by num_attention_heads {}",
+                v.hidden_size, v.num_attention_heads
+            ));
+        }
+        if self.reduce_dim % self.decoder_num_attention_heads != 0 {
+            return bad(format!(
+                "reduce_dim {} is not divisible by decoder_num_attention_heads {}",
+                self.reduce_dim, self.decoder_num_attention_heads
+            ));
+        }
+        if v.image_size % v.patch_size != 0 {
+            return bad(format!(
+                "vision image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
+        if self.extract_layers.is_empty() {
+            return bad("extract_layers is empty".into());
+        }
+        if let Some(&l) = self
+            .extract_layers
+            .iter()
+            .find(|&&l| l >= v.num_hidden_layers)
+        {
+            return bad(format!(
+                "extract_layers names vision layer {l}, but the vision tower has {} layers",
+                v.num_hidden_layers
+            ));
+        }
+        if self.conditional_layer >= self.extract_layers.len() {
+            return bad(format!(
+                "conditional_layer {} is past the decoder's {} layers",
+                self.conditional_layer,
+                self.extract_layers.len()
+            ));
+        }
+        if self.use_complex_transposed_convolution && v.patch_size % 4 != 0 {
+            return bad(format!(
+                "the refined head needs a patch_size divisible by 4, got {}",
+                v.patch_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The image preprocessing a checkpoint asks for (`preprocessor_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessConfig {
+    /// Square side the image is resized to.
+    pub size: usize,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub rescale_factor: f32,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl PreprocessConfig {
+    /// transformers' `ViTImageProcessor` defaults at the vision tower's own size.
+    pub fn default_for(vision: &VisionConfig) -> Self {
+        Self {
+            size: vision.image_size,
+            do_resize: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: IMAGENET_MEAN,
+            image_std: IMAGENET_STD,
+        }
+    }
+
+    /// Parses `preprocessor_config.json`, falling back to [`Self::default_for`] per field.
+    pub fn from_json(json: &[u8], vision: &VisionConfig) -> Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Size {
+            Square(usize),
+            HeightWidth { height: usize, width: usize },
+            Shortest { shortest_edge: usize },
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Triple {
+            One(f32),
+            Three([f32; 3]),
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            size: Option<Size>,
+            do_resize: Option<bool>,
+            do_rescale: Option<bool>,
+            rescale_factor: Option<f32>,
+            do_normalize: Option<bool>,
+            image_mean: Option<Triple>,
+            image_std: Option<Triple>,
+            resample: Option<u32>,
+        }
+        let err = |m: String| Error::Config(format!("preprocessor_config.json: {m}"));
+        let raw: Raw = serde_json::from_slice(json).map_err(|e| err(e.to_string()))?;
+        let mut out = Self::default_for(vision);
+        match raw.size {
+            Some(Size::Square(s)) | Some(Size::Shortest { shortest_edge: s }) => out.size = s,
+            Some(Size::HeightWidth { height, width }) if height == width => out.size = height,
+            Some(Size::HeightWidth { height, width }) => {
+                return Err(err(format!(
+                    "non-square size {height}×{width} is not supported"
+                )));
+            }
+            None => {}
+        }
+        if let Some(r) = raw.resample
+            && r != 2
+        {
+            return Err(err(format!(
+                "resample {r} is not supported (only 2, bilinear, as CLIPSeg uses)"
+            )));
+        }
+        let triple = |t: Triple| match t {
+            Triple::One(x) => [x; 3],
+            Triple::Three(x) => x,
+        };
+        out.do_resize = raw.do_resize.unwrap_or(true);
+        out.do_rescale = raw.do_rescale.unwrap_or(true);
+        out.rescale_factor = raw.rescale_factor.unwrap_or(out.rescale_factor);
+        out.do_normalize = raw.do_normalize.unwrap_or(true);
+        if let Some(m) = raw.image_mean {
+            out.image_mean = triple(m);
+        }
+        if let Some(s) = raw.image_std {
+            out.image_std = triple(s);
+        }
+        if out.size == 0 || out.size % vision.patch_size != 0 {
+            return Err(err(format!(
+                "size {} is not a positive multiple of the patch size {}",
+                out.size, vision.patch_size
+            )));
+        }
+        if out.image_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
+            return Err(err("image_std has a zero or non-finite entry".into()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,24 @@
+//! vlsm: text-prompted medical image segmentation with vision-language segmentation models.
+//!
+//! One core, native and in the browser: bytes → image tensor → image encoder (once) →
+//! per-prompt decoder → logits → masks. Models are burn modules; the backend is the
+//! [`burn::tensor::Device`] the caller picks.
+
+pub mod config;
+pub mod error;
+#[cfg(feature = "std")]
+pub mod files;
+pub mod model;
+pub mod preprocess;
+pub mod render;
+pub mod segmenter;
+pub mod tokenize;
+pub mod weights;
+
+pub use burn;
+pub use config::{ClipSegConfig, PreprocessConfig};
+pub use error::{Error, Result};
+pub use model::ClipSeg;
+pub use segmenter::{EncodedImage, Logits, ModelFiles, Pipeline, Segmenter};
+pub use tokenize::{ClipTokenizer, TokenizedPrompt};
+pub use weights::Weights;

@@ -1,0 +1,207 @@
+//! Building blocks shared by the CLIP towers and the CLIPSeg decoder, each loaded from the
+//! checkpoint under its Hugging Face key prefix.
+
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor, TensorData, activation};
+
+use crate::config::Activation;
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// `nn.Linear(d_in, d_out, bias)` at `{prefix}.weight` / `{prefix}.bias`.
+pub fn linear(
+    w: &Weights,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<Linear> {
+    let weight = w.linear_weight(&format!("{prefix}.weight"), d_in, d_out, device)?;
+    let bias = if bias {
+        Some(w.param(&format!("{prefix}.bias"), [d_out], device)?)
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
+}
+
+/// `nn.LayerNorm(d, eps)` at `{prefix}.weight` / `{prefix}.bias`.
+pub fn layer_norm(
+    w: &Weights,
+    prefix: &str,
+    d: usize,
+    eps: f64,
+    device: &Device,
+) -> Result<LayerNorm> {
+    let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+    norm.gamma = w.param(&format!("{prefix}.weight"), [d], device)?;
+    norm.beta = Some(w.param(&format!("{prefix}.bias"), [d], device)?);
+    Ok(norm)
+}
+
+pub fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
+    match act {
+        Activation::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+        Activation::Gelu => activation::gelu(x),
+        Activation::GeluTanh => activation::gelu_approximate(x),
+        Activation::Relu => activation::relu(x),
+    }
+}
+
+/// `CLIPSegAttention`: multi-head self-attention with separate q/k/v/out projections.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub num_heads: usize,
+}
+
+impl SelfAttention {
+    pub fn load(w: &Weights, prefix: &str, d: usize, heads: usize, device: &Device) -> Result<Self> {
+        let proj = |name: &str| linear(w, &format!("{prefix}.{name}"), d, d, true, device);
+        Ok(Self {
+            q_proj: proj("q_proj")?,
+            k_proj: proj("k_proj")?,
+            v_proj: proj("v_proj")?,
+            out_proj: proj("out_proj")?,
+            num_heads: heads,
+        })
+    }
+
+    /// `x`: `[B, L, D]`; `key_mask`: `[B, H, L, L]`, true where a key must be ignored.
+    pub fn forward(&self, x: Tensor<3>, key_mask: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<3> {
+        let [b, l, d] = x.dims();
+        let h = self.num_heads;
+        let heads = |t: Tensor<3>| t.reshape([b, l, h, d / h]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
+        let options = AttentionModuleOptions {
+            scale: None, // 1/sqrt(head_dim), as CLIP
+            softcap: None,
+            is_causal: causal,
+        };
+        let out = attention(q, k, v, key_mask, None, options);
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, l, d]))
+    }
+}
+
+/// `CLIPSegMLP`: fc1 → activation → fc2.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl Mlp {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        d: usize,
+        hidden: usize,
+        act: Activation,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(w, &format!("{prefix}.fc1"), d, hidden, true, device)?,
+            fc2: linear(w, &format!("{prefix}.fc2"), hidden, d, true, device)?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(activate(self.fc1.forward(x), self.act))
+    }
+}
+
+/// Sizes of one transformer layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub act: Activation,
+    pub eps: f64,
+}
+
+/// `CLIPSegEncoderLayer` (pre-norm) or `CLIPSegDecoderLayer` (post-norm): same weights.
+#[derive(Module, Debug)]
+pub struct TransformerLayer {
+    pub self_attn: SelfAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: Mlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl TransformerLayer {
+    pub fn load(w: &Weights, prefix: &str, s: LayerShape, device: &Device) -> Result<Self> {
+        Ok(Self {
+            self_attn: SelfAttention::load(w, &format!("{prefix}.self_attn"), s.hidden, s.heads, device)?,
+            layer_norm1: layer_norm(w, &format!("{prefix}.layer_norm1"), s.hidden, s.eps, device)?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), s.hidden, s.intermediate, s.act, device)?,
+            layer_norm2: layer_norm(w, &format!("{prefix}.layer_norm2"), s.hidden, s.eps, device)?,
+        })
+    }
+
+    /// Pre-norm: `x + attn(ln1(x))`, then `x + mlp(ln2(x))` (the CLIP towers).
+    pub fn forward_pre_norm(&self, x: Tensor<3>, key_mask: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), key_mask, causal);
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+
+    /// Post-norm: `ln1(x + attn(x))`, then `ln2(x + mlp(x))` (the CLIPSeg decoder).
+    pub fn forward_post_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = self.layer_norm1.forward(x.clone() + self.self_attn.forward(x, None, false));
+        self.layer_norm2.forward(x.clone() + self.mlp.forward(x))
+    }
+}
+
+/// `ConvTranspose2d` whose kernel equals its stride: every input pixel paints its own
+/// k×k block, so it is a matmul followed by a pixel shuffle (exact, and fast on CPU).
+#[derive(Module, Debug)]
+pub struct PatchConvTranspose {
+    /// `[C_in, C_out·k·k]`: PyTorch's `[C_in, C_out, k, k]` weight, flattened.
+    pub weight: Param<Tensor<2>>,
+    pub bias: Param<Tensor<1>>,
+    pub out_channels: usize,
+    pub kernel: usize,
+}
+
+impl PatchConvTranspose {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let key = format!("{prefix}.weight");
+        let values = w.read_f32(&key, &[c_in, c_out, kernel, kernel])?;
+        let weight = Tensor::from_data(TensorData::new(values, [c_in, c_out * kernel * kernel]), device);
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias: w.param(&format!("{prefix}.bias"), [c_out], device)?,
+            out_channels: c_out,
+            kernel,
+        })
+    }
+
+    /// `[B, C_in, H, W]` → `[B, C_out, H·k, W·k]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c_in, h, w] = x.dims();
+        let (c_out, k) = (self.out_channels, self.kernel);
+        let pixels = x.permute([0, 2, 3, 1]).reshape([b * h * w, c_in]);
+        let blocks = pixels.matmul(self.weight.val()).reshape([b, h, w, c_out, k, k]);
+        let image = blocks.permute([0, 3, 1, 4, 2, 5]).reshape([b, c_out, h * k, w * k]);
+        image + self.bias.val().reshape([1, c_out, 1, 1])
+    }
+}

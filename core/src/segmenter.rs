@@ -1,0 +1,178 @@
+//! The high-level API: load a Hugging Face CLIPSeg directory (from a path or from bytes),
+//! encode an image once, decode any number of prompts, get masks at the image's size.
+
+use burn::tensor::{Device, Tensor};
+use image::RgbImage;
+
+use crate::config::{ClipSegConfig, PreprocessConfig};
+use crate::error::{Error, Result};
+use crate::model::clipseg::{ClipSeg, ImageFeatures, pixels_tensor};
+use crate::preprocess;
+use crate::tokenize::{ClipTokenizer, TokenizedPrompt, TokenizerSettings};
+use crate::weights::Weights;
+
+/// The files of a Hugging Face CLIPSeg checkpoint, as bytes.
+#[derive(Default, Clone, Copy)]
+pub struct ModelFiles<'a> {
+    pub config_json: &'a [u8],
+    /// `model.safetensors` (f32, f16 or bf16).
+    pub safetensors: &'a [u8],
+    pub preprocessor_config_json: Option<&'a [u8]>,
+    pub tokenizer_json: Option<&'a [u8]>,
+    pub vocab_json: Option<&'a [u8]>,
+    pub merges_txt: Option<&'a [u8]>,
+    pub tokenizer_config_json: Option<&'a [u8]>,
+    pub special_tokens_map_json: Option<&'a [u8]>,
+}
+
+/// Everything besides the weights: config, preprocessing, tokenizer.
+pub struct Pipeline {
+    pub config: ClipSegConfig,
+    pub preprocess: PreprocessConfig,
+    pub tokenizer: ClipTokenizer,
+}
+
+impl Pipeline {
+    pub fn from_files(files: &ModelFiles) -> Result<Self> {
+        let config = ClipSegConfig::from_json(files.config_json)?;
+        let preprocess = match files.preprocessor_config_json {
+            Some(json) => PreprocessConfig::from_json(json, &config.vision_config)?,
+            None => PreprocessConfig::default_for(&config.vision_config),
+        };
+        let mut settings = TokenizerSettings::default();
+        if let Some(json) = files.special_tokens_map_json {
+            settings.merge_json(json, "special_tokens_map.json")?;
+        }
+        if let Some(json) = files.tokenizer_config_json {
+            settings.merge_json(json, "tokenizer_config.json")?;
+        }
+        let max_len = config.text_config.max_position_embeddings;
+        let tokenizer = match (files.tokenizer_json, files.vocab_json, files.merges_txt) {
+            (Some(json), _, _) => ClipTokenizer::from_tokenizer_json(json, &settings, max_len)?,
+            (None, Some(vocab), Some(merges)) => {
+                ClipTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
+            }
+            _ => {
+                return Err(Error::Tokenizer(
+                    "no tokenizer files: need tokenizer.json, or vocab.json and merges.txt".into(),
+                ));
+            }
+        };
+        Ok(Self { config, preprocess, tokenizer })
+    }
+}
+
+/// An image encoded once, ready for any number of prompts.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    pub features: ImageFeatures,
+    /// The original image's width and height.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Raw logits of one prompt at model resolution (`size`×`size`, row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub size: usize,
+    pub values: Vec<f32>,
+}
+
+impl Logits {
+    /// `sigmoid(logit) > threshold` at model resolution, 1 = foreground.
+    pub fn mask(&self, threshold: f32) -> Vec<u8> {
+        self.values
+            .iter()
+            .map(|&l| u8::from(1.0 / (1.0 + (-l).exp()) > threshold))
+            .collect()
+    }
+
+    /// The binary mask at `width`×`height` (nearest-neighbour, as medvlsm resizes masks).
+    pub fn mask_at(&self, threshold: f32, width: u32, height: u32) -> Vec<u8> {
+        preprocess::resize_nearest(&self.mask(threshold), self.size, self.size, width as usize, height as usize)
+    }
+}
+
+/// A loaded CLIPSeg model with its tokenizer and preprocessing, on one device.
+pub struct Segmenter {
+    pub model: ClipSeg,
+    pub pipeline: Pipeline,
+    pub device: Device,
+}
+
+impl Segmenter {
+    /// Loads from in-memory files (what the browser has).
+    pub fn from_files(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let pipeline = Pipeline::from_files(files)?;
+        let weights = Weights::from_safetensors(files.safetensors, "model.safetensors")?;
+        Self::from_weights(pipeline, &weights, device)
+    }
+
+    pub fn from_weights(pipeline: Pipeline, weights: &Weights, device: &Device) -> Result<Self> {
+        let model = ClipSeg::load(&pipeline.config, weights, pipeline.preprocess.size, device)?;
+        Ok(Self { model, pipeline, device: device.clone() })
+    }
+
+    /// Loads a Hugging Face model directory: `config.json`, `model.safetensors` or
+    /// `pytorch_model.bin`, tokenizer files, optional `preprocessor_config.json`.
+    #[cfg(feature = "std")]
+    pub fn from_dir(dir: &std::path::Path, device: &Device) -> Result<Self> {
+        let dir_files = crate::files::DirFiles::read(dir)?;
+        let pipeline = Pipeline::from_files(&dir_files.model_files())?;
+        let weights = dir_files.weights()?;
+        Self::from_weights(pipeline, &weights, device)
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.model.input_size()
+    }
+
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<Vec<TokenizedPrompt>> {
+        prompts.iter().map(|p| self.pipeline.tokenizer.encode(p)).collect()
+    }
+
+    /// Preprocesses and encodes a batch of images (one vision pass for all of them).
+    pub fn encode_images(&self, images: &[&RgbImage]) -> Result<Vec<EncodedImage>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pixels = images
+            .iter()
+            .map(|img| preprocess::pixel_values(img, &self.pipeline.preprocess))
+            .collect::<Result<Vec<_>>>()?;
+        let features = self
+            .model
+            .encode_image(pixels_tensor(&pixels, self.input_size(), &self.device))?;
+        Ok(images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| EncodedImage {
+                features: if images.len() == 1 { features.clone() } else { features.image(i) },
+                width: img.width(),
+                height: img.height(),
+            })
+            .collect())
+    }
+
+    pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
+        Ok(self.encode_images(&[image])?.remove(0))
+    }
+
+    /// Logits `[P, S, S]` for every prompt on one encoded image, as a tensor on the device.
+    pub fn decode_tensor(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Tensor<3>> {
+        let tokens = self.tokenize(prompts)?;
+        let conditioning = self.model.embed_prompts(&tokens, &self.device)?;
+        self.model.decode(&image.features, conditioning)
+    }
+
+    /// Logits for every prompt on one encoded image, read back to the host.
+    pub fn decode(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Vec<Logits>> {
+        let logits = self.decode_tensor(image, prompts)?;
+        let [p, s, _] = logits.dims();
+        let values = logits
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
+        Ok(values.chunks_exact(s * s).take(p).map(|c| Logits { size: s, values: c.to_vec() }).collect())
+    }
+}

@@ -1,0 +1,329 @@
+//! Checkpoint tensors by their Hugging Face names: safetensors (from bytes or a file) and,
+//! natively, PyTorch `.bin` files. Modules ask for a tensor by key and shape; a missing key or
+//! a shape mismatch is an error naming the key and both shapes, and keys nobody asked for are
+//! reported by [`Weights::check_unused`].
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+
+/// Element types a checkpoint may store floats in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl DType {
+    fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// Where a tensor's bytes live until a module asks for them.
+enum Bytes<'a> {
+    /// Little-endian bytes inside a safetensors buffer.
+    Borrowed(&'a [u8]),
+    /// A `.bin` tensor, read (native-endian) on demand.
+    #[cfg(feature = "pytorch")]
+    Lazy(pytorch_reader::Tensor),
+}
+
+struct Entry<'a> {
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: Bytes<'a>,
+}
+
+/// A checkpoint's tensors, keyed by their names in the file.
+pub struct Weights<'a> {
+    entries: BTreeMap<String, Entry<'a>>,
+    used: RefCell<BTreeSet<String>>,
+    /// What the checkpoint is called in error messages.
+    source: String,
+}
+
+impl<'a> Weights<'a> {
+    /// Reads the header of a safetensors buffer; tensor bytes stay borrowed until used.
+    pub fn from_safetensors(bytes: &'a [u8], source: &str) -> Result<Self> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Weights(format!("{source}: not a valid safetensors file ({e})")))?;
+        let mut entries = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F64 => DType::F64,
+                // Integer buffers (e.g. `position_ids`) are never weights.
+                _ => continue,
+            };
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    bytes: Bytes::Borrowed(view.data()),
+                },
+            );
+        }
+        Ok(Self::new(entries, source))
+    }
+
+    /// Opens a PyTorch `torch.save` checkpoint (`pytorch_model.bin`); tensors are read lazily.
+    #[cfg(feature = "pytorch")]
+    pub fn from_pytorch_file(path: &std::path::Path) -> Result<Weights<'static>> {
+        let source = path.display().to_string();
+        let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| {
+            Error::Weights(format!("{source}: not a readable PyTorch checkpoint ({e})"))
+        })?;
+        let mut entries = BTreeMap::new();
+        for (name, tensor) in reader.into_tensors() {
+            let dtype = match tensor.dtype() {
+                pytorch_reader::DType::F32 => DType::F32,
+                pytorch_reader::DType::F16 => DType::F16,
+                pytorch_reader::DType::BF16 => DType::BF16,
+                pytorch_reader::DType::F64 => DType::F64,
+                _ => continue,
+            };
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: tensor.shape().to_vec(),
+                    bytes: Bytes::Lazy(tensor),
+                },
+            );
+        }
+        Ok(Weights::new(entries, &source))
+    }
+
+    fn new(entries: BTreeMap<String, Entry<'a>>, source: &str) -> Self {
+        Self {
+            entries,
+            used: RefCell::new(BTreeSet::new()),
+            source: source.to_string(),
+        }
+    }
+
+    /// All float tensor names in the checkpoint.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// The stored shape of `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.entries.get(key).map(|e| e.shape.as_slice())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// The stored element type of `key`, if present.
+    pub fn dtype(&self, key: &str) -> Option<DType> {
+        self.entries.get(key).map(|e| e.dtype)
+    }
+
+    /// The tensor `key` as f32 values, checked against `shape`.
+    pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let entry = self.entries.get(key).ok_or_else(|| {
+            Error::Weights(format!(
+                "{}: missing weight `{key}` (expected shape {shape:?})",
+                self.source
+            ))
+        })?;
+        if entry.shape != shape {
+            return Err(Error::Weights(format!(
+                "{}: weight `{key}` has shape {:?} in the checkpoint, but the config needs {shape:?}",
+                self.source, entry.shape
+            )));
+        }
+        self.used.borrow_mut().insert(key.to_string());
+        let n: usize = shape.iter().product();
+        let bad_len = |got: usize| {
+            Error::Weights(format!(
+                "{}: weight `{key}` holds {got} bytes, {} expected",
+                self.source,
+                n * entry.dtype.size()
+            ))
+        };
+        match &entry.bytes {
+            Bytes::Borrowed(b) => {
+                if b.len() != n * entry.dtype.size() {
+                    return Err(bad_len(b.len()));
+                }
+                Ok(to_f32(b, entry.dtype, true))
+            }
+            #[cfg(feature = "pytorch")]
+            Bytes::Lazy(t) => {
+                let b = t.read().map_err(|e| {
+                    Error::Weights(format!("{}: reading `{key}`: {e}", self.source))
+                })?;
+                if b.len() != n * entry.dtype.size() {
+                    return Err(bad_len(b.len()));
+                }
+                Ok(to_f32(&b, entry.dtype, cfg!(target_endian = "little")))
+            }
+        }
+    }
+
+    /// The tensor `key` on `device`, checked against `shape`.
+    pub fn tensor<const D: usize>(
+        &self,
+        key: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>> {
+        let values = self.read_f32(key, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// A parameter (see [`Self::tensor`]).
+    pub fn param<const D: usize>(
+        &self,
+        key: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Param<Tensor<D>>> {
+        Ok(Param::from_tensor(self.tensor(key, shape, device)?))
+    }
+
+    /// A PyTorch `nn.Linear` weight (`[out, in]`) transposed to burn's `[in, out]`.
+    pub fn linear_weight(
+        &self,
+        key: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &Device,
+    ) -> Result<Param<Tensor<2>>> {
+        let w = self.read_f32(key, &[d_out, d_in])?;
+        let mut t = vec![0f32; w.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                t[i * d_out + o] = w[o * d_in + i];
+            }
+        }
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(t, [d_in, d_out]),
+            device,
+        )))
+    }
+
+    /// Fails if the checkpoint holds a tensor that no module read and that `ignorable` does
+    /// not excuse: such a key means the checkpoint and the config disagree.
+    pub fn check_unused(&self, ignorable: impl Fn(&str) -> bool) -> Result<()> {
+        let used = self.used.borrow();
+        let unused: Vec<&str> = self
+            .entries
+            .keys()
+            .filter(|k| !used.contains(*k) && !ignorable(k))
+            .map(String::as_str)
+            .collect();
+        match unused.as_slice() {
+            [] => Ok(()),
+            [first, ..] => Err(Error::Weights(format!(
+                "{}: unexpected weight `{first}` with shape {:?}{} — the checkpoint does not match its config",
+                self.source,
+                self.entries[*first].shape,
+                if unused.len() > 1 {
+                    format!(" (and {} more)", unused.len() - 1)
+                } else {
+                    String::new()
+                }
+            ))),
+        }
+    }
+}
+
+/// Converts raw float bytes to f32 (`little`: the bytes are little-endian, else native).
+fn to_f32(bytes: &[u8], dtype: DType, little: bool) -> Vec<f32> {
+    let arr2 = |c: &[u8]| [c[0], c[1]];
+    let u16_of = |c: &[u8]| {
+        if little {
+            u16::from_le_bytes(arr2(c))
+        } else {
+            u16::from_ne_bytes(arr2(c))
+        }
+    };
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                let a = [c[0], c[1], c[2], c[3]];
+                if little {
+                    f32::from_le_bytes(a)
+                } else {
+                    f32::from_ne_bytes(a)
+                }
+            })
+            .collect(),
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let a: [u8; 8] = c.try_into().expect("chunks of 8");
+                (if little {
+                    f64::from_le_bytes(a)
+                } else {
+                    f64::from_ne_bytes(a)
+                }) as f32
+            })
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16_of(c)).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16_of(c)).to_f32())
+            .collect(),
+    }
+}
+
+/// Writes f32 tensors as a safetensors file, optionally stored as f16.
+pub fn write_safetensors(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    fp16: bool,
+) -> Result<Vec<u8>> {
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let bytes = if fp16 {
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect()
+            } else {
+                values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            };
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let dtype = if fp16 {
+        safetensors::Dtype::F16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::Weights(format!("writing safetensors: {e}")))
+}
