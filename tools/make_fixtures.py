@@ -174,6 +174,23 @@ def make_images(out: Path):
     return sorted(p.name for p in out.glob("*.png"))
 
 
+RESIZE_TARGETS = [(64, 64), (40, 120), (120, 40), (128, 128), (30, 100), (96, 50), (97, 60), (50, 148)]
+
+
+def make_resize_fixtures(out: Path):
+    """PIL's own bilinear resizes of one noisy image to sizes that exercise both pass orders,
+    down- and upscaling, and one-axis resizes."""
+    rng = np.random.default_rng(7)
+    out.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:148, 0:97]
+    src = np.stack([x * 2.5, y * 1.7, (x * y) % 256], -1) + rng.normal(0, 40, (148, 97, 3))
+    src = Image.fromarray(np.clip(src, 0, 255).astype(np.uint8))
+    src.save(out / "source_97x148.png")
+    for w, h in RESIZE_TARGETS:
+        src.resize((w, h), Image.BILINEAR).save(out / f"pil_{w}x{h}.png")
+    return [f"pil_{w}x{h}.png" for w, h in RESIZE_TARGETS]
+
+
 def pil_pixels(path: Path, size: int):
     """medvlsm's preprocessing: PIL open → RGB → resize BILINEAR → /255 → ImageNet mean/std.
     16-bit images: PIL's convert('RGB') saturates them at 255, which is useless; vlsm scales
@@ -362,6 +379,7 @@ def main():
     n_vocab, n_merges = build_tokenizer(tok_dir)
     tokens = make_token_fixtures(tok_dir, OUT / "tokens")
     images = make_images(OUT / "images")
+    resize_targets = make_resize_fixtures(OUT / "resize")
     models = {}
     # Logits for the first LOGIT_IMAGES (downscale, upscale, palette); pixels for all.
     ref_images = ["rgb_150x100.png", "rgb_53x37.png", "palette_110x75.png", "grey_120x90.png",
@@ -377,6 +395,7 @@ def main():
         attention="eager", torch_threads=1,
         tokenizer=dict(source=CLIP_WHEEL, bpe_sha256=BPE_SHA256, vocab=n_vocab, merges=n_merges, **tokens),
         images=images,
+        resize_targets=resize_targets,
         notes="16-bit images: reference scales to 8 bits as round(v/257) (PIL would saturate at 255).",
         models=models,
     )

@@ -125,8 +125,8 @@ impl Default for ClipSegConfig {
 impl ClipSegConfig {
     /// Parses `config.json` and checks that its sizes fit together.
     pub fn from_json(json: &[u8]) -> Result<Self> {
-        let config: Self = serde_json::from_slice(json)
-            .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        let config: Self =
+            serde_json::from_slice(json).map_err(|e| Error::Config(format!("config.json: {e}")))?;
         config.validate()?;
         Ok(config)
     }
@@ -142,7 +142,10 @@ impl ClipSegConfig {
         for (name, value) in [
             ("text_config.hidden_size", t.hidden_size),
             ("text_config.num_attention_heads", t.num_attention_heads),
-            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
             ("text_config.vocab_size", t.vocab_size),
             ("vision_config.hidden_size", v.hidden_size),
             ("vision_config.num_attention_heads", v.num_attention_heads),
@@ -150,7 +153,10 @@ impl ClipSegConfig {
             ("vision_config.image_size", v.image_size),
             ("vision_config.num_channels", v.num_channels),
             ("reduce_dim", self.reduce_dim),
-            ("decoder_num_attention_heads", self.decoder_num_attention_heads),
+            (
+                "decoder_num_attention_heads",
+                self.decoder_num_attention_heads,
+            ),
             ("projection_dim", self.projection_dim),
         ] {
             if value == 0 {
@@ -169,7 +175,10 @@ impl ClipSegConfig {
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if self.reduce_dim % self.decoder_num_attention_heads != 0 {
+        if !self
+            .reduce_dim
+            .is_multiple_of(self.decoder_num_attention_heads)
+        {
             return bad(format!(
                 "reduce_dim {} is not divisible by decoder_num_attention_heads {}",
                 self.reduce_dim, self.decoder_num_attention_heads
@@ -301,7 +310,7 @@ impl PreprocessConfig {
         if let Some(s) = raw.image_std {
             out.image_std = triple(s);
         }
-        if out.size == 0 || out.size % vision.patch_size != 0 {
+        if out.size == 0 || !out.size.is_multiple_of(vision.patch_size) {
             return Err(err(format!(
                 "size {} is not a positive multiple of the patch size {}",
                 out.size, vision.patch_size

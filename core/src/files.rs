@@ -28,7 +28,10 @@ const OPTIONAL: [&str; 6] = [
 impl DirFiles {
     pub fn read(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Input(format!("{}: not a model directory", dir.display())));
+            return Err(Error::Input(format!(
+                "{}: not a model directory",
+                dir.display()
+            )));
         }
         let read = |name: &str| -> Result<Option<Vec<u8>>> {
             let path = dir.join(name);
@@ -39,7 +42,10 @@ impl DirFiles {
             }
         };
         let config_json = read("config.json")?.ok_or_else(|| {
-            Error::Input(format!("{}: no config.json — is this a Hugging Face model directory?", dir.display()))
+            Error::Input(format!(
+                "{}: no config.json — is this a Hugging Face model directory?",
+                dir.display()
+            ))
         })?;
         let safetensors = read("model.safetensors")?;
         let bin = dir.join("pytorch_model.bin");
@@ -51,7 +57,13 @@ impl DirFiles {
             )));
         }
         let optional = OPTIONAL.map(|name| (name.to_string(), None));
-        let mut files = Self { dir: dir.to_path_buf(), config_json, safetensors, pytorch_bin, optional };
+        let mut files = Self {
+            dir: dir.to_path_buf(),
+            config_json,
+            safetensors,
+            pytorch_bin,
+            optional,
+        };
         for slot in &mut files.optional {
             slot.1 = read(&slot.0)?;
         }
@@ -59,7 +71,10 @@ impl DirFiles {
     }
 
     fn optional(&self, name: &str) -> Option<&[u8]> {
-        self.optional.iter().find(|(n, _)| n == name).and_then(|(_, b)| b.as_deref())
+        self.optional
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, b)| b.as_deref())
     }
 
     pub fn model_files(&self) -> ModelFiles<'_> {
@@ -94,7 +109,11 @@ impl DirFiles {
     /// Names and bytes of the non-weight files present, for copying a directory.
     pub fn side_files(&self) -> Vec<(&str, &[u8])> {
         let mut out = vec![("config.json", self.config_json.as_slice())];
-        out.extend(self.optional.iter().filter_map(|(n, b)| Some((n.as_str(), b.as_deref()?))));
+        out.extend(
+            self.optional
+                .iter()
+                .filter_map(|(n, b)| Some((n.as_str(), b.as_deref()?))),
+        );
         out
     }
 }

@@ -24,12 +24,22 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
         .with_guessed_format()
         .map_err(|e| Error::Image(e.to_string()))?;
     let format = reader.format().ok_or_else(|| {
-        Error::Image("unsupported or unrecognised format (expected PNG, JPEG, BMP, TIFF or WebP)".into())
+        Error::Image(
+            "unsupported or unrecognised format (expected PNG, JPEG, BMP, TIFF or WebP)".into(),
+        )
     })?;
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder would fill the missing part with grey; PIL refuses, and so do we.
+        return Err(Error::Image(
+            "corrupt or truncated Jpeg data: no end-of-image marker after the image data".into(),
+        ));
+    }
     let mut decoder = reader.into_decoder().map_err(|e| describe(format, e))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Image(format!("{format:?} image has zero size ({w}×{h})")));
+        return Err(Error::Image(format!(
+            "{format:?} image has zero size ({w}×{h})"
+        )));
     }
     if w > MAX_SIDE || h > MAX_SIDE {
         return Err(Error::Image(format!(
@@ -38,12 +48,28 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODED_BYTES);
-    decoder.set_limits(limits).map_err(|e| describe(format, e))?;
+    decoder
+        .set_limits(limits)
+        .map_err(|e| describe(format, e))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| describe(format, e))?;
     Ok(match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
     })
+}
+
+/// A complete baseline or progressive JPEG ends its last scan (SOS, `FF DA`) with an
+/// end-of-image marker (`FF D9`); entropy-coded data cannot contain `FF D9` by accident.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 fn describe(format: image::ImageFormat, e: image::ImageError) -> Error {
@@ -94,7 +120,11 @@ fn bilinear_coeffs(in_size: usize, out_size: usize) -> AxisCoeffs {
             .map(|&w| {
                 let w = if total != 0.0 { w / total } else { w };
                 let v = w * (1u32 << PRECISION_BITS) as f64;
-                if v < 0.0 { (v - 0.5) as i32 } else { (v + 0.5) as i32 }
+                if v < 0.0 {
+                    (v - 0.5) as i32
+                } else {
+                    (v + 0.5) as i32
+                }
             })
             .collect();
         starts.push(xmin);
@@ -138,7 +168,11 @@ pub fn resize_bilinear_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage 
         }
     } else {
         let tmp = vertical_pass(src, w, &bilinear_coeffs(h, oh), 0);
-        if w != ow { horizontal_pass(&tmp, w, oh, ow) } else { tmp }
+        if w != ow {
+            horizontal_pass(&tmp, w, oh, ow)
+        } else {
+            tmp
+        }
     };
     RgbImage::from_raw(width, height, out).expect("buffer sized for the image")
 }

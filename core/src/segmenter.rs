@@ -58,7 +58,11 @@ impl Pipeline {
                 ));
             }
         };
-        Ok(Self { config, preprocess, tokenizer })
+        Ok(Self {
+            config,
+            preprocess,
+            tokenizer,
+        })
     }
 }
 
@@ -89,7 +93,13 @@ impl Logits {
 
     /// The binary mask at `width`×`height` (nearest-neighbour, as medvlsm resizes masks).
     pub fn mask_at(&self, threshold: f32, width: u32, height: u32) -> Vec<u8> {
-        preprocess::resize_nearest(&self.mask(threshold), self.size, self.size, width as usize, height as usize)
+        preprocess::resize_nearest(
+            &self.mask(threshold),
+            self.size,
+            self.size,
+            width as usize,
+            height as usize,
+        )
     }
 }
 
@@ -110,7 +120,11 @@ impl Segmenter {
 
     pub fn from_weights(pipeline: Pipeline, weights: &Weights, device: &Device) -> Result<Self> {
         let model = ClipSeg::load(&pipeline.config, weights, pipeline.preprocess.size, device)?;
-        Ok(Self { model, pipeline, device: device.clone() })
+        Ok(Self {
+            model,
+            pipeline,
+            device: device.clone(),
+        })
     }
 
     /// Loads a Hugging Face model directory: `config.json`, `model.safetensors` or
@@ -128,7 +142,10 @@ impl Segmenter {
     }
 
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Vec<TokenizedPrompt>> {
-        prompts.iter().map(|p| self.pipeline.tokenizer.encode(p)).collect()
+        prompts
+            .iter()
+            .map(|p| self.pipeline.tokenizer.encode(p))
+            .collect()
     }
 
     /// Preprocesses and encodes a batch of images (one vision pass for all of them).
@@ -140,14 +157,18 @@ impl Segmenter {
             .iter()
             .map(|img| preprocess::pixel_values(img, &self.pipeline.preprocess))
             .collect::<Result<Vec<_>>>()?;
-        let features = self
-            .model
-            .encode_image(pixels_tensor(&pixels, self.input_size(), &self.device))?;
+        let features =
+            self.model
+                .encode_image(pixels_tensor(&pixels, self.input_size(), &self.device))?;
         Ok(images
             .iter()
             .enumerate()
             .map(|(i, img)| EncodedImage {
-                features: if images.len() == 1 { features.clone() } else { features.image(i) },
+                features: if images.len() == 1 {
+                    features.clone()
+                } else {
+                    features.image(i)
+                },
                 width: img.width(),
                 height: img.height(),
             })
@@ -173,6 +194,13 @@ impl Segmenter {
             .into_data()
             .try_into_vec::<f32>()
             .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
-        Ok(values.chunks_exact(s * s).take(p).map(|c| Logits { size: s, values: c.to_vec() }).collect())
+        Ok(values
+            .chunks_exact(s * s)
+            .take(p)
+            .map(|c| Logits {
+                size: s,
+                values: c.to_vec(),
+            })
+            .collect())
     }
 }

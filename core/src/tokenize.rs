@@ -59,8 +59,8 @@ pub struct TokenizerSettings {
 impl TokenizerSettings {
     /// Reads `pad_token` and `model_max_length` from any of the tokenizer's JSON side files.
     pub fn merge_json(&mut self, json: &[u8], file: &str) -> Result<()> {
-        let v: Value = serde_json::from_slice(json)
-            .map_err(|e| Error::Tokenizer(format!("{file}: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(json).map_err(|e| Error::Tokenizer(format!("{file}: {e}")))?;
         match v.get("pad_token") {
             Some(Value::String(s)) => self.pad_token = Some(s.clone()),
             Some(Value::Object(o)) => {
@@ -83,7 +83,11 @@ impl TokenizerSettings {
 
 impl ClipTokenizer {
     /// From a `tokenizer.json` (the `tokenizers` crate's own format).
-    pub fn from_tokenizer_json(json: &[u8], settings: &TokenizerSettings, max_length: usize) -> Result<Self> {
+    pub fn from_tokenizer_json(
+        json: &[u8],
+        settings: &TokenizerSettings,
+        max_length: usize,
+    ) -> Result<Self> {
         let inner = Tokenizer::from_bytes(json)
             .map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))?;
         Self::new(inner, settings, max_length)
@@ -105,12 +109,15 @@ impl ClipTokenizer {
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .collect();
         if let Some(bad) = merges.iter().find(|l| l.split(' ').count() != 2) {
-            return Err(Error::Tokenizer(format!("merges.txt: malformed line `{bad}`")));
+            return Err(Error::Tokenizer(format!(
+                "merges.txt: malformed line `{bad}`"
+            )));
         }
         let id_of = |tok: &str| {
-            vocab.get(tok).and_then(Value::as_u64).ok_or_else(|| {
-                Error::Tokenizer(format!("vocab.json has no `{tok}` token"))
-            })
+            vocab
+                .get(tok)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Error::Tokenizer(format!("vocab.json has no `{tok}` token")))
         };
         let (bos, eos) = (id_of(START_OF_TEXT)?, id_of(END_OF_TEXT)?);
         // The pipeline transformers' converter writes for CLIP (convert_slow_tokenizer.py).
@@ -159,11 +166,22 @@ impl ClipTokenizer {
         let bos = id(START_OF_TEXT)?;
         let eos = id(END_OF_TEXT)?;
         let pad = id(settings.pad_token.as_deref().unwrap_or(END_OF_TEXT))?;
-        let max_length = settings.model_max_length.unwrap_or(max_length).min(max_length);
+        let max_length = settings
+            .model_max_length
+            .unwrap_or(max_length)
+            .min(max_length);
         if max_length < 2 {
-            return Err(Error::Tokenizer(format!("max_length {max_length} leaves no room for BOS and EOS")));
+            return Err(Error::Tokenizer(format!(
+                "max_length {max_length} leaves no room for BOS and EOS"
+            )));
         }
-        Ok(Self { inner, bos, eos, pad, max_length })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_length,
+        })
     }
 
     pub fn max_length(&self) -> usize {
@@ -194,6 +212,9 @@ impl ClipTokenizer {
         ids.resize(self.max_length, self.pad as i64);
         let mut attention_mask = vec![1i64; real];
         attention_mask.resize(self.max_length, 0);
-        Ok(TokenizedPrompt { ids, attention_mask })
+        Ok(TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
     }
 }

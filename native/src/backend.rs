@@ -30,7 +30,9 @@ fn wgpu() -> Result<Device> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu() -> Result<Device> {
-    bail!("this vlsm was built without wgpu support (rebuild with `--features wgpu`, or use --backend cpu)")
+    bail!(
+        "this vlsm was built without wgpu support (rebuild with `--features wgpu`, or use --backend cpu)"
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -40,5 +42,7 @@ fn cuda() -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<Device> {
-    bail!("this vlsm was built without CUDA support (rebuild with `--features cuda`, or use --backend cpu)")
+    bail!(
+        "this vlsm was built without CUDA support (rebuild with `--features cuda`, or use --backend cpu)"
+    )
 }

@@ -33,13 +33,17 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         tensors.push((key.to_string(), shape, values));
     }
     if tensors.is_empty() {
-        bail!("{}: the checkpoint holds no float tensors", args.dir.display());
+        bail!(
+            "{}: the checkpoint holds no float tensors",
+            args.dir.display()
+        );
     }
     let bytes = write_safetensors(&tensors, args.fp16)?;
     if args.out.canonicalize().ok() == args.dir.canonicalize().ok() {
         bail!("OUT must differ from DIR");
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     for (name, content) in files.side_files() {
         write_atomic(&args.out.join(name), content)?;
     }

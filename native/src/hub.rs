@@ -33,7 +33,9 @@ pub fn fetch(model_id: &str) -> Result<PathBuf> {
         bail!("`{model_id}` is not a Hugging Face model id (expected OWNER/NAME)");
     }
     let builder = ApiBuilder::from_env().with_progress(true).with_retries(0);
-    let api = builder.build().context("cannot set up the Hugging Face hub client")?;
+    let api = builder
+        .build()
+        .context("cannot set up the Hugging Face hub client")?;
     let repo = api.model(model_id.to_string());
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     let explain = |file: &str, e: ApiError| -> anyhow::Error {
@@ -43,12 +45,20 @@ pub fn fetch(model_id: &str) -> Result<PathBuf> {
                  offline? pass a local model directory with --weights DIR"
             )
         } else if is_not_found(&e) {
-            anyhow!("`{model_id}` has no {file} on the Hugging Face hub at {endpoint} (unknown model id?)")
+            anyhow!(
+                "`{model_id}` has no {file} on the Hugging Face hub at {endpoint} (unknown model id?)"
+            )
         } else {
             anyhow!("fetching {file} of `{model_id}` from {endpoint}: {e}")
         }
     };
-    let config = repo.get("config.json").map_err(|e| explain("config.json", e))?;
+    // Whether an earlier run cached this model: then an unreachable hub is no error for the
+    // optional files the hub may simply not have.
+    let cache = hf_hub::Cache::from_env().repo(hf_hub::Repo::model(model_id.to_string()));
+    let cached = cache.get("config.json").is_some();
+    let config = repo
+        .get("config.json")
+        .map_err(|e| explain("config.json", e))?;
     let weights = match repo.get("model.safetensors") {
         Ok(path) => path,
         Err(e) if is_not_found(&e) => repo
@@ -60,10 +70,17 @@ pub fn fetch(model_id: &str) -> Result<PathBuf> {
         match repo.get(file) {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
+            Err(e) if cached && is_unreachable(&e) => {}
             Err(e) => return Err(explain(file, e)),
         }
     }
-    let dir = config.parent().context("hub cache path has no parent")?.to_path_buf();
-    anyhow::ensure!(weights.parent() == Some(dir.as_path()), "hub cache files are not in one snapshot");
+    let dir = config
+        .parent()
+        .context("hub cache path has no parent")?
+        .to_path_buf();
+    anyhow::ensure!(
+        weights.parent() == Some(dir.as_path()),
+        "hub cache files are not in one snapshot"
+    );
     Ok(dir)
 }

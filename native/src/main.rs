@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vlsm", version, about = "Text-prompted medical image segmentation with vision-language segmentation models")]
+#[command(
+    name = "vlsm",
+    version,
+    about = "Text-prompted medical image segmentation with vision-language segmentation models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +39,10 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown");
-        eprintln!("error: internal error (please report): {}", msg.lines().next().unwrap_or(""));
+        eprintln!(
+            "error: internal error (please report): {}",
+            msg.lines().next().unwrap_or("")
+        );
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -45,9 +52,15 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // clap's first line is already `error: …`; the usage hint follows on later lines.
+            // clap's message starts `error: …` and may continue on the next lines (the names
+            // of missing arguments) before a blank line and usage hints: join that part.
             let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{}", message.join(" "));
             return ExitCode::from(2);
         }
     };

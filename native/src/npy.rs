@@ -1,10 +1,16 @@
 //! Writes float32 NumPy `.npy` files (format version 1.0).
 
-
 pub fn write_f32(path: &std::path::Path, shape: &[usize], values: &[f32]) -> anyhow::Result<()> {
-    anyhow::ensure!(shape.iter().product::<usize>() == values.len(), "npy shape does not match data");
+    anyhow::ensure!(
+        shape.iter().product::<usize>() == values.len(),
+        "npy shape does not match data"
+    );
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     let unpadded = 10 + header.len() + 1;

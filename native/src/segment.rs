@@ -77,7 +77,8 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let names = output_names(&args.images);
     let size = segmenter.input_size();
     let mut all_logits = Vec::new();
@@ -91,7 +92,10 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                 let mask = l.mask_at(args.threshold, image.width(), image.height());
                 let stem = format!("{i:02}_{}", slug(prompt));
                 let mask_path = dir.join(format!("{stem}.mask.png"));
-                write_atomic(&mask_path, &render::mask_png(&mask, image.width(), image.height())?)?;
+                write_atomic(
+                    &mask_path,
+                    &render::mask_png(&mask, image.width(), image.height())?,
+                )?;
                 let overlay = render::overlay(image, &mask, [255, 40, 40], 0.45)?;
                 let overlay_path = dir.join(format!("{stem}.overlay.png"));
                 write_atomic(&overlay_path, &render::encode_png(&overlay)?)?;
@@ -112,7 +116,11 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     }
     if let Some(path) = &args.save_logits {
         let (n, p) = (images.len(), prompts.len());
-        let shape: Vec<usize> = if n == 1 { vec![p, size, size] } else { vec![n, p, size, size] };
+        let shape: Vec<usize> = if n == 1 {
+            vec![p, size, size]
+        } else {
+            vec![n, p, size, size]
+        };
         crate::npy::write_f32(path, &shape, &all_logits)?;
         println!("logits {shape:?}\t{}", path.display());
     }
@@ -124,9 +132,20 @@ pub fn run(args: SegmentArgs) -> Result<()> {
 fn output_names(paths: &[PathBuf]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for (i, path) in paths.iter().enumerate() {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        let stem = if stem.is_empty() { format!("image{i}") } else { stem };
-        let name = if names.contains(&stem) { format!("{stem}-{i}") } else { stem };
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let stem = if stem.is_empty() {
+            format!("image{i}")
+        } else {
+            stem
+        };
+        let name = if names.contains(&stem) {
+            format!("{stem}-{i}")
+        } else {
+            stem
+        };
         names.push(name);
     }
     names
@@ -136,7 +155,13 @@ fn output_names(paths: &[PathBuf]) -> Vec<String> {
 fn slug(prompt: &str) -> String {
     let s: String = prompt
         .chars()
-        .map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let s: Vec<&str> = s.split('-').filter(|p| !p.is_empty()).collect();
     let s = s.join("-");
@@ -148,7 +173,9 @@ fn slug(prompt: &str) -> String {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp{}",
-        path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default(),
+        path.extension()
+            .map(|e| e.to_string_lossy().to_string())
+            .unwrap_or_default(),
         std::process::id()
     ));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;

@@ -39,13 +39,20 @@ pub struct Timings {
 
 impl Timings {
     pub fn new(enabled: bool) -> Self {
-        Self { enabled, rows: Vec::new() }
+        Self {
+            enabled,
+            rows: Vec::new(),
+        }
     }
 
     pub fn measure<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
         let (wall, cpu) = (Instant::now(), cpu_seconds());
         let out = f();
-        let row = (name.to_string(), wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        let row = (
+            name.to_string(),
+            wall.elapsed().as_secs_f64(),
+            cpu_seconds() - cpu,
+        );
         match self.rows.iter_mut().find(|r| r.0 == name) {
             Some(r) => {
                 r.1 += row.1;

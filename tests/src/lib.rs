@@ -8,7 +8,10 @@ use vlsm::burn::tensor::Tensor;
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// `tests/fixtures/<name>`, committed with the repository.
@@ -60,7 +63,9 @@ impl Reference {
     }
 
     pub fn get(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
-        self.tensors.get(name).unwrap_or_else(|| panic!("reference has no `{name}`"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no `{name}`"))
     }
 
     pub fn f32(&self, name: &str) -> Vec<f32> {
@@ -69,14 +74,20 @@ impl Reference {
 
     pub fn i64_rows(&self, name: &str) -> Vec<Vec<i64>> {
         let (shape, values) = self.get(name);
-        values.chunks(shape[1]).map(|r| r.iter().map(|&v| v as i64).collect()).collect()
+        values
+            .chunks(shape[1])
+            .map(|r| r.iter().map(|&v| v as i64).collect())
+            .collect()
     }
 }
 
 /// Largest |a − b|; panics if the lengths differ.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A tensor's values on the host.

@@ -18,8 +18,18 @@ fn check_model(name: &str) {
     let seg = Segmenter::from_dir(&dir, &device).unwrap();
     let reference = Reference::read(&dir.join("reference.safetensors"));
     let info = &manifest()["models"][name];
-    let prompts: Vec<&str> = info["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    let images: Vec<&str> = info["images"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let prompts: Vec<&str> = info["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let images: Vec<&str> = info["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
     let logit_images = info["logit_images"].as_array().unwrap().len();
     let s = seg.input_size();
 
@@ -28,14 +38,23 @@ fn check_model(name: &str) {
     let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
     assert_eq!(ids, reference.i64_rows("input_ids"), "{name}: token ids");
     let masks: Vec<Vec<i64>> = tokens.iter().map(|t| t.attention_mask.clone()).collect();
-    assert_eq!(masks, reference.i64_rows("attention_mask"), "{name}: attention mask");
+    assert_eq!(
+        masks,
+        reference.i64_rows("attention_mask"),
+        "{name}: attention mask"
+    );
 
     // Preprocessing: PIL's bytes, so the same floats.
     for (i, img) in images.iter().enumerate() {
         let bytes = std::fs::read(fixture("images").join(img)).unwrap();
         let rgb = preprocess::decode_rgb(&bytes).unwrap();
         let px = preprocess::pixel_values(&rgb, &seg.pipeline.preprocess).unwrap();
-        assert_close(&format!("{name}: pixel values of {img}"), &px, &reference.f32(&format!("pixel_values.{i}")), 1e-5);
+        assert_close(
+            &format!("{name}: pixel values of {img}"),
+            &px,
+            &reference.f32(&format!("pixel_values.{i}")),
+            1e-5,
+        );
     }
 
     // Intermediates on the first image, so a failure says where.
@@ -51,29 +70,68 @@ fn check_model(name: &str) {
         );
     }
     let (hidden, pooled) = seg.model.text.forward(&tokens, false, &device).unwrap();
-    assert_close(&format!("{name}: text last hidden state"), &values(hidden), &reference.f32("text.last_hidden_state"), TOL);
-    assert_close(&format!("{name}: text pooled"), &values(pooled), &reference.f32("text.pooler_output"), TOL);
+    assert_close(
+        &format!("{name}: text last hidden state"),
+        &values(hidden),
+        &reference.f32("text.last_hidden_state"),
+        TOL,
+    );
+    assert_close(
+        &format!("{name}: text pooled"),
+        &values(pooled),
+        &reference.f32("text.pooler_output"),
+        TOL,
+    );
     let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
-    assert_close(&format!("{name}: conditional embeddings"), &values(conditioning.clone()), &reference.f32("text.text_embeds"), TOL);
+    assert_close(
+        &format!("{name}: conditional embeddings"),
+        &values(conditioning.clone()),
+        &reference.f32("text.text_embeds"),
+        TOL,
+    );
     let image = seg.model.encode_image(pixels).unwrap();
     let trace = seg.model.decode_traced(&image, conditioning).unwrap();
-    assert_close(&format!("{name}: FiLM output"), &values(trace.film_output), &reference.f32("decoder.film_output"), TOL);
+    assert_close(
+        &format!("{name}: FiLM output"),
+        &values(trace.film_output),
+        &reference.f32("decoder.film_output"),
+        TOL,
+    );
     for (i, out) in trace.layer_outputs.iter().enumerate() {
         let expected = reference.f32(&format!("decoder.layer_output.{i}"));
         let got = values(out.clone());
         // Steps before FiLM run once per image; transformers repeats them per prompt.
-        let got = if got.len() < expected.len() { got.repeat(expected.len() / got.len()) } else { got };
+        let got = if got.len() < expected.len() {
+            got.repeat(expected.len() / got.len())
+        } else {
+            got
+        };
         assert_close(&format!("{name}: decoder layer {i}"), &got, &expected, TOL);
     }
-    assert_close(&format!("{name}: decoder feature map"), &values(trace.feature_map), &reference.f32("decoder.feature_map"), TOL);
+    assert_close(
+        &format!("{name}: decoder feature map"),
+        &values(trace.feature_map),
+        &reference.f32("decoder.feature_map"),
+        TOL,
+    );
 
     // End to end through the public API: image file → logits, for every reference image.
     for (i, img) in images.iter().take(logit_images).enumerate() {
         let bytes = std::fs::read(fixture("images").join(img)).unwrap();
         let rgb = preprocess::decode_rgb(&bytes).unwrap();
         let encoded = seg.encode_image(&rgb).unwrap();
-        let logits: Vec<f32> = seg.decode(&encoded, &prompts).unwrap().into_iter().flat_map(|l| l.values).collect();
-        assert_close(&format!("{name}: logits of {img}"), &logits, &reference.f32(&format!("logits.{i}")), TOL);
+        let logits: Vec<f32> = seg
+            .decode(&encoded, &prompts)
+            .unwrap()
+            .into_iter()
+            .flat_map(|l| l.values)
+            .collect();
+        assert_close(
+            &format!("{name}: logits of {img}"),
+            &logits,
+            &reference.f32(&format!("logits.{i}")),
+            TOL,
+        );
     }
 }
 
@@ -92,7 +150,8 @@ fn pytorch_bin_checkpoint_gives_the_same_logits_as_safetensors() {
     let device = Device::flex();
     let a = Segmenter::from_dir(&fixture("clipseg_simple"), &device).unwrap();
     let b = Segmenter::from_dir(&fixture("clipseg_simple_bin"), &device).unwrap();
-    let rgb = preprocess::decode_rgb(&std::fs::read(fixture("images/rgb_150x100.png")).unwrap()).unwrap();
+    let rgb =
+        preprocess::decode_rgb(&std::fs::read(fixture("images/rgb_150x100.png")).unwrap()).unwrap();
     let prompts = ["polyp", "a large tumour"];
     let la = a.decode(&a.encode_image(&rgb).unwrap(), &prompts).unwrap();
     let lb = b.decode(&b.encode_image(&rgb).unwrap(), &prompts).unwrap();
@@ -105,13 +164,22 @@ fn batched_images_match_one_at_a_time() {
     let seg = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
     let imgs: Vec<_> = ["rgb_150x100.png", "palette_110x75.png"]
         .iter()
-        .map(|f| preprocess::decode_rgb(&std::fs::read(fixture("images").join(f)).unwrap()).unwrap())
+        .map(|f| {
+            preprocess::decode_rgb(&std::fs::read(fixture("images").join(f)).unwrap()).unwrap()
+        })
         .collect();
     let batch = seg.encode_images(&[&imgs[0], &imgs[1]]).unwrap();
     for (img, enc) in imgs.iter().zip(&batch) {
-        let single = seg.decode(&seg.encode_image(img).unwrap(), &["polyp"]).unwrap();
+        let single = seg
+            .decode(&seg.encode_image(img).unwrap(), &["polyp"])
+            .unwrap();
         let batched = seg.decode(enc, &["polyp"]).unwrap();
-        assert_close("batched vs single", &batched[0].values, &single[0].values, 1e-5);
+        assert_close(
+            "batched vs single",
+            &batched[0].values,
+            &single[0].values,
+            1e-5,
+        );
     }
 }
 
@@ -120,7 +188,8 @@ fn batched_images_match_one_at_a_time() {
 fn check_shared(name: &str) {
     let device = Device::flex();
     let dir = shared(&format!("fixtures/{name}"));
-    let config = ClipSegConfig::from_json(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let config =
+        ClipSegConfig::from_json(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let weights = Weights::from_safetensors(&bytes, name).unwrap();
     let inputs = Reference::read(&dir.join("inputs.safetensors"));
@@ -131,15 +200,31 @@ fn check_shared(name: &str) {
     let prompts: Vec<TokenizedPrompt> = ids
         .into_iter()
         .zip(masks)
-        .map(|(ids, attention_mask)| TokenizedPrompt { ids, attention_mask })
+        .map(|(ids, attention_mask)| TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
         .collect();
     let px: Vec<f32> = px.iter().map(|&v| v as f32).collect();
-    let pixels = Tensor::<4>::from_data(TensorData::new(px, [px_shape[0], px_shape[1], px_shape[2], px_shape[3]]), &device);
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(px, [px_shape[0], px_shape[1], px_shape[2], px_shape[3]]),
+        &device,
+    );
     let logits = values(model.forward(pixels, &prompts, &device).unwrap());
     let truth = Reference::read(&dir.join("outputs_f64.safetensors"));
-    assert_close(&format!("{name}: logits vs float64"), &logits, &truth.f32("logits"), TOL);
+    assert_close(
+        &format!("{name}: logits vs float64"),
+        &logits,
+        &truth.f32("logits"),
+        TOL,
+    );
     let (_, pooled) = model.text.forward(&prompts, true, &device).unwrap();
-    assert_close(&format!("{name}: text pooled vs float64"), &values(pooled), &truth.f32("text.pooler_output"), TOL);
+    assert_close(
+        &format!("{name}: text pooled vs float64"),
+        &values(pooled),
+        &truth.f32("text.pooler_output"),
+        TOL,
+    );
 }
 
 #[test]

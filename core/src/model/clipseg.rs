@@ -47,7 +47,14 @@ impl DecoderHead {
         Ok(Self {
             conv: Some(conv),
             up1: PatchConvTranspose::load(w, &format!("{key}.2"), r, r / 2, p / 4, device)?,
-            up2: Some(PatchConvTranspose::load(w, &format!("{key}.4"), r / 2, 1, p / 4, device)?),
+            up2: Some(PatchConvTranspose::load(
+                w,
+                &format!("{key}.4"),
+                r / 2,
+                1,
+                p / 4,
+                device,
+            )?),
         })
     }
 
@@ -95,7 +102,16 @@ impl Decoder {
             film_mul: linear(w, "decoder.film_mul", cfg.projection_dim, r, true, device)?,
             film_add: linear(w, "decoder.film_add", cfg.projection_dim, r, true, device)?,
             reduces: (0..n)
-                .map(|i| linear(w, &format!("decoder.reduces.{i}"), v.hidden_size, r, true, device))
+                .map(|i| {
+                    linear(
+                        w,
+                        &format!("decoder.reduces.{i}"),
+                        v.hidden_size,
+                        r,
+                        true,
+                        device,
+                    )
+                })
                 .collect::<Result<_>>()?,
             layers: (0..n)
                 .map(|i| TransformerLayer::load(w, &format!("decoder.layers.{i}"), shape, device))
@@ -121,7 +137,11 @@ impl ImageFeatures {
     /// The features of image `index` alone.
     pub fn image(&self, index: usize) -> ImageFeatures {
         ImageFeatures {
-            reduced: self.reduced.iter().map(|t| t.clone().narrow(0, index, 1)).collect(),
+            reduced: self
+                .reduced
+                .iter()
+                .map(|t| t.clone().narrow(0, index, 1))
+                .collect(),
         }
     }
 }
@@ -150,10 +170,22 @@ pub struct ClipSeg {
 impl ClipSeg {
     /// Builds the model from checkpoint tensors for `input_size`×`input_size` images, and
     /// checks that the checkpoint holds nothing the config does not explain.
-    pub fn load(cfg: &ClipSegConfig, w: &Weights, input_size: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: &ClipSegConfig,
+        w: &Weights,
+        input_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let used = cfg.vision_layers_used();
         let model = Self {
-            vision: VisionTransformer::load(w, "clip.vision_model", &cfg.vision_config, used, input_size, device)?,
+            vision: VisionTransformer::load(
+                w,
+                "clip.vision_model",
+                &cfg.vision_config,
+                used,
+                input_size,
+                device,
+            )?,
             text: TextTransformer::load(w, "clip.text_model", &cfg.text_config, device)?,
             text_projection: linear(
                 w,
@@ -188,7 +220,11 @@ impl ClipSeg {
     /// Runs the vision tower on `[B, 3, S, S]` pixels and reduces the tapped states.
     pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {
         let states = self.vision.hidden_states(pixels)?;
-        let taps = self.extract_layers.iter().rev().map(|&i| states[i + 1].clone());
+        let taps = self
+            .extract_layers
+            .iter()
+            .rev()
+            .map(|&i| states[i + 1].clone());
         let reduced = taps
             .zip(&self.decoder.reduces)
             .map(|(tap, reduce)| reduce.forward(tap))
@@ -208,15 +244,24 @@ impl ClipSeg {
         Ok(self.decode_traced(image, conditioning)?.logits)
     }
 
-    pub fn decode_traced(&self, image: &ImageFeatures, conditioning: Tensor<2>) -> Result<DecoderTrace> {
+    pub fn decode_traced(
+        &self,
+        image: &ImageFeatures,
+        conditioning: Tensor<2>,
+    ) -> Result<DecoderTrace> {
         let b = image.batch_size();
         let [p, _] = conditioning.dims();
         if b != 1 && b != p {
-            return Err(Error::Input(format!("{b} images cannot pair with {p} prompts")));
+            return Err(Error::Input(format!(
+                "{b} images cannot pair with {p} prompts"
+            )));
         }
         let dec = &self.decoder;
         // FiLM vectors broadcast over tokens: [P, 1, R].
-        let mul = dec.film_mul.forward(conditioning.clone()).unsqueeze_dim::<3>(1);
+        let mul = dec
+            .film_mul
+            .forward(conditioning.clone())
+            .unsqueeze_dim::<3>(1);
         let add = dec.film_add.forward(conditioning).unsqueeze_dim::<3>(1);
         let mut x: Option<Tensor<3>> = None;
         let mut film_output = None;
@@ -243,7 +288,11 @@ impl ClipSeg {
             .swap_dims(1, 2)
             .reshape([n, r, g, g]);
         // A conditional layer after step 0 leaves early steps unbatched: broadcast now.
-        let feature_map = if n == 1 && p > 1 { feature_map.repeat_dim(0, p) } else { feature_map };
+        let feature_map = if n == 1 && p > 1 {
+            feature_map.repeat_dim(0, p)
+        } else {
+            feature_map
+        };
         let logits = dec.head.forward(feature_map.clone());
         Ok(DecoderTrace {
             film_output: film_output.expect("conditional_layer is validated"),
@@ -254,10 +303,18 @@ impl ClipSeg {
     }
 
     /// transformers' forward: image `i` with prompt `i`, `[B, 3, S, S]` → `[B, S, S]`.
-    pub fn forward(&self, pixels: Tensor<4>, prompts: &[TokenizedPrompt], device: &Device) -> Result<Tensor<3>> {
+    pub fn forward(
+        &self,
+        pixels: Tensor<4>,
+        prompts: &[TokenizedPrompt],
+        device: &Device,
+    ) -> Result<Tensor<3>> {
         let b = pixels.dims()[0];
         if b != prompts.len() {
-            return Err(Error::Input(format!("{b} images but {} prompts", prompts.len())));
+            return Err(Error::Input(format!(
+                "{b} images but {} prompts",
+                prompts.len()
+            )));
         }
         let image = self.encode_image(pixels)?;
         self.decode(&image, self.embed_prompts(prompts, device)?)

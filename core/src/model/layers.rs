@@ -63,7 +63,13 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    pub fn load(w: &Weights, prefix: &str, d: usize, heads: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        d: usize,
+        heads: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let proj = |name: &str| linear(w, &format!("{prefix}.{name}"), d, d, true, device);
         Ok(Self {
             q_proj: proj("q_proj")?,
@@ -75,7 +81,12 @@ impl SelfAttention {
     }
 
     /// `x`: `[B, L, D]`; `key_mask`: `[B, H, L, L]`, true where a key must be ignored.
-    pub fn forward(&self, x: Tensor<3>, key_mask: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        key_mask: Option<Tensor<4, Bool>>,
+        causal: bool,
+    ) -> Tensor<3> {
         let [b, l, d] = x.dims();
         let h = self.num_heads;
         let heads = |t: Tensor<3>| t.reshape([b, l, h, d / h]).swap_dims(1, 2);
@@ -88,7 +99,8 @@ impl SelfAttention {
             is_causal: causal,
         };
         let out = attention(q, k, v, key_mask, None, options);
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, l, d]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, l, d]))
     }
 }
 
@@ -144,22 +156,45 @@ pub struct TransformerLayer {
 impl TransformerLayer {
     pub fn load(w: &Weights, prefix: &str, s: LayerShape, device: &Device) -> Result<Self> {
         Ok(Self {
-            self_attn: SelfAttention::load(w, &format!("{prefix}.self_attn"), s.hidden, s.heads, device)?,
+            self_attn: SelfAttention::load(
+                w,
+                &format!("{prefix}.self_attn"),
+                s.hidden,
+                s.heads,
+                device,
+            )?,
             layer_norm1: layer_norm(w, &format!("{prefix}.layer_norm1"), s.hidden, s.eps, device)?,
-            mlp: Mlp::load(w, &format!("{prefix}.mlp"), s.hidden, s.intermediate, s.act, device)?,
+            mlp: Mlp::load(
+                w,
+                &format!("{prefix}.mlp"),
+                s.hidden,
+                s.intermediate,
+                s.act,
+                device,
+            )?,
             layer_norm2: layer_norm(w, &format!("{prefix}.layer_norm2"), s.hidden, s.eps, device)?,
         })
     }
 
     /// Pre-norm: `x + attn(ln1(x))`, then `x + mlp(ln2(x))` (the CLIP towers).
-    pub fn forward_pre_norm(&self, x: Tensor<3>, key_mask: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), key_mask, causal);
+    pub fn forward_pre_norm(
+        &self,
+        x: Tensor<3>,
+        key_mask: Option<Tensor<4, Bool>>,
+        causal: bool,
+    ) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.layer_norm1.forward(x), key_mask, causal);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 
     /// Post-norm: `ln1(x + attn(x))`, then `ln2(x + mlp(x))` (the CLIPSeg decoder).
     pub fn forward_post_norm(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = self.layer_norm1.forward(x.clone() + self.self_attn.forward(x, None, false));
+        let x = self
+            .layer_norm1
+            .forward(x.clone() + self.self_attn.forward(x, None, false));
         self.layer_norm2.forward(x.clone() + self.mlp.forward(x))
     }
 }
@@ -186,7 +221,10 @@ impl PatchConvTranspose {
     ) -> Result<Self> {
         let key = format!("{prefix}.weight");
         let values = w.read_f32(&key, &[c_in, c_out, kernel, kernel])?;
-        let weight = Tensor::from_data(TensorData::new(values, [c_in, c_out * kernel * kernel]), device);
+        let weight = Tensor::from_data(
+            TensorData::new(values, [c_in, c_out * kernel * kernel]),
+            device,
+        );
         Ok(Self {
             weight: Param::from_tensor(weight),
             bias: w.param(&format!("{prefix}.bias"), [c_out], device)?,
@@ -200,8 +238,12 @@ impl PatchConvTranspose {
         let [b, c_in, h, w] = x.dims();
         let (c_out, k) = (self.out_channels, self.kernel);
         let pixels = x.permute([0, 2, 3, 1]).reshape([b * h * w, c_in]);
-        let blocks = pixels.matmul(self.weight.val()).reshape([b, h, w, c_out, k, k]);
-        let image = blocks.permute([0, 3, 1, 4, 2, 5]).reshape([b, c_out, h * k, w * k]);
+        let blocks = pixels
+            .matmul(self.weight.val())
+            .reshape([b, h, w, c_out, k, k]);
+        let image = blocks
+            .permute([0, 3, 1, 4, 2, 5])
+            .reshape([b, c_out, h * k, w * k]);
         image + self.bias.val().reshape([1, c_out, 1, 1])
     }
 }

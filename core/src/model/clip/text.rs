@@ -39,16 +39,33 @@ impl TextTransformer {
         };
         let emb = format!("{prefix}.embeddings");
         Ok(Self {
-            token_embedding: w.param(&format!("{emb}.token_embedding.weight"), [cfg.vocab_size, d], device)?,
+            token_embedding: w.param(
+                &format!("{emb}.token_embedding.weight"),
+                [cfg.vocab_size, d],
+                device,
+            )?,
             position_embedding: w.param(
                 &format!("{emb}.position_embedding.weight"),
                 [cfg.max_position_embeddings, d],
                 device,
             )?,
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| TransformerLayer::load(w, &format!("{prefix}.encoder.layers.{i}"), shape, device))
+                .map(|i| {
+                    TransformerLayer::load(
+                        w,
+                        &format!("{prefix}.encoder.layers.{i}"),
+                        shape,
+                        device,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?,
-            final_layer_norm: layer_norm(w, &format!("{prefix}.final_layer_norm"), d, cfg.layer_norm_eps, device)?,
+            final_layer_norm: layer_norm(
+                w,
+                &format!("{prefix}.final_layer_norm"),
+                d,
+                cfg.layer_norm_eps,
+                device,
+            )?,
             num_heads: cfg.num_attention_heads,
             eos_token_id: cfg.eos_token_id.max(0) as usize,
             legacy_pooling: cfg.eos_token_id == 2,
@@ -87,8 +104,14 @@ impl TextTransformer {
             return Err(Error::Input("no prompts given".into()));
         }
         let full = prompts[0].ids.len();
-        if full == 0 || prompts.iter().any(|p| p.ids.len() != full || p.attention_mask.len() != full) {
-            return Err(Error::Input("prompts must be tokenized to one common, non-zero length".into()));
+        if full == 0
+            || prompts
+                .iter()
+                .any(|p| p.ids.len() != full || p.attention_mask.len() != full)
+        {
+            return Err(Error::Input(
+                "prompts must be tokenized to one common, non-zero length".into(),
+            ));
         }
         if full > self.max_positions() {
             return Err(Error::Input(format!(
@@ -96,8 +119,15 @@ impl TextTransformer {
                 self.max_positions()
             )));
         }
-        if let Some(bad) = prompts.iter().flat_map(|p| &p.ids).find(|&&i| i < 0 || i as usize >= self.vocab_size) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+        if let Some(bad) = prompts
+            .iter()
+            .flat_map(|p| &p.ids)
+            .find(|&&i| i < 0 || i as usize >= self.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
         }
         let pooled: Vec<usize> = prompts.iter().map(|p| self.pooled_index(&p.ids)).collect();
         let len = if only_needed {
@@ -105,9 +135,16 @@ impl TextTransformer {
         } else {
             full
         };
-        let ids: Vec<i64> = prompts.iter().flat_map(|p| p.ids[..len].iter().copied()).collect();
+        let ids: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| p.ids[..len].iter().copied())
+            .collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
-        let positions = self.position_embedding.val().narrow(0, 0, len).unsqueeze_dim(0);
+        let positions = self
+            .position_embedding
+            .val()
+            .narrow(0, 0, len)
+            .unsqueeze_dim(0);
         let mut x = embedding(self.token_embedding.val(), ids) + positions;
 
         let padded = prompts.iter().any(|p| p.attention_mask[..len].contains(&0));
@@ -126,7 +163,11 @@ impl TextTransformer {
         }
         let x = self.final_layer_norm.forward(x);
         let d = x.dims()[2];
-        let rows: Vec<i64> = pooled.iter().enumerate().map(|(b, &i)| (b * len + i) as i64).collect();
+        let rows: Vec<i64> = pooled
+            .iter()
+            .enumerate()
+            .map(|(b, &i)| (b * len + i) as i64)
+            .collect();
         let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), device);
         let pooled = x.clone().reshape([n * len, d]).select(0, rows);
         Ok((x, pooled))

@@ -38,7 +38,7 @@ impl VisionTransformer {
         device: &Device,
     ) -> Result<Self> {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
-        if input_size == 0 || input_size % p != 0 {
+        if input_size == 0 || !input_size.is_multiple_of(p) {
             return Err(Error::Config(format!(
                 "input size {input_size} is not a positive multiple of the patch size {p}"
             )));
@@ -54,7 +54,10 @@ impl VisionTransformer {
             }
         }
         let grid = cfg.image_size / p;
-        let table = w.read_f32(&format!("{emb}.position_embedding.weight"), &[grid * grid + 1, d])?;
+        let table = w.read_f32(
+            &format!("{emb}.position_embedding.weight"),
+            &[grid * grid + 1, d],
+        )?;
         let new_grid = input_size / p;
         let positions = if new_grid == grid {
             table
@@ -69,19 +72,30 @@ impl VisionTransformer {
             eps: cfg.layer_norm_eps,
         };
         let layers = (0..num_layers)
-            .map(|i| TransformerLayer::load(w, &format!("{prefix}.encoder.layers.{i}"), shape, device))
+            .map(|i| {
+                TransformerLayer::load(w, &format!("{prefix}.encoder.layers.{i}"), shape, device)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             class_embedding: w.param(&format!("{emb}.class_embedding"), [d], device)?,
             patch_embedding: Linear {
-                weight: Param::from_tensor(Tensor::from_data(TensorData::new(patch, [k, d]), device)),
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(patch, [k, d]),
+                    device,
+                )),
                 bias: None,
             },
             position_embedding: Param::from_tensor(Tensor::from_data(
                 TensorData::new(positions, [new_grid * new_grid + 1, d]),
                 device,
             )),
-            pre_layrnorm: layer_norm(w, &format!("{prefix}.pre_layrnorm"), d, cfg.layer_norm_eps, device)?,
+            pre_layrnorm: layer_norm(
+                w,
+                &format!("{prefix}.pre_layrnorm"),
+                d,
+                cfg.layer_norm_eps,
+                device,
+            )?,
             layers,
             patch_size: p,
             num_channels: c,
@@ -106,8 +120,13 @@ impl VisionTransformer {
             .reshape([b, g * g, c * p * p]);
         let patches = self.patch_embedding.forward(patches);
         let d = patches.dims()[2];
-        let class = self.class_embedding.val().reshape([1, 1, d]).repeat_dim(0, b);
-        let tokens = Tensor::cat(vec![class, patches], 1) + self.position_embedding.val().unsqueeze_dim(0);
+        let class = self
+            .class_embedding
+            .val()
+            .reshape([1, 1, d])
+            .repeat_dim(0, b);
+        let tokens =
+            Tensor::cat(vec![class, patches], 1) + self.position_embedding.val().unsqueeze_dim(0);
         Ok(self.pre_layrnorm.forward(tokens))
     }
 
@@ -137,7 +156,8 @@ pub fn resize_position_table(table: &[f32], grid: usize, new_grid: usize, d: usi
             let base = src.floor();
             let t = src - base;
             let weights = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)];
-            let idx = [-1i64, 0, 1, 2].map(|k| (base as i64 + k).clamp(0, grid as i64 - 1) as usize);
+            let idx =
+                [-1i64, 0, 1, 2].map(|k| (base as i64 + k).clamp(0, grid as i64 - 1) as usize);
             (idx, weights)
         })
         .collect();
@@ -149,7 +169,11 @@ pub fn resize_position_table(table: &[f32], grid: usize, new_grid: usize, d: usi
             for ch in 0..d {
                 let mut v = 0.0;
                 for (y, wy) in ys.iter().zip(wy) {
-                    let row: f64 = xs.iter().zip(wx).map(|(x, wx)| wx * patch(*y, *x, ch)).sum();
+                    let row: f64 = xs
+                        .iter()
+                        .zip(wx)
+                        .map(|(x, wx)| wx * patch(*y, *x, ch))
+                        .sum();
                     v += wy * row;
                 }
                 out.push(v as f32);

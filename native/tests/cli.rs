@@ -1,0 +1,658 @@
+//! `vlsm segment` and `vlsm convert` end to end: parity with transformers through the CLI,
+//! output files, the hub path against a local server, and clear errors on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::*;
+
+const TOL: f32 = 1e-4;
+
+fn prompts_of(model: &str) -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("manifest.json")).unwrap()).unwrap();
+    manifest["models"][model]["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn segment_args<'a>(
+    image: &'a str,
+    prompts: &'a [String],
+    weights: &'a str,
+    out: &'a str,
+) -> Vec<&'a str> {
+    let mut args = vec!["segment", image, "--weights", weights, "--out", out];
+    for p in prompts {
+        args.push("--prompt");
+        args.push(p);
+    }
+    args
+}
+
+#[test]
+fn segment_reproduces_reference_logits_and_writes_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    for model in ["clipseg_refined", "clipseg_simple"] {
+        let prompts = prompts_of(model);
+        let image = fixture("images/rgb_150x100.png");
+        let out_dir = tmp.path().join(model);
+        let npy = tmp.path().join(format!("{model}.npy"));
+        let weights = fixture(model);
+        let mut args = segment_args(
+            image.to_str().unwrap(),
+            &prompts,
+            weights.to_str().unwrap(),
+            out_dir.to_str().unwrap(),
+        );
+        args.extend(["--save-logits", npy.to_str().unwrap()]);
+        let out = vlsm(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (shape, logits) = read_npy(&npy);
+        let s = if model == "clipseg_refined" { 96 } else { 64 };
+        assert_eq!(shape, [prompts.len(), s, s]);
+        let expected = reference(&fixture(model).join("reference.safetensors"), "logits.0");
+        let d = max_abs_diff(&logits, &expected);
+        assert!(d <= TOL, "{model}: max |Δlogit| {d:e}");
+        // One mask and one overlay per prompt, at the image's own size, binary.
+        let masks: Vec<_> = std::fs::read_dir(out_dir.join("rgb_150x100"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".mask.png"))
+            .collect();
+        assert_eq!(masks.len(), prompts.len());
+        for m in &masks {
+            let mask = image::open(m).unwrap().to_luma8();
+            assert_eq!(mask.dimensions(), (150, 100));
+            assert!(mask.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+            let overlay = m.to_string_lossy().replace(".mask.png", ".overlay.png");
+            assert_eq!(
+                image::open(&overlay).unwrap().to_rgb8().dimensions(),
+                (150, 100)
+            );
+        }
+        assert!(stdout(&out).contains(".mask.png"));
+    }
+}
+
+#[test]
+fn several_images_give_n_by_p_logits_and_masks_follow_the_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npy = tmp.path().join("l.npy");
+    let (a, b) = (
+        fixture("images/rgb_150x100.png"),
+        fixture("images/rgb_53x37.png"),
+    );
+    let run = |t: &str, out: &str| {
+        vlsm(
+            &[
+                "segment",
+                a.to_str().unwrap(),
+                b.to_str().unwrap(),
+                "-p",
+                "polyp",
+                "-p",
+                "",
+                "--weights",
+                fixture("clipseg_refined").to_str().unwrap(),
+                "--out",
+                tmp.path().join(out).to_str().unwrap(),
+                "--threshold",
+                t,
+                "--save-logits",
+                npy.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = run("0.5", "o5");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (shape, logits) = read_npy(&npy);
+    assert_eq!(shape, [2, 2, 96, 96]);
+    let expected = reference(
+        &fixture("clipseg_refined/reference.safetensors"),
+        "logits.1",
+    );
+    // Image 2 ("rgb_53x37"), prompt "polyp" (reference prompt 0) and "" (reference prompt 2).
+    let n = 96 * 96;
+    assert!(max_abs_diff(&logits[2 * n..3 * n], &expected[..n]) <= TOL);
+    assert!(max_abs_diff(&logits[3 * n..4 * n], &expected[2 * n..3 * n]) <= TOL);
+    // A higher threshold never adds foreground.
+    let out = run("0.9", "o9");
+    assert!(out.status.success());
+    let fg = |dir: &str| {
+        let m = image::open(tmp.path().join(dir).join("rgb_150x100/00_polyp.mask.png"))
+            .unwrap()
+            .to_luma8();
+        m.pixels().filter(|p| p.0[0] == 255).count()
+    };
+    assert!(fg("o9") <= fg("o5"));
+}
+
+#[test]
+fn pytorch_bin_weights_and_converted_safetensors_give_identical_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = fixture("images/rgb_53x37.png");
+    let logits_of = |weights: &Path, name: &str| {
+        let npy = tmp.path().join(format!("{name}.npy"));
+        let out = vlsm(
+            &[
+                "segment",
+                image.to_str().unwrap(),
+                "-p",
+                "polyp",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--out",
+                tmp.path().join(name).to_str().unwrap(),
+                "--save-logits",
+                npy.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        read_npy(&npy).1
+    };
+    let from_safetensors = logits_of(&fixture("clipseg_simple"), "st");
+    let from_bin = logits_of(&fixture("clipseg_simple_bin"), "bin");
+    assert_eq!(from_safetensors, from_bin);
+
+    let converted = tmp.path().join("converted");
+    let out = vlsm(
+        &[
+            "convert",
+            fixture("clipseg_simple_bin").to_str().unwrap(),
+            converted.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        converted.join("model.safetensors").is_file() && converted.join("vocab.json").is_file()
+    );
+    assert_eq!(logits_of(&converted, "conv"), from_bin);
+
+    let half = tmp.path().join("half");
+    let out = vlsm(
+        &[
+            "convert",
+            fixture("clipseg_simple").to_str().unwrap(),
+            half.to_str().unwrap(),
+            "--fp16",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f32_size = std::fs::metadata(fixture("clipseg_simple/model.safetensors"))
+        .unwrap()
+        .len();
+    let f16_size = std::fs::metadata(half.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(f16_size < f32_size * 6 / 10, "{f16_size} vs {f32_size}");
+    let from_half = logits_of(&half, "half");
+    let scale = from_bin.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(&from_half, &from_bin);
+    assert!(
+        d > 0.0 && d < 0.02 * scale,
+        "fp16 logits differ by {d} (scale {scale})"
+    );
+}
+
+#[test]
+fn model_from_the_hub_is_fetched_cached_and_equal_to_local_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let endpoint = serve_hub(vec![(
+        "tiny/clipseg".into(),
+        copy_model("clipseg_refined", tmp.path()),
+    )]);
+    let home = tmp.path().join("hf-home");
+    let image = fixture("images/rgb_150x100.png");
+    let run = |args: &[&str], endpoint: &str| {
+        vlsm(
+            args,
+            &[
+                ("HF_ENDPOINT", endpoint),
+                ("HF_HOME", home.to_str().unwrap()),
+            ],
+        )
+    };
+    let npy = tmp.path().join("hub.npy");
+    let out_dir = tmp.path().join("out");
+    let args = [
+        "segment",
+        image.to_str().unwrap(),
+        "-p",
+        "polyp",
+        "--model",
+        "tiny/clipseg",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--save-logits",
+        npy.to_str().unwrap(),
+    ];
+    let out = run(&args, &endpoint);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = reference(
+        &fixture("clipseg_refined/reference.safetensors"),
+        "logits.0",
+    );
+    assert!(max_abs_diff(&read_npy(&npy).1, &expected[..96 * 96]) <= TOL);
+    // Cached: works with the hub unreachable.
+    let out = run(&args, "http://127.0.0.1:9");
+    assert!(out.status.success(), "cache not used: {}", stderr(&out));
+    // An id the hub does not have.
+    let out = run(
+        &[
+            "segment",
+            image.to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--model",
+            "nobody/nothing",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &endpoint,
+    );
+    assert_clean_error(&out, "unknown model id");
+}
+
+#[test]
+fn hub_unreachable_fails_at_once_suggesting_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = vlsm(
+        &[
+            "segment",
+            fixture("images/rgb_64x64.png").to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--model",
+            "CIDAS/clipseg-rd64-refined",
+        ],
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("HF_HOME", tmp.path().to_str().unwrap()),
+        ],
+    );
+    assert_clean_error(&out, "--weights");
+    assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
+}
+
+/// Damages a copy of the refined fixture and expects a one-line error naming `needle`.
+fn broken_model(tmp: &Path, name: &str, damage: impl FnOnce(&Path), needle: &str) {
+    let dir = copy_model("clipseg_refined", &tmp.join(name));
+    damage(&dir);
+    let out = vlsm(
+        &[
+            "segment",
+            fixture("images/rgb_64x64.png").to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--weights",
+            dir.to_str().unwrap(),
+            "--out",
+            tmp.join("o").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, needle);
+}
+
+fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_weights_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    broken_model(
+        t,
+        "corrupt",
+        |d| std::fs::write(d.join("model.safetensors"), b"\x00\x01garbage").unwrap(),
+        "not a valid safetensors",
+    );
+    broken_model(
+        t,
+        "truncated",
+        |d| {
+            let p = d.join("model.safetensors");
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+        },
+        "safetensors",
+    );
+    broken_model(
+        t,
+        "missing-key",
+        |d| {
+            edit_safetensors(d, |ts| {
+                ts.retain(|(n, _, _)| n != "decoder.film_mul.weight")
+            })
+        },
+        "missing weight `decoder.film_mul.weight`",
+    );
+    broken_model(
+        t,
+        "extra-key",
+        |d| {
+            edit_safetensors(d, |ts| {
+                ts.push((
+                    "decoder.layers.7.mlp.fc1.weight".into(),
+                    vec![2],
+                    vec![0; 8],
+                ))
+            })
+        },
+        "unexpected weight `decoder.layers.7.mlp.fc1.weight`",
+    );
+    broken_model(
+        t,
+        "shape",
+        |d| {
+            // The simple fixture's weights under the refined fixture's config.
+            std::fs::copy(
+                fixture("clipseg_simple/model.safetensors"),
+                d.join("model.safetensors"),
+            )
+            .unwrap();
+        },
+        "has shape",
+    );
+    broken_model(
+        t,
+        "no-tokenizer",
+        |d| {
+            std::fs::remove_file(d.join("vocab.json")).unwrap();
+            std::fs::remove_file(d.join("merges.txt")).unwrap();
+        },
+        "tokenizer",
+    );
+    broken_model(
+        t,
+        "bad-config",
+        |d| std::fs::write(d.join("config.json"), b"{\"vision_config\": 3").unwrap(),
+        "config",
+    );
+    broken_model(
+        t,
+        "inconsistent-config",
+        |d| {
+            let c = std::fs::read_to_string(d.join("config.json"))
+                .unwrap()
+                .replace("\"reduce_dim\": 12", "\"reduce_dim\": 13");
+            std::fs::write(d.join("config.json"), c).unwrap();
+        },
+        "reduce_dim",
+    );
+    broken_model(
+        t,
+        "no-weights",
+        |d| std::fs::remove_file(d.join("model.safetensors")).unwrap(),
+        "no weights",
+    );
+    broken_model(
+        t,
+        "bad-bin",
+        |d| {
+            std::fs::remove_file(d.join("model.safetensors")).unwrap();
+            std::fs::write(d.join("pytorch_model.bin"), b"PK\x03\x04 not really").unwrap();
+        },
+        "pytorch",
+    );
+    // An empty directory, and a path that does not exist.
+    let empty = t.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for dir in [empty.clone(), t.join("does-not-exist")] {
+        let out = vlsm(
+            &[
+                "segment",
+                fixture("images/rgb_64x64.png").to_str().unwrap(),
+                "-p",
+                "x",
+                "--weights",
+                dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_clean_error(&out, &dir.file_name().unwrap().to_string_lossy());
+    }
+}
+
+fn segment_image(image: &Path, out: &Path) -> std::process::Output {
+    vlsm(
+        &[
+            "segment",
+            image.to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--weights",
+            fixture("clipseg_simple").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn bad_images_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let png = std::fs::read(fixture("images/rgb_150x100.png")).unwrap();
+    let mut jpeg = Vec::new();
+    image::open(fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("zero.png", vec![], "empty"),
+        ("truncated.png", png[..png.len() / 3].to_vec(), "png"),
+        ("truncated.jpg", jpeg[..jpeg.len() / 3].to_vec(), "jpeg"),
+        (
+            "text.png",
+            b"this is not an image at all".to_vec(),
+            "unsupported",
+        ),
+        ("header-only.png", png[..16].to_vec(), "png"),
+    ];
+    for (name, bytes, needle) in cases {
+        let path = t.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        assert_clean_error(&segment_image(&path, &t.join("o")), needle);
+        assert_clean_error(&segment_image(&path, &t.join("o")), name);
+    }
+    assert_clean_error(
+        &segment_image(&t.join("missing.png"), &t.join("o")),
+        "missing.png",
+    );
+    assert_clean_error(&segment_image(t, &t.join("o")), "directory");
+    // Too wide to be a real image.
+    let wide = t.join("wide.png");
+    image::GrayImage::new(40_000, 2).save(&wide).unwrap();
+    assert_clean_error(&segment_image(&wide, &t.join("o")), "too large");
+}
+
+#[test]
+fn odd_but_valid_images_and_prompts_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // A PNG named .jpg: the content decides, not the name.
+    let mislabelled = t.join("actually-png.jpg");
+    std::fs::copy(fixture("images/rgb_150x100.png"), &mislabelled).unwrap();
+    let mut jpeg_file = t.join("photo.jpg");
+    image::open(fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .save(&jpeg_file)
+        .unwrap();
+    let webp = t.join("img.webp");
+    image::open(fixture("images/rgb_53x37.png"))
+        .unwrap()
+        .save(&webp)
+        .unwrap();
+    let bmp = t.join("img.bmp");
+    image::open(fixture("images/rgb_53x37.png"))
+        .unwrap()
+        .save(&bmp)
+        .unwrap();
+    let tiff = t.join("img.tiff");
+    image::open(fixture("images/grey16_60x60.png"))
+        .unwrap()
+        .save(&tiff)
+        .unwrap();
+    for img in [
+        mislabelled.clone(),
+        jpeg_file.clone(),
+        webp,
+        bmp,
+        tiff,
+        fixture("images/grey16_60x60.png"),
+        fixture("images/palette_110x75.png"),
+        fixture("images/rgba_70x80.png"),
+        fixture("images/grey_120x90.png"),
+    ] {
+        let out = segment_image(&img, &t.join("o"));
+        assert!(out.status.success(), "{}: {}", img.display(), stderr(&out));
+    }
+    // A 10000×10000 image: decoded, resized, masks written at full size.
+    let huge = t.join("huge.png");
+    image::GrayImage::from_fn(10_000, 10_000, |x, y| {
+        image::Luma([((x / 100 + y / 100) % 2 * 200) as u8])
+    })
+    .save(&huge)
+    .unwrap();
+    let out = segment_image(&huge, &t.join("big"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mask = image::open(t.join("big/huge/00_polyp.mask.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (10_000, 10_000));
+    // Empty and 5000-character prompts: valid, the long one truncated with a warning.
+    jpeg_file = fixture("images/rgb_64x64.png");
+    let long = "polyp ".repeat(834);
+    let out = vlsm(
+        &[
+            "segment",
+            jpeg_file.to_str().unwrap(),
+            "-p",
+            "",
+            "-p",
+            &long,
+            "--weights",
+            fixture("clipseg_simple").to_str().unwrap(),
+            "--out",
+            t.join("p").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(t.join("p/rgb_64x64/00_empty.mask.png").is_file());
+}
+
+#[test]
+fn bad_arguments_give_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixture("images/rgb_64x64.png");
+    let img = img.to_str().unwrap();
+    let w = fixture("clipseg_simple");
+    let w = w.to_str().unwrap();
+    for t in ["1.5", "-0.1", "abc", "nan"] {
+        let arg = format!("--threshold={t}");
+        assert_clean_error(
+            &vlsm(&["segment", img, "-p", "x", "--weights", w, &arg], &[]),
+            "threshold",
+        );
+    }
+    assert_clean_error(&vlsm(&["segment", img, "--weights", w], &[]), "--prompt");
+    assert_clean_error(&vlsm(&["segment", "-p", "x", "--weights", w], &[]), "IMAGE");
+    assert_clean_error(
+        &vlsm(
+            &["segment", img, "-p", "x", "--weights", w, "--model", "a/b"],
+            &[],
+        ),
+        "--model",
+    );
+    #[cfg(not(feature = "wgpu"))]
+    assert_clean_error(
+        &vlsm(
+            &[
+                "segment",
+                img,
+                "-p",
+                "x",
+                "--weights",
+                w,
+                "--backend",
+                "wgpu",
+            ],
+            &[],
+        ),
+        "wgpu",
+    );
+    #[cfg(not(feature = "cuda"))]
+    assert_clean_error(
+        &vlsm(
+            &[
+                "segment",
+                img,
+                "-p",
+                "x",
+                "--weights",
+                w,
+                "--backend",
+                "cuda",
+            ],
+            &[],
+        ),
+        "cuda",
+    );
+    // The output directory is a file.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert_clean_error(
+        &vlsm(
+            &[
+                "segment",
+                img,
+                "-p",
+                "x",
+                "--weights",
+                w,
+                "--out",
+                file.to_str().unwrap(),
+            ],
+            &[],
+        ),
+        "file",
+    );
+    assert_clean_error(&vlsm(&["convert", w, w], &[]), "differ");
+    assert_clean_error(&vlsm(&["frobnicate"], &[]), "frobnicate");
+}
