@@ -48,6 +48,8 @@ struct Entry<'a> {
 /// A checkpoint's tensors, keyed by their names in the file.
 pub struct Weights<'a> {
     entries: BTreeMap<String, Entry<'a>>,
+    /// Set for [`Weights::random`]: every requested tensor is made up from this seed.
+    random_seed: Option<u64>,
     used: RefCell<BTreeSet<String>>,
     /// What the checkpoint is called in error messages.
     source: String,
@@ -111,9 +113,19 @@ impl<'a> Weights<'a> {
     fn new(entries: BTreeMap<String, Entry<'a>>, source: &str) -> Self {
         Self {
             entries,
+            random_seed: None,
             used: RefCell::new(BTreeSet::new()),
             source: source.to_string(),
         }
+    }
+
+    /// A stand-in checkpoint that answers every request with deterministic random values of
+    /// the requested shape (norm weights near 1, everything else small). For speed
+    /// measurements, where weight values do not matter; never for results.
+    pub fn random(seed: u64) -> Weights<'static> {
+        let mut w = Weights::new(BTreeMap::new(), "random weights");
+        w.random_seed = Some(seed);
+        w
     }
 
     /// All float tensor names in the checkpoint.
@@ -137,6 +149,9 @@ impl<'a> Weights<'a> {
 
     /// The tensor `key` as f32 values, checked against `shape`.
     pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(seed) = self.random_seed {
+            return Ok(random_values(seed, key, shape));
+        }
         let entry = self.entries.get(key).ok_or_else(|| {
             Error::Weights(format!(
                 "{}: missing weight `{key}` (expected shape {shape:?})",
@@ -244,6 +259,31 @@ impl<'a> Weights<'a> {
             ))),
         }
     }
+}
+
+fn random_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+    // splitmix64 over (seed, key): deterministic per tensor.
+    let mut state = key.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    });
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let is_norm_scale = key.contains("norm") && key.ends_with(".weight");
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|_| {
+            if is_norm_scale {
+                1.0 + 0.1 * next()
+            } else {
+                0.1 * next()
+            }
+        })
+        .collect()
 }
 
 /// Converts raw float bytes to f32 (`little`: the bytes are little-endian, else native).

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Times CLIPSeg rd64-refined (full size, random weights: speed does not depend on the
+values) with transformers (PyTorch) and ONNX Runtime, the way their users run it: one forward
+per (image, prompt) pair, the image re-encoded for every prompt.
+
+    python tools/bench_reference.py setup DIR     # writes DIR/model (HF layout) and DIR/model.onnx
+    python tools/bench_reference.py torch DIR     # prints one JSON line per case
+    python tools/bench_reference.py ort DIR
+
+tools/bench.sh runs all three frameworks (and vlsm) in one go; see README "Performance".
+Each mode runs in its own process so its peak memory (ru_maxrss) is its own.
+"""
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "polyp",
+    "round polyp",
+    "pink round polyp",
+    "medium pink round polyp",
+    "one medium pink round polyp",
+    "one medium pink round polyp, located in bottom right of the image",
+    "polyp which is a projecting growth of tissue",
+    "a small lump in the lining of the colon",
+    "skin melanoma",
+    "left ventricle of the heart in a two chamber view",
+]
+SIZE = 352
+REPEATS = 3
+
+
+def cpu_seconds():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn):
+    """Best of REPEATS (after one warm-up): wall seconds and CPU seconds."""
+    fn()
+    best = None
+    for _ in range(REPEATS):
+        w0, c0 = time.perf_counter(), cpu_seconds()
+        fn()
+        row = (time.perf_counter() - w0, cpu_seconds() - c0)
+        best = row if best is None or row[1] < best[1] else best
+    return best
+
+
+def inputs(n_prompts):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(ROOT / "tests/fixtures/tokenizer"), pad_token="<|endoftext|>")
+    enc = tok(PROMPTS[:n_prompts], padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
+    return pixels.repeat(n_prompts, 0), enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def setup(out: Path):
+    import torch
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    torch.manual_seed(0)
+    config = CLIPSegConfig(
+        projection_dim=512, extract_layers=[3, 6, 9], reduce_dim=64, decoder_num_attention_heads=4,
+        decoder_intermediate_size=2048, conditional_layer=0, use_complex_transposed_convolution=True,
+        vision_config=dict(patch_size=16), text_config=dict(bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    )
+    model = CLIPSegForImageSegmentation(config).eval()
+    with torch.no_grad():  # the decoder's random init has small values; make them ordinary
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model_dir = out / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="ViTImageProcessor", do_resize=True, size=SIZE, resample=2, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])))
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(ROOT / "tests/fixtures/tokenizer" / f, model_dir / f)
+    (model_dir / "special_tokens_map.json").write_text(json.dumps(dict(pad_token="<|endoftext|>")))
+    px, ids, mask = inputs(2)
+    model.config._attn_implementation = "eager"
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, pixel_values, attention_mask):
+            return self.m(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits
+
+    torch.onnx.export(
+        Wrapped(model), (torch.from_numpy(ids), torch.from_numpy(px), torch.from_numpy(mask)),
+        str(out / "model.onnx"), input_names=["input_ids", "pixel_values", "attention_mask"],
+        output_names=["logits"], opset_version=17, dynamo=False,
+        dynamic_axes={"input_ids": {0: "b"}, "pixel_values": {0: "b"}, "attention_mask": {0: "b"}, "logits": {0: "b"}},
+    )
+    # A test image for `vlsm segment`.
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(out / "image.png")
+    print(json.dumps(dict(setup=str(out), parameters=sum(p.numel() for p in model.parameters()))))
+
+
+def bench_torch(out: Path):
+    import torch
+    from transformers import CLIPSegForImageSegmentation
+
+    torch.set_num_threads(1)
+    model = CLIPSegForImageSegmentation.from_pretrained(out / "model").eval()
+    for n in (1, 10):
+        px, ids, mask = (torch.from_numpy(a) for a in inputs(n))
+        with torch.no_grad():
+            wall, cpu = timed(lambda: model(pixel_values=px, input_ids=ids, attention_mask=mask))
+        print(json.dumps(dict(framework=f"PyTorch {torch.__version__} (transformers)", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
+
+
+def bench_ort(out: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    for n in (1, 10):
+        px, ids, mask = inputs(n)
+        feed = {k: v for k, v in dict(input_ids=ids, pixel_values=px, attention_mask=mask).items() if k in names}
+        wall, cpu = timed(lambda: sess.run(None, feed))
+        print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    {"setup": setup, "torch": bench_torch, "ort": bench_ort}[mode](out)
