@@ -10,7 +10,8 @@ use crate::weights::Weights;
 pub struct DirFiles {
     dir: PathBuf,
     config_json: Vec<u8>,
-    safetensors: Option<Vec<u8>>,
+    /// `model.safetensors`, read tensor by tensor (see [`Weights::from_safetensors_file`]).
+    safetensors: Option<PathBuf>,
     #[cfg_attr(not(feature = "pytorch"), allow(dead_code))]
     pytorch_bin: Option<PathBuf>,
     optional: [(String, Option<Vec<u8>>); 6],
@@ -47,7 +48,8 @@ impl DirFiles {
                 dir.display()
             ))
         })?;
-        let safetensors = read("model.safetensors")?;
+        let st = dir.join("model.safetensors");
+        let safetensors = st.is_file().then_some(st);
         let bin = dir.join("pytorch_model.bin");
         let pytorch_bin = (safetensors.is_none() && bin.is_file()).then_some(bin);
         if safetensors.is_none() && pytorch_bin.is_none() {
@@ -80,7 +82,8 @@ impl DirFiles {
     pub fn model_files(&self) -> ModelFiles<'_> {
         ModelFiles {
             config_json: &self.config_json,
-            safetensors: self.safetensors.as_deref().unwrap_or(&[]),
+            // The weights are read from the file instead: see `weights`.
+            safetensors: &[],
             preprocessor_config_json: self.optional("preprocessor_config.json"),
             tokenizer_json: self.optional("tokenizer.json"),
             vocab_json: self.optional("vocab.json"),
@@ -92,9 +95,8 @@ impl DirFiles {
 
     /// The checkpoint's tensors: `model.safetensors` if present, else `pytorch_model.bin`.
     pub fn weights(&self) -> Result<Weights<'_>> {
-        if let Some(bytes) = &self.safetensors {
-            let name = self.dir.join("model.safetensors").display().to_string();
-            return Weights::from_safetensors(bytes, &name);
+        if let Some(path) = &self.safetensors {
+            return Weights::from_safetensors_file(path);
         }
         #[cfg(feature = "pytorch")]
         if let Some(bin) = &self.pytorch_bin {

@@ -37,6 +37,9 @@ enum Bytes<'a> {
     /// A `.bin` tensor, read (native-endian) on demand.
     #[cfg(feature = "pytorch")]
     Lazy(pytorch_reader::Tensor),
+    /// Little-endian bytes at an offset of the weights' safetensors file, read on demand.
+    #[cfg(feature = "std")]
+    InFile { offset: u64, len: usize },
 }
 
 struct Entry<'a> {
@@ -48,6 +51,9 @@ struct Entry<'a> {
 /// A checkpoint's tensors, keyed by their names in the file.
 pub struct Weights<'a> {
     entries: BTreeMap<String, Entry<'a>>,
+    /// The safetensors file [`Bytes::InFile`] entries are read from.
+    #[cfg(feature = "std")]
+    file: Option<RefCell<std::fs::File>>,
     /// Set for [`Weights::random`]: every requested tensor is made up from this seed.
     random_seed: Option<u64>,
     used: RefCell<BTreeSet<String>>,
@@ -110,9 +116,75 @@ impl<'a> Weights<'a> {
         Ok(Weights::new(entries, &source))
     }
 
+    /// Opens a safetensors file and reads its header; each tensor is read from the file when
+    /// a module asks for it, so loading never holds the whole file in memory, and tensors
+    /// nobody asks for are never read.
+    #[cfg(feature = "std")]
+    pub fn from_safetensors_file(path: &std::path::Path) -> Result<Weights<'static>> {
+        use std::io::Read;
+        let source = path.display().to_string();
+        let invalid =
+            |why: String| Error::Weights(format!("{source}: not a valid safetensors file ({why})"));
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes)
+            .map_err(|_| invalid("shorter than its header".into()))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err(invalid(format!(
+                "header length {header_len} does not fit the file"
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| invalid(e.to_string()))?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut entries = BTreeMap::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: safetensors::tensor::TensorInfo = serde_json::from_value(info)
+                .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?;
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F64 => DType::F64,
+                _ => continue,
+            };
+            let (begin, end) = info.data_offsets;
+            let expected = info.shape.iter().product::<usize>() * dtype.size();
+            if end < begin || end - begin != expected || data_start + end as u64 > file_len {
+                return Err(invalid(format!(
+                    "tensor `{name}` has offsets {begin}..{end} for {expected} bytes in a file of {file_len} (truncated?)"
+                )));
+            }
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape,
+                    bytes: Bytes::InFile {
+                        offset: data_start + begin as u64,
+                        len: expected,
+                    },
+                },
+            );
+        }
+        let mut weights = Weights::new(entries, &source);
+        weights.file = Some(RefCell::new(file));
+        Ok(weights)
+    }
+
     fn new(entries: BTreeMap<String, Entry<'a>>, source: &str) -> Self {
         Self {
             entries,
+            #[cfg(feature = "std")]
+            file: None,
             random_seed: None,
             used: RefCell::new(BTreeSet::new()),
             source: source.to_string(),
@@ -189,6 +261,22 @@ impl<'a> Weights<'a> {
                     return Err(bad_len(b.len()));
                 }
                 Ok(to_f32(&b, entry.dtype, cfg!(target_endian = "little")))
+            }
+            #[cfg(feature = "std")]
+            Bytes::InFile { offset, len } => {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut file = self
+                    .file
+                    .as_ref()
+                    .expect("InFile entries come with their file")
+                    .borrow_mut();
+                let mut b = vec![0u8; *len];
+                file.seek(SeekFrom::Start(*offset))
+                    .and_then(|_| file.read_exact(&mut b))
+                    .map_err(|e| {
+                        Error::Weights(format!("{}: reading `{key}`: {e}", self.source))
+                    })?;
+                Ok(to_f32(&b, entry.dtype, true))
             }
         }
     }
