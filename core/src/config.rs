@@ -322,3 +322,69 @@ impl PreprocessConfig {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_transformers_defaults() {
+        let c = ClipSegConfig::from_json(b"{}").unwrap();
+        assert_eq!(c.extract_layers, [3, 6, 9]);
+        assert_eq!(c.vision_config.patch_size, 32);
+        assert_eq!(c.text_config.max_position_embeddings, 77);
+        assert_eq!(c.vision_layers_used(), 10);
+        assert!(!c.use_complex_transposed_convolution);
+    }
+
+    #[test]
+    fn inconsistent_sizes_are_refused_with_the_field_named() {
+        for (json, needle) in [
+            (r#"{"reduce_dim": 65}"#, "reduce_dim"),
+            (r#"{"extract_layers": [3, 12]}"#, "extract_layers"),
+            (r#"{"extract_layers": []}"#, "extract_layers"),
+            (r#"{"conditional_layer": 3}"#, "conditional_layer"),
+            (
+                r#"{"vision_config": {"hidden_size": 100}}"#,
+                "num_attention_heads",
+            ),
+            (
+                r#"{"vision_config": {"hidden_act": "swish"}}"#,
+                "config.json",
+            ),
+            (r#"{"text_config": {"hidden_size": 0}}"#, "hidden_size"),
+            ("not json", "config.json"),
+        ] {
+            let e = ClipSegConfig::from_json(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn preprocessor_sizes_and_statistics_are_read() {
+        let v = VisionConfig {
+            patch_size: 16,
+            ..VisionConfig::default()
+        };
+        let p = PreprocessConfig::from_json(
+            br#"{"size": 352, "image_mean": 0.5, "image_std": [0.5, 0.5, 0.5]}"#,
+            &v,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.size, p.image_mean, p.image_std),
+            (352, [0.5; 3], [0.5; 3])
+        );
+        let p =
+            PreprocessConfig::from_json(br#"{"size": {"height": 224, "width": 224}}"#, &v).unwrap();
+        assert_eq!(p.size, 224);
+        assert!(PreprocessConfig::from_json(br#"{"size": 100}"#, &v).is_err());
+        assert!(
+            PreprocessConfig::from_json(br#"{"size": {"height": 224, "width": 352}}"#, &v).is_err()
+        );
+        assert!(PreprocessConfig::from_json(br#"{"resample": 3}"#, &v).is_err());
+        assert!(PreprocessConfig::from_json(br#"{"image_std": [0, 1, 1]}"#, &v).is_err());
+    }
+}

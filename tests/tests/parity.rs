@@ -236,3 +236,36 @@ fn shared_fixture_tiny_simple_matches_float64() {
 fn shared_fixture_tiny_refined_matches_float64() {
     check_shared("tiny_refined");
 }
+
+#[test]
+fn loading_from_bytes_equals_loading_from_the_directory() {
+    let device = Device::flex();
+    let dir = fixture("clipseg_refined");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let (config, weights, pre, vocab, merges) = (
+        read("config.json"),
+        read("model.safetensors"),
+        read("preprocessor_config.json"),
+        read("vocab.json"),
+        read("merges.txt"),
+    );
+    let files = vlsm::ModelFiles {
+        config_json: &config,
+        safetensors: &weights,
+        preprocessor_config_json: Some(&pre),
+        vocab_json: Some(&vocab),
+        merges_txt: Some(&merges),
+        ..Default::default()
+    };
+    let from_bytes = Segmenter::from_files(&files, &device).unwrap();
+    let from_dir = Segmenter::from_dir(&dir, &device).unwrap();
+    let rgb =
+        preprocess::decode_rgb(&std::fs::read(fixture("images/rgb_53x37.png")).unwrap()).unwrap();
+    let a = from_bytes
+        .decode(&from_bytes.encode_image(&rgb).unwrap(), &["polyp"])
+        .unwrap();
+    let b = from_dir
+        .decode(&from_dir.encode_image(&rgb).unwrap(), &["polyp"])
+        .unwrap();
+    assert_eq!(a, b);
+}

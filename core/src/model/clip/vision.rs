@@ -47,12 +47,7 @@ impl VisionTransformer {
         // Conv weight [D, C, p, p] → matmul weight [C·p·p, D].
         let conv = w.read_f32(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?;
         let k = c * p * p;
-        let mut patch = vec![0f32; conv.len()];
-        for o in 0..d {
-            for i in 0..k {
-                patch[i * d + o] = conv[o * k + i];
-            }
-        }
+        let patch = crate::weights::transpose(&conv, d, k);
         let grid = cfg.image_size / p;
         let table = w.read_f32(
             &format!("{emb}.position_embedding.weight"),
