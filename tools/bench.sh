@@ -41,13 +41,5 @@ run_vlsm() { # threads n_prompts
   for threads in 1 "$(nproc)"; do
     for n in 1 10; do run_vlsm "$threads" "$n"; done
   done
-} | tee "$WORK/results.jsonl" | "$PY" -c '
-import json, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
-ort = {r["case"]: r for r in rows if r["framework"].startswith("ONNX")}
-print("| framework | case | CPU s | wall s | CPU vs ORT | peak MiB |")
-print("|---|---|---:|---:|---:|---:|")
-for r in rows:
-    ratio = r["cpu_s"] / ort[r["case"]]["cpu_s"] if r["case"] in ort else float("nan")
-    print(f"| {r[\"framework\"]} | 1 image × {r[\"case\"][2:]} prompt(s) | {r[\"cpu_s\"]:.2f} | {r[\"wall_s\"]:.2f} | {ratio:.2f}× | {r[\"peak_mib\"]:.0f} |")
-'
+} > "$WORK/results.jsonl"
+"$PY" tools/bench_reference.py table "$WORK"

@@ -6,6 +6,7 @@ per (image, prompt) pair, the image re-encoded for every prompt.
     python tools/bench_reference.py setup DIR     # writes DIR/model (HF layout) and DIR/model.onnx
     python tools/bench_reference.py torch DIR     # prints one JSON line per case
     python tools/bench_reference.py ort DIR
+    python tools/bench_reference.py table DIR     # DIR/results.jsonl as a Markdown table
 
 tools/bench.sh runs all three frameworks (and vlsm) in one go; see README "Performance".
 Each mode runs in its own process so its peak memory (ru_maxrss) is its own.
@@ -143,7 +144,19 @@ def bench_ort(out: Path):
         print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
 
 
+def table(out: Path):
+    """Markdown table of WORKDIR/results.jsonl, CPU seconds relative to ONNX Runtime."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    ort = {r["case"]: r for r in rows if r["framework"].startswith("ONNX")}
+    print("| framework | case | CPU s | wall s | CPU vs ORT | peak MiB |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["cpu_s"] / ort[r["case"]]["cpu_s"]
+        case = "1 image × %s prompt%s" % (r["case"][2:], "" if r["case"] == "1x1" else "s")
+        print(f"| {r['framework']} | {case} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | {ratio:.2f}× | {r['peak_mib']:.0f} |")
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    {"setup": setup, "torch": bench_torch, "ort": bench_ort}[mode](out)
+    {"setup": setup, "torch": bench_torch, "ort": bench_ort, "table": table}[mode](out)
