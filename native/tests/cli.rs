@@ -600,9 +600,13 @@ fn bad_arguments_give_one_line_errors() {
         ),
         "--model",
     );
-    #[cfg(not(feature = "wgpu"))]
-    assert_clean_error(
-        &vlsm(
+    // Backends this build was compiled without.
+    let unbuilt = [
+        ("wgpu", cfg!(feature = "wgpu")),
+        ("cuda", cfg!(feature = "cuda")),
+    ];
+    for (backend, _) in unbuilt.iter().filter(|(_, built)| !built) {
+        let out = vlsm(
             &[
                 "segment",
                 img,
@@ -611,29 +615,12 @@ fn bad_arguments_give_one_line_errors() {
                 "--weights",
                 w,
                 "--backend",
-                "wgpu",
+                backend,
             ],
             &[],
-        ),
-        "wgpu",
-    );
-    #[cfg(not(feature = "cuda"))]
-    assert_clean_error(
-        &vlsm(
-            &[
-                "segment",
-                img,
-                "-p",
-                "x",
-                "--weights",
-                w,
-                "--backend",
-                "cuda",
-            ],
-            &[],
-        ),
-        "cuda",
-    );
+        );
+        assert_clean_error(&out, backend);
+    }
     // The output directory is a file.
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
