@@ -19,6 +19,6 @@ pub use burn;
 pub use config::{ClipSegConfig, PreprocessConfig};
 pub use error::{Error, Result};
 pub use model::ClipSeg;
-pub use segmenter::{EncodedImage, Logits, ModelFiles, Pipeline, Segmenter};
+pub use segmenter::{EmbeddedPrompts, EncodedImage, Logits, ModelFiles, Pipeline, Segmenter};
 pub use tokenize::{ClipTokenizer, TokenizedPrompt};
 pub use weights::Weights;

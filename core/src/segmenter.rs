@@ -179,15 +179,32 @@ impl Segmenter {
         Ok(self.encode_images(&[image])?.remove(0))
     }
 
-    /// Logits `[P, S, S]` for every prompt on one encoded image, as a tensor on the device.
-    pub fn decode_tensor(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Tensor<3>> {
+    /// Tokenizes and embeds prompts once, for decoding on any number of images.
+    pub fn embed_prompts(&self, prompts: &[&str]) -> Result<EmbeddedPrompts> {
         let tokens = self.tokenize(prompts)?;
         let conditioning = self.model.embed_prompts(&tokens, &self.device)?;
-        self.model.decode(&image.features, conditioning)
+        Ok(EmbeddedPrompts {
+            tokens,
+            conditioning,
+        })
     }
 
-    /// Logits for every prompt on one encoded image, read back to the host.
-    pub fn decode(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Vec<Logits>> {
+    /// Logits `[P, S, S]` for embedded prompts on one encoded image, as a tensor on the device.
+    pub fn decode_tensor(
+        &self,
+        image: &EncodedImage,
+        prompts: &EmbeddedPrompts,
+    ) -> Result<Tensor<3>> {
+        self.model
+            .decode(&image.features, prompts.conditioning.clone())
+    }
+
+    /// Logits for embedded prompts on one encoded image, read back to the host.
+    pub fn decode_embedded(
+        &self,
+        image: &EncodedImage,
+        prompts: &EmbeddedPrompts,
+    ) -> Result<Vec<Logits>> {
         let logits = self.decode_tensor(image, prompts)?;
         let [p, s, _] = logits.dims();
         let values = logits
@@ -203,4 +220,16 @@ impl Segmenter {
             })
             .collect())
     }
+
+    /// Logits for every prompt on one encoded image (embeds the prompts, then decodes).
+    pub fn decode(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Vec<Logits>> {
+        self.decode_embedded(image, &self.embed_prompts(prompts)?)
+    }
+}
+
+/// Prompts ready for decoding: their tokens and FiLM conditioning vectors `[P, projection_dim]`.
+#[derive(Debug, Clone)]
+pub struct EmbeddedPrompts {
+    pub tokens: Vec<TokenizedPrompt>,
+    pub conditioning: Tensor<2>,
 }

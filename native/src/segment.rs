@@ -68,7 +68,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         Segmenter::from_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))
     })?;
     let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
-    for (prompt, tokens) in prompts.iter().zip(segmenter.tokenize(&prompts)?) {
+    // The text tower runs once for all images.
+    let embedded = timings.measure("decode prompts", || segmenter.embed_prompts(&prompts))?;
+    for (prompt, tokens) in prompts.iter().zip(&embedded.tokens) {
         if tokens.len() == segmenter.pipeline.tokenizer.max_length() {
             let short: String = prompt.chars().take(40).collect();
             eprintln!(
@@ -84,7 +86,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let mut all_logits = Vec::new();
     for (image, name) in images.iter().zip(&names) {
         let encoded = timings.measure("encode image", || segmenter.encode_image(image))?;
-        let logits = timings.measure("decode prompts", || segmenter.decode(&encoded, &prompts))?;
+        let logits = timings.measure("decode prompts", || {
+            segmenter.decode_embedded(&encoded, &embedded)
+        })?;
         timings.measure("write outputs", || -> Result<()> {
             let dir = args.out.join(name);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
