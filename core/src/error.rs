@@ -18,6 +18,9 @@ pub enum Error {
     /// A caller passed an argument the model cannot use.
     #[error("{0}")]
     Input(String),
+    /// A share link is malformed, truncated or from an unknown version.
+    #[error("link: {0}")]
+    Link(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -8,10 +8,13 @@ pub mod config;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod prompts;
 pub mod render;
 pub mod segmenter;
+pub mod share;
 pub mod tokenize;
 pub mod weights;
 

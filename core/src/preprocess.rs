@@ -17,6 +17,36 @@ pub const MAX_DECODED_BYTES: u64 = 2 << 30;
 /// from a file name) to 8-bit RGB. Grey is replicated, palettes expanded, alpha dropped
 /// (as PIL's `convert("RGB")`), 16-bit samples scaled to 8 bits (`round(v / 257)`).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    Ok(match decode_image(bytes)? {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+/// Decodes a ground-truth mask: grey level > 127 is foreground (medvlsm's binarisation).
+/// Returns width, height and one 0/1 byte per pixel.
+pub fn decode_mask(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+    Ok(crate::metrics::binarize_mask(&decode_image(bytes)?))
+}
+
+/// Width and height from an image's header, without decoding it.
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+    if bytes.is_empty() {
+        return Err(Error::Image("the file is empty".into()));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Image(e.to_string()))?;
+    let format = reader.format().ok_or_else(|| {
+        Error::Image(
+            "unsupported or unrecognised format (expected PNG, JPEG, BMP, TIFF or WebP)".into(),
+        )
+    })?;
+    reader.into_dimensions().map_err(|e| describe(format, e))
+}
+
+/// Decodes image bytes with the size limits and truncation checks of [`decode_rgb`].
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(Error::Image("the file is empty".into()));
     }
@@ -51,11 +81,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     decoder
         .set_limits(limits)
         .map_err(|e| describe(format, e))?;
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| describe(format, e))?;
-    Ok(match img {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
+    DynamicImage::from_decoder(decoder).map_err(|e| describe(format, e))
 }
 
 /// A complete baseline or progressive JPEG ends its last scan (SOS, `FF DA`) with an

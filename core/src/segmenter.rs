@@ -200,31 +200,55 @@ impl Segmenter {
     }
 
     /// Logits for embedded prompts on one encoded image, read back to the host.
+    /// Synchronous readback: native backends only (in the browser use
+    /// [`Self::decode_embedded_async`]).
     pub fn decode_embedded(
         &self,
         image: &EncodedImage,
         prompts: &EmbeddedPrompts,
     ) -> Result<Vec<Logits>> {
         let logits = self.decode_tensor(image, prompts)?;
-        let [p, s, _] = logits.dims();
-        let values = logits
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
-        Ok(values
-            .chunks_exact(s * s)
-            .take(p)
-            .map(|c| Logits {
-                size: s,
-                values: c.to_vec(),
-            })
-            .collect())
+        let dims = logits.dims();
+        let data = logits
+            .try_into_data()
+            .map_err(|e| Error::Input(format!("reading logits from the device: {e:?}")))?;
+        split_logits(data, dims)
+    }
+
+    /// As [`Self::decode_embedded`], reading the logits back asynchronously (WebGPU in the
+    /// browser cannot read synchronously).
+    pub async fn decode_embedded_async(
+        &self,
+        image: &EncodedImage,
+        prompts: &EmbeddedPrompts,
+    ) -> Result<Vec<Logits>> {
+        let logits = self.decode_tensor(image, prompts)?;
+        let dims = logits.dims();
+        let data = logits
+            .into_data_async()
+            .await
+            .map_err(|e| Error::Input(format!("reading logits from the device: {e:?}")))?;
+        split_logits(data, dims)
     }
 
     /// Logits for every prompt on one encoded image (embeds the prompts, then decodes).
     pub fn decode(&self, image: &EncodedImage, prompts: &[&str]) -> Result<Vec<Logits>> {
         self.decode_embedded(image, &self.embed_prompts(prompts)?)
     }
+}
+
+fn split_logits(data: burn::tensor::TensorData, [p, s, _]: [usize; 3]) -> Result<Vec<Logits>> {
+    let values = data
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
+    Ok(values
+        .chunks_exact(s * s)
+        .take(p)
+        .map(|c| Logits {
+            size: s,
+            values: c.to_vec(),
+        })
+        .collect())
 }
 
 /// Prompts ready for decoding: their tokens and FiLM conditioning vectors `[P, projection_dim]`.

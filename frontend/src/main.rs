@@ -1,20 +1,8 @@
-//! The vlsm browser page (Leptos, client-side rendered). For now a placeholder that shows the
-//! version of the core it is built against; the segmentation page is built out separately.
-
-use leptos::prelude::*;
-
-#[component]
-fn App() -> impl IntoView {
-    let input_size = vlsm::ClipSegConfig::default().vision_config.image_size;
-    view! {
-        <main>
-            <h1>"vlsm"</h1>
-            <p>"Text-prompted medical image segmentation, in your browser. Coming soon."</p>
-            <p class="muted">{format!("core {} · CLIP vision default {input_size} px", env!("CARGO_PKG_VERSION"))}</p>
-        </main>
-    }
-}
+//! The vlsm page: text-prompted segmentation in the browser. Built by Trunk.
 
 fn main() {
-    leptos::mount::mount_to_body(App);
+    #[cfg(target_arch = "wasm32")]
+    vlsm_web::app::start();
+    #[cfg(not(target_arch = "wasm32"))]
+    eprintln!("vlsm-web runs in the browser: build it with `trunk build` (see README)");
 }

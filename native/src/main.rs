@@ -3,8 +3,8 @@
 mod backend;
 mod convert;
 mod hub;
-mod npy;
 mod segment;
+mod share;
 mod timing;
 
 use std::process::ExitCode;
@@ -28,6 +28,10 @@ enum Command {
     Segment(segment::SegmentArgs),
     /// Rewrite a Hugging Face CLIPSeg directory with safetensors weights (for the browser).
     Convert(convert::ConvertArgs),
+    /// Print a link to the browser page that reproduces a result (image, prompts, weights).
+    Share(share::ShareArgs),
+    /// Recompute a share link natively; prints each mask's fingerprint.
+    Reproduce(share::ReproduceArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Segment(args) => segment::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Share(args) => share::share(args),
+        Command::Reproduce(args) => share::reproduce(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,7 @@ pub struct SegmentArgs {
     timings: bool,
 }
 
-fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
+pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
     let t: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if !(0.0..=1.0).contains(&t) {
         return Err(format!("{t} is outside 0..=1"));
@@ -125,7 +125,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         } else {
             vec![n, p, size, size]
         };
-        crate::npy::write_f32(path, &shape, &all_logits)?;
+        write_atomic(path, &vlsm::render::npy_f32(&shape, &all_logits)?)?;
         println!("logits {shape:?}\t{}", path.display());
     }
     timings.report();

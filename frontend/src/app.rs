@@ -1,0 +1,1104 @@
+//! The page (UI thread): state as Leptos signals, actions that talk to the model worker,
+//! and the view. Nothing here touches the model; pictures are drawn on canvases from
+//! the logits the worker returns, so threshold and opacity update without rerunning.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use image::RgbImage;
+use js_sys::{Array, ArrayBuffer, Float32Array, Uint8Array};
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use vlsm::Logits;
+use vlsm::prompts::PromptAttributes;
+use vlsm::share::{ImageSource, ShareState, ViewSettings};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::{Clamped, JsCast};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{HtmlCanvasElement, MessageEvent, Worker};
+
+use crate::js::{describe, pack, to_buffer, unpack};
+use crate::logic::{self, MaskSummary, PromptResult};
+use crate::protocol::{Backend, FromWorker, ToWorker};
+
+/// Images the page ships (made by `tools/make_examples.py`, CC0), with a matching prompt.
+const EXAMPLES: [(&str, &str, &str); 2] = [
+    ("examples/synthetic_polyp.png", "synthetic polyp", "polyp"),
+    (
+        "examples/synthetic_lesion.png",
+        "synthetic skin lesion",
+        "skin melanoma",
+    ),
+];
+
+/// A decoded image and what the page needs of it.
+pub struct ImageState {
+    pub name: String,
+    /// The bytes sent to the worker (the file as given, or a link's PNG).
+    pub bytes: Vec<u8>,
+    pub rgb: RgbImage,
+    /// The image at view size, for the overlay canvas.
+    pub view: RgbImage,
+    pub sha256: String,
+    /// Where it came from, when that was a URL (examples, links).
+    pub url: Option<String>,
+}
+
+pub struct Truth {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub mask: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct LoadedInfo {
+    pub url: String,
+    pub backend: Backend,
+    pub device: String,
+    pub note: Option<String>,
+    pub sha256: String,
+    pub bytes: u64,
+    pub dtype: String,
+    pub from_cache: bool,
+    pub download_ms: f64,
+    pub load_ms: f64,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum ModelState {
+    None,
+    Loading { url: String },
+    Loaded(LoadedInfo),
+    Failed { message: String },
+}
+
+#[derive(Clone, PartialEq)]
+pub struct Progress {
+    pub file: String,
+    pub done: u64,
+    pub total: Option<u64>,
+    pub bytes_per_s: f64,
+    pub from_cache: bool,
+}
+
+pub struct RunResults {
+    pub results: Vec<PromptResult>,
+    pub width: u32,
+    pub height: u32,
+    pub encode_ms: f64,
+    pub decode_ms: f64,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum RunState {
+    Idle,
+    Running,
+    Done,
+    Failed,
+}
+
+/// What a link asked for that can only be checked later.
+#[derive(Clone, PartialEq)]
+struct Pending {
+    weights_sha256: Option<String>,
+    image_sha256: String,
+    run: bool,
+}
+
+/// All page state. Signals are `Copy`, so the whole page is too.
+#[derive(Clone, Copy)]
+pub struct Page {
+    backend: RwSignal<Backend>,
+    weights_input: RwSignal<String>,
+    model: RwSignal<ModelState>,
+    progress: RwSignal<Option<Progress>>,
+    worker_status: RwSignal<String>,
+    image: RwSignal<Option<Arc<ImageState>>>,
+    truth: RwSignal<Option<Arc<Truth>>>,
+    prompts: RwSignal<Vec<String>>,
+    attrs: RwSignal<PromptAttributes>,
+    threshold: RwSignal<f32>,
+    opacity: RwSignal<f32>,
+    selected: RwSignal<usize>,
+    results: RwSignal<Option<Arc<RunResults>>>,
+    run: RwSignal<RunState>,
+    running_prompts: RwSignal<Vec<String>>,
+    error: RwSignal<Option<String>>,
+    info: RwSignal<Option<String>>,
+    share_link: RwSignal<Option<String>>,
+    pending: RwSignal<Option<Pending>>,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+pub fn start() {
+    leptos::mount::mount_to_body(App);
+}
+
+#[component]
+fn App() -> impl IntoView {
+    let page = Page {
+        backend: RwSignal::new(initial_backend()),
+        weights_input: RwSignal::new(logic::DEFAULT_WEIGHTS_URL.to_string()),
+        model: RwSignal::new(ModelState::None),
+        progress: RwSignal::new(None),
+        worker_status: RwSignal::new("starting the model worker".into()),
+        image: RwSignal::new(None),
+        truth: RwSignal::new(None),
+        prompts: RwSignal::new(vec!["polyp".into()]),
+        attrs: RwSignal::new(PromptAttributes {
+            class: "polyp".into(),
+            ..Default::default()
+        }),
+        threshold: RwSignal::new(0.5),
+        opacity: RwSignal::new(0.5),
+        selected: RwSignal::new(0),
+        results: RwSignal::new(None),
+        run: RwSignal::new(RunState::Idle),
+        running_prompts: RwSignal::new(Vec::new()),
+        error: RwSignal::new(None),
+        info: RwSignal::new(None),
+        share_link: RwSignal::new(None),
+        pending: RwSignal::new(None),
+    };
+    page.spawn_worker();
+    let hash = window().location().hash().unwrap_or_default();
+    if !hash.is_empty() {
+        page.apply_link(&hash);
+    }
+    let _ = window_event_listener(leptos::ev::hashchange, move |_| {
+        let hash = window().location().hash().unwrap_or_default();
+        if !hash.is_empty() {
+            page.apply_link(&hash);
+        }
+    });
+    let _ = window_event_listener(leptos::ev::paste, move |ev: web_sys::ClipboardEvent| {
+        let file = ev
+            .clipboard_data()
+            .and_then(|d| d.files())
+            .and_then(|f| f.get(0));
+        if let Some(file) = file {
+            ev.prevent_default();
+            page.read_image_file(file);
+        }
+    });
+    view! {
+        <header>
+            <h1>"vlsm"</h1>
+            <p class="tagline">
+                "Text-prompted medical image segmentation (CLIPSeg) that runs in your browser. "
+                "Your image never leaves this machine."
+            </p>
+        </header>
+        <main
+            data-model=move || match page.model.get() {
+                ModelState::None => "none",
+                ModelState::Loading { .. } => "loading",
+                ModelState::Loaded(_) => "loaded",
+                ModelState::Failed { .. } => "failed",
+            }
+            data-run=move || match page.run.get() {
+                RunState::Idle => "idle",
+                RunState::Running => "running",
+                RunState::Done => "done",
+                RunState::Failed => "failed",
+            }
+        >
+            <Messages page=page />
+            <div class="columns">
+                <div class="controls">
+                    <ModelPanel page=page />
+                    <ImagePanel page=page />
+                    <PromptPanel page=page />
+                </div>
+                <div class="output">
+                    <ResultsPanel page=page />
+                </div>
+            </div>
+        </main>
+        <footer>
+            "CLIPSeg (Lüddecke & Ecker, CVPR 2022) as evaluated in medvlsm (Poudel et al., MIDL 2024). "
+            "Research software, not a medical device."
+        </footer>
+    }
+}
+
+/// `?backend=cpu|webgpu|auto` picks the starting backend (handy for tests and slow GPUs).
+fn initial_backend() -> Backend {
+    let search = window().location().search().unwrap_or_default();
+    search
+        .trim_start_matches('?')
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("backend="))
+        .and_then(Backend::parse)
+        .unwrap_or(Backend::Auto)
+}
+
+impl Page {
+    fn fail(self, message: impl Into<String>) {
+        self.error.set(Some(message.into()));
+    }
+
+    fn spawn_worker(self) {
+        match create_worker(self) {
+            Ok(worker) => WORKER.with(|w| *w.borrow_mut() = Some(worker)),
+            Err(e) => self.fail(format!("the model worker could not start: {e}")),
+        }
+    }
+
+    fn send(self, message: ToWorker, buffers: Vec<ArrayBuffer>) -> bool {
+        let (msg, transfer) = pack(&message.to_json(), buffers);
+        let sent = WORKER.with(|w| {
+            w.borrow()
+                .as_ref()
+                .map(|w| w.post_message_with_transfer(&msg, &transfer).is_ok())
+        });
+        if sent != Some(true) {
+            self.fail("the model worker is not running: reload the page");
+            return false;
+        }
+        true
+    }
+
+    fn load_model(self) {
+        self.error.set(None);
+        let url = match logic::normalize_weights_url(&self.weights_input.get_untracked()) {
+            Ok(url) => url,
+            Err(e) => {
+                self.model.set(ModelState::Failed { message: e.clone() });
+                return self.fail(e);
+            }
+        };
+        self.weights_input.set(url.clone());
+        self.progress.set(None);
+        self.model.set(ModelState::Loading { url: url.clone() });
+        self.send(
+            ToWorker::Load {
+                url,
+                backend: self.backend.get_untracked(),
+            },
+            Vec::new(),
+        );
+    }
+
+    fn segment(self) {
+        self.error.set(None);
+        let Some(image) = self.image.get_untracked() else {
+            return self.fail("choose an image first (drop, paste or pick one)");
+        };
+        if !matches!(self.model.get_untracked(), ModelState::Loaded(_)) {
+            return self.fail("load a model first");
+        }
+        let prompts = self.prompts.get_untracked();
+        if let Err(e) = logic::check_prompts(&prompts) {
+            return self.fail(e);
+        }
+        self.running_prompts.set(prompts.clone());
+        self.run.set(RunState::Running);
+        self.send(ToWorker::Segment { prompts }, vec![to_buffer(&image.bytes)]);
+    }
+
+    fn on_worker(self, message: FromWorker, buffers: Vec<ArrayBuffer>) {
+        match message {
+            FromWorker::Ready => self.worker_status.set("ready".into()),
+            FromWorker::Status { text } => self.worker_status.set(text),
+            FromWorker::Progress {
+                file,
+                done,
+                total,
+                bytes_per_s,
+                from_cache,
+            } => self.progress.set(Some(Progress {
+                file,
+                done,
+                total,
+                bytes_per_s,
+                from_cache,
+            })),
+            FromWorker::Loaded {
+                backend,
+                device,
+                note,
+                weights_sha256,
+                weights_bytes,
+                dtype,
+                from_cache,
+                download_ms,
+                load_ms,
+                ..
+            } => {
+                let url = match self.model.get_untracked() {
+                    ModelState::Loading { url } => url,
+                    _ => self.weights_input.get_untracked(),
+                };
+                self.worker_status.set("ready".into());
+                self.model.set(ModelState::Loaded(LoadedInfo {
+                    url,
+                    backend,
+                    device,
+                    note,
+                    sha256: weights_sha256.clone(),
+                    bytes: weights_bytes,
+                    dtype,
+                    from_cache,
+                    download_ms,
+                    load_ms,
+                }));
+                if let Some(pending) = self.pending.get_untracked()
+                    && let Some(expected) = &pending.weights_sha256
+                    && *expected != weights_sha256
+                {
+                    self.info.set(Some(format!(
+                        "The weights at this URL differ from the link's: sha256 {} here, {} in \
+                         the link. Results may differ from what was shared.",
+                        short(&weights_sha256),
+                        short(expected)
+                    )));
+                }
+                self.maybe_run_pending();
+            }
+            FromWorker::Segmented {
+                width,
+                height,
+                size,
+                encode_ms,
+                decode_ms,
+                truncated,
+            } => {
+                let prompts = self.running_prompts.get_untracked();
+                if buffers.len() != prompts.len() {
+                    self.run.set(RunState::Failed);
+                    return self.fail("the worker returned the wrong number of masks");
+                }
+                let results = prompts
+                    .into_iter()
+                    .zip(buffers)
+                    .enumerate()
+                    .map(|(i, (prompt, buffer))| PromptResult {
+                        prompt,
+                        logits: Logits {
+                            size,
+                            values: Float32Array::new(&buffer).to_vec(),
+                        },
+                        truncated: truncated.get(i).copied().unwrap_or(false),
+                    })
+                    .collect::<Vec<_>>();
+                let backend = match self.model.get_untracked() {
+                    ModelState::Loaded(info) => info.backend,
+                    _ => Backend::Cpu,
+                };
+                if self.selected.get_untracked() >= results.len() {
+                    self.selected.set(0);
+                }
+                self.results.set(Some(Arc::new(RunResults {
+                    results,
+                    width,
+                    height,
+                    encode_ms,
+                    decode_ms,
+                    backend,
+                })));
+                self.run.set(RunState::Done);
+                self.worker_status.set("ready".into());
+            }
+            FromWorker::Error { message } => {
+                if matches!(self.model.get_untracked(), ModelState::Loading { .. }) {
+                    self.model.set(ModelState::Failed {
+                        message: message.clone(),
+                    });
+                }
+                if self.run.get_untracked() == RunState::Running {
+                    self.run.set(RunState::Failed);
+                }
+                self.worker_status.set("ready".into());
+                self.fail(message);
+            }
+            FromWorker::Crashed { message } => {
+                WORKER.with(|w| {
+                    if let Some(w) = w.borrow_mut().take() {
+                        w.terminate();
+                    }
+                });
+                self.model.set(ModelState::Failed {
+                    message: message.clone(),
+                });
+                if self.run.get_untracked() == RunState::Running {
+                    self.run.set(RunState::Failed);
+                }
+                self.fail(format!("{message} — restarted it; load the model again"));
+                self.spawn_worker();
+            }
+        }
+    }
+
+    /// Reads a dropped, pasted or picked image file.
+    fn read_image_file(self, file: web_sys::File) {
+        spawn_local(async move {
+            match JsFuture::from(file.array_buffer()).await {
+                Ok(buffer) => {
+                    let bytes = Uint8Array::new(&buffer).to_vec();
+                    self.set_image(file.name(), bytes, None);
+                }
+                Err(e) => self.fail(format!("cannot read {}: {}", file.name(), describe(&e))),
+            }
+        });
+    }
+
+    fn read_truth_file(self, file: web_sys::File) {
+        spawn_local(async move {
+            let bytes = match JsFuture::from(file.array_buffer()).await {
+                Ok(buffer) => Uint8Array::new(&buffer).to_vec(),
+                Err(e) => {
+                    return self.fail(format!("cannot read {}: {}", file.name(), describe(&e)));
+                }
+            };
+            match vlsm::preprocess::dimensions(&bytes)
+                .and_then(|(w, h)| check_pixels(w, h))
+                .and_then(|_| vlsm::preprocess::decode_mask(&bytes))
+            {
+                Ok((width, height, mask)) => {
+                    if let Some(img) = self.image.get_untracked()
+                        && (img.rgb.width(), img.rgb.height()) != (width, height)
+                    {
+                        return self.fail(format!(
+                            "the mask {} is {width}×{height} but the image is {}×{}",
+                            file.name(),
+                            img.rgb.width(),
+                            img.rgb.height()
+                        ));
+                    }
+                    self.error.set(None);
+                    self.truth.set(Some(Arc::new(Truth {
+                        name: file.name(),
+                        width,
+                        height,
+                        mask,
+                    })));
+                }
+                Err(e) => self.fail(format!("{}: {e}", file.name())),
+            }
+        });
+    }
+
+    /// Decodes and shows an image; results of the previous image are cleared.
+    fn set_image(self, name: String, bytes: Vec<u8>, url: Option<String>) {
+        let decoded = vlsm::preprocess::dimensions(&bytes)
+            .and_then(|(w, h)| check_pixels(w, h))
+            .and_then(|_| vlsm::preprocess::decode_rgb(&bytes));
+        let rgb = match decoded {
+            Ok(rgb) => rgb,
+            Err(e) => return self.fail(format!("{name}: {e}")),
+        };
+        let (vw, vh) = logic::fit(rgb.width(), rgb.height(), logic::VIEW_SIDE);
+        let view = vlsm::preprocess::resize_bilinear_pil(&rgb, vw, vh);
+        let sha256 = vlsm::share::pixels_sha256(&rgb);
+        if let Some(pending) = self.pending.get_untracked()
+            && pending.image_sha256 != sha256
+        {
+            self.info.set(Some(format!(
+                "This image differs from the link's (pixel sha256 {} vs {}).",
+                short(&sha256),
+                short(&pending.image_sha256)
+            )));
+        }
+        if let Some(t) = self.truth.get_untracked()
+            && (t.width, t.height) != (rgb.width(), rgb.height())
+        {
+            self.truth.set(None);
+        }
+        self.error.set(None);
+        self.results.set(None);
+        self.run.set(RunState::Idle);
+        self.share_link.set(None);
+        self.image.set(Some(Arc::new(ImageState {
+            name,
+            bytes,
+            rgb,
+            view,
+            sha256,
+            url,
+        })));
+        self.maybe_run_pending();
+    }
+
+    fn load_image_url(self, url: String, name: String) {
+        spawn_local(async move {
+            match fetch_bytes(&url).await {
+                Ok(bytes) => self.set_image(name, bytes, Some(url)),
+                Err(e) => self.fail(format!("cannot load the image {url}: {e}")),
+            }
+        });
+    }
+
+    /// Restores the page from a share link's fragment and reruns once model and image are in.
+    fn apply_link(self, fragment: &str) {
+        let state = match ShareState::from_link(fragment) {
+            Ok(state) => state,
+            Err(e) => return self.fail(format!("this page's {e}")),
+        };
+        self.weights_input.set(state.weights_url.clone());
+        self.prompts.set(state.prompts.clone());
+        self.threshold.set(state.threshold);
+        self.opacity.set(state.view.opacity);
+        self.selected.set(state.view.selected);
+        self.pending.set(Some(Pending {
+            weights_sha256: state.weights_sha256.clone(),
+            image_sha256: state.image_sha256.clone(),
+            run: true,
+        }));
+        match state.image {
+            ImageSource::Embedded { name, png } => self.set_image(name, png, None),
+            ImageSource::Url { name, url } => self.load_image_url(url, name),
+            ImageSource::Omitted { name } => self.info.set(Some(format!(
+                "This link's image ({name}) was too large to travel in it: drop the original \
+                 image here to reproduce the result (it is checked against the link's hash)."
+            ))),
+        }
+        let same_model = matches!(self.model.get_untracked(),
+            ModelState::Loaded(ref info) if info.url == state.weights_url);
+        if same_model {
+            self.maybe_run_pending();
+        } else {
+            self.load_model();
+        }
+    }
+
+    fn maybe_run_pending(self) {
+        let ready = matches!(self.model.get_untracked(), ModelState::Loaded(_))
+            && self.image.get_untracked().is_some()
+            && self.run.get_untracked() != RunState::Running;
+        if ready
+            && let Some(pending) = self.pending.get_untracked()
+            && pending.run
+        {
+            self.pending.set(Some(Pending {
+                run: false,
+                ..pending
+            }));
+            self.segment();
+        }
+    }
+
+    /// Builds the link for the current state and copies it to the clipboard.
+    fn share(self) {
+        let Some(image) = self.image.get_untracked() else {
+            return self.fail("choose an image first");
+        };
+        let prompts = match self.results.get_untracked() {
+            Some(r) => r.results.iter().map(|r| r.prompt.clone()).collect(),
+            None => self.prompts.get_untracked(),
+        };
+        let (weights_url, weights_sha256) = match self.model.get_untracked() {
+            ModelState::Loaded(info) => (info.url, Some(info.sha256).filter(|s| s.len() == 64)),
+            _ => match logic::normalize_weights_url(&self.weights_input.get_untracked()) {
+                Ok(url) => (url, None),
+                Err(e) => return self.fail(e),
+            },
+        };
+        let mut note = None;
+        let source = match &image.url {
+            Some(url) => ImageSource::Url {
+                name: image.name.clone(),
+                url: url.clone(),
+            },
+            None => match vlsm::share::embeddable_png(&image.rgb) {
+                Ok(Some(png)) => ImageSource::Embedded {
+                    name: image.name.clone(),
+                    png,
+                },
+                Ok(None) => {
+                    note = Some(
+                        "The image is too large to travel in a link: whoever opens it must drop \
+                         the same image (it is checked by hash)."
+                            .to_string(),
+                    );
+                    ImageSource::Omitted {
+                        name: image.name.clone(),
+                    }
+                }
+                Err(e) => return self.fail(e.to_string()),
+            },
+        };
+        let state = ShareState {
+            weights_url,
+            weights_sha256,
+            prompts,
+            threshold: self.threshold.get_untracked(),
+            view: ViewSettings {
+                opacity: self.opacity.get_untracked(),
+                selected: self.selected.get_untracked(),
+            },
+            image: source,
+            image_sha256: image.sha256.clone(),
+        };
+        let page_url = window().location().href().unwrap_or_default();
+        match state.to_link(&page_url) {
+            Ok(link) => {
+                let clipboard = window().navigator().clipboard();
+                let _ = clipboard.write_text(&link);
+                self.share_link.set(Some(link));
+                self.info.set(note);
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+}
+
+fn short(sha: &str) -> String {
+    sha.chars().take(16).collect()
+}
+
+fn check_pixels(w: u32, h: u32) -> vlsm::Result<()> {
+    if u64::from(w) * u64::from(h) > crate::worker::MAX_PIXELS {
+        return Err(vlsm::Error::Image(format!(
+            "{w}×{h} is too large for the browser (at most {} megapixels)",
+            crate::worker::MAX_PIXELS / 1_000_000
+        )));
+    }
+    Ok(())
+}
+
+async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
+    let response: web_sys::Response = JsFuture::from(window().fetch_with_str(url))
+        .await
+        .map_err(|e| describe(&e))?
+        .dyn_into()
+        .map_err(|_| "no response".to_string())?;
+    if !response.ok() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let buffer = JsFuture::from(response.array_buffer().map_err(|e| describe(&e))?)
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(Uint8Array::new(&buffer).to_vec())
+}
+
+/// Starts the worker from a `blob:` script, so it inherits this page's CSP.
+fn create_worker(page: Page) -> Result<Worker, String> {
+    let base = document()
+        .base_uri()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| window().location().href().unwrap_or_default());
+    let resolve = |file: &str| {
+        web_sys::Url::new_with_base(file, &base)
+            .map(|u| u.href())
+            .map_err(|e| describe(&e))
+    };
+    let script = format!(
+        "importScripts({:?});wasm_bindgen({:?});",
+        resolve("vlsm-worker.js")?,
+        resolve("vlsm-worker_bg.wasm")?
+    );
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type("text/javascript");
+    let blob =
+        web_sys::Blob::new_with_str_sequence_and_options(&Array::of1(&script.into()), &options)
+            .map_err(|e| describe(&e))?;
+    let url = web_sys::Url::create_object_url_with_blob(&blob).map_err(|e| describe(&e))?;
+    let worker = Worker::new(&url).map_err(|e| describe(&e))?;
+    let on_message =
+        Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
+            match unpack(&ev.data())
+                .and_then(|(json, buffers)| Ok((FromWorker::from_json(&json)?, buffers)))
+            {
+                Ok((message, buffers)) => page.on_worker(message, buffers),
+                Err(e) => page.fail(e),
+            }
+        });
+    worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    on_message.forget();
+    let on_error =
+        Closure::<dyn FnMut(web_sys::ErrorEvent)>::new(move |ev: web_sys::ErrorEvent| {
+            page.fail(format!("the model worker failed: {}", ev.message()));
+            page.worker_status.set("failed".into());
+        });
+    worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+    on_error.forget();
+    Ok(worker)
+}
+
+fn draw(canvas: &HtmlCanvasElement, width: u32, height: u32, rgba: &[u8]) {
+    canvas.set_width(width);
+    canvas.set_height(height);
+    let Some(ctx) = canvas
+        .get_context("2d")
+        .ok()
+        .flatten()
+        .and_then(|c| c.dyn_into::<web_sys::CanvasRenderingContext2d>().ok())
+    else {
+        return;
+    };
+    if let Ok(data) =
+        web_sys::ImageData::new_with_u8_clamped_array_and_sh(Clamped(rgba), width, height)
+    {
+        let _ = ctx.put_image_data(&data, 0.0, 0.0);
+    }
+}
+
+fn download(name: &str, mime: &str, bytes: &[u8]) {
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type(mime);
+    let parts = Array::of1(&Uint8Array::from(bytes));
+    let Ok(blob) = web_sys::Blob::new_with_u8_array_sequence_and_options(&parts, &options) else {
+        return;
+    };
+    let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) else {
+        return;
+    };
+    if let Ok(a) = document().create_element("a")
+        && let Ok(a) = a.dyn_into::<web_sys::HtmlAnchorElement>()
+    {
+        a.set_href(&url);
+        a.set_download(name);
+        a.click();
+    }
+    let _ = web_sys::Url::revoke_object_url(&url);
+}
+
+fn first_file(ev: &web_sys::Event) -> Option<web_sys::File> {
+    let input: web_sys::HtmlInputElement = event_target(ev);
+    let file = input.files().and_then(|f| f.get(0));
+    input.set_value("");
+    file
+}
+
+#[component]
+fn Messages(page: Page) -> impl IntoView {
+    view! {
+        {move || page.error.get().map(|e| view! { <p class="error" role="alert" id="error">{e}</p> })}
+        {move || page.info.get().map(|i| view! { <p class="info" id="info">{i}</p> })}
+    }
+}
+
+#[component]
+fn ModelPanel(page: Page) -> impl IntoView {
+    let busy = move || matches!(page.model.get(), ModelState::Loading { .. });
+    view! {
+        <section class="panel" id="model">
+            <h2>"1 · Model"</h2>
+            <label for="weights-url">"Weights (Hugging Face model id or folder URL)"</label>
+            <div class="row">
+                <input id="weights-url" type="text" spellcheck="false"
+                    prop:value=move || page.weights_input.get()
+                    on:input=move |ev| page.weights_input.set(event_target_value(&ev)) />
+                <button id="load" on:click=move |_| page.load_model() disabled=busy>
+                    {move || if matches!(page.model.get(), ModelState::Failed { .. }) { "Retry" } else { "Load" }}
+                </button>
+            </div>
+            <label for="backend">"Run on"</label>
+            <select id="backend"
+                on:change=move |ev| {
+                    if let Some(b) = Backend::parse(&event_target_value(&ev)) {
+                        page.backend.set(b);
+                        if matches!(page.model.get_untracked(), ModelState::Loaded(_)) {
+                            page.load_model();
+                        }
+                    }
+                }>
+                <option value="auto" selected=move || page.backend.get() == Backend::Auto>"Auto (WebGPU if available)"</option>
+                <option value="webgpu" selected=move || page.backend.get() == Backend::WebGpu>"WebGPU"</option>
+                <option value="cpu" selected=move || page.backend.get() == Backend::Cpu>"CPU"</option>
+            </select>
+            {move || page.progress.get().filter(|_| busy()).map(|p| {
+                let fraction = p.total.map(|t| p.done as f64 / t.max(1) as f64);
+                let total = p.total.map(|t| format!(" of {}", logic::human_bytes(t as f64))).unwrap_or_default();
+                view! {
+                    <div class="progress">
+                        <progress max="1" value=fraction.unwrap_or(0.0)></progress>
+                        <span>
+                            {format!("{} {}{}{} · {}/s", if p.from_cache { "reading" } else { "downloading" },
+                                p.file, ": ", logic::human_bytes(p.done as f64), logic::human_bytes(p.bytes_per_s))}
+                            {total}
+                        </span>
+                    </div>
+                }
+            })}
+            <p class="status" id="model-status">{move || match page.model.get() {
+                ModelState::None => "No model loaded.".to_string(),
+                ModelState::Loading { url } => format!("Loading {url} — {}", page.worker_status.get()),
+                ModelState::Failed { message } => format!("Failed: {message}"),
+                ModelState::Loaded(info) => format!(
+                    "Loaded on {} · {} {} ({}) {} in {:.0} ms, built in {:.0} ms",
+                    info.device,
+                    logic::human_bytes(info.bytes as f64),
+                    info.dtype,
+                    if info.from_cache { "from the browser cache" } else { "downloaded" },
+                    "",
+                    info.download_ms,
+                    info.load_ms
+                ),
+            }}</p>
+            {move || match page.model.get() {
+                ModelState::Loaded(info) => Some(view! {
+                    <p class="sha">"weights sha256 " <code id="weights-sha256">{info.sha256.clone()}</code></p>
+                    <p class="backend" id="backend-used" data-backend=info.backend.label()>{
+                        format!("Backend: {}", info.backend.label())
+                    }</p>
+                    {info.note.map(|n| view! { <p class="info">{n}</p> })}
+                }),
+                _ => None,
+            }}
+        </section>
+    }
+}
+
+#[component]
+fn ImagePanel(page: Page) -> impl IntoView {
+    let on_drop = move |ev: web_sys::DragEvent| {
+        ev.prevent_default();
+        if let Some(file) = ev
+            .data_transfer()
+            .and_then(|d| d.files())
+            .and_then(|f| f.get(0))
+        {
+            page.read_image_file(file);
+        }
+    };
+    view! {
+        <section class="panel" id="image">
+            <h2>"2 · Image"</h2>
+            <div class="drop" on:dragover=|ev: web_sys::DragEvent| ev.prevent_default() on:drop=on_drop>
+                "Drop an image here, paste one, or "
+                <label class="pick">"pick a file"
+                    <input id="image-file" type="file" accept="image/png,image/jpeg,image/webp,image/bmp,image/tiff"
+                        on:change=move |ev| { if let Some(f) = first_file(&ev) { page.read_image_file(f) } } />
+                </label>
+                "."
+            </div>
+            <p class="examples">"Examples: "
+                {EXAMPLES.iter().map(|&(path, label, class)| view! {
+                    <button class="link" on:click=move |_| {
+                        let url = web_sys::Url::new_with_base(path, &document().base_uri().ok().flatten().unwrap_or_default())
+                            .map(|u| u.href()).unwrap_or_else(|_| path.to_string());
+                        page.attrs.update(|a| a.class = class.to_string());
+                        page.load_image_url(url, path.rsplit('/').next().unwrap_or(path).to_string());
+                    }>{label}</button>
+                }).collect_view()}
+            </p>
+            {move || page.image.get().map(|img| view! {
+                <p class="status" id="image-status" data-sha256=img.sha256.clone()>
+                    {format!("{} · {}×{}", img.name, img.rgb.width(), img.rgb.height())}
+                </p>
+            })}
+            <label>"Ground-truth mask (optional, for live Dice/IoU) "
+                <input id="truth-file" type="file" accept="image/*"
+                    on:change=move |ev| { if let Some(f) = first_file(&ev) { page.read_truth_file(f) } } />
+            </label>
+            {move || page.truth.get().map(|t| view! {
+                <p class="status" id="truth-status">{format!("mask {} · {}×{}", t.name, t.width, t.height)}
+                    " " <button class="link" on:click=move |_| page.truth.set(None)>"remove"</button>
+                </p>
+            })}
+        </section>
+    }
+}
+
+#[component]
+fn PromptPanel(page: Page) -> impl IntoView {
+    let attr_input = move |label: &'static str,
+                           id: &'static str,
+                           get: fn(&PromptAttributes) -> String,
+                           set: fn(&mut PromptAttributes, String)| {
+        view! {
+            <label>{label}
+                <input id=id type="text" prop:value=move || page.attrs.with(get)
+                    on:input=move |ev| { let v = event_target_value(&ev); page.attrs.update(|a| set(a, v)) } />
+            </label>
+        }
+    };
+    view! {
+        <section class="panel" id="prompts">
+            <h2>"3 · Prompts"</h2>
+            <ol class="prompt-list">
+                {move || (0..page.prompts.with(Vec::len)).map(|i| view! {
+                    <li>
+                        <input type="text" class="prompt" spellcheck="false"
+                            prop:value=move || page.prompts.with(|p| p.get(i).cloned().unwrap_or_default())
+                            on:input=move |ev| { let v = event_target_value(&ev); page.prompts.update(|p| if let Some(x) = p.get_mut(i) { *x = v }) } />
+                        <button class="link" title="remove" on:click=move |_| page.prompts.update(|p| { if i < p.len() { p.remove(i); } })>"×"</button>
+                    </li>
+                }).collect_view()}
+            </ol>
+            <div class="row">
+                <button id="add-prompt" disabled=move || page.prompts.with(Vec::len) >= vlsm::share::MAX_PROMPTS
+                    on:click=move |_| page.prompts.update(|p| p.push(String::new()))>"+ prompt"</button>
+                <button id="run" class="primary"
+                    disabled=move || page.run.get() == RunState::Running || !matches!(page.model.get(), ModelState::Loaded(_))
+                    on:click=move |_| page.segment()>"Segment"</button>
+            </div>
+            <details>
+                <summary>"Build P1–P6 prompts (medvlsm templates)"</summary>
+                <div class="attrs">
+                    {attr_input("class", "attr-class", |a| a.class.clone(), |a, v| a.class = v)}
+                    {attr_input("shape", "attr-shape", |a| a.shape.clone(), |a, v| a.shape = v)}
+                    {attr_input("colour", "attr-color", |a| a.color.clone(), |a, v| a.color = v)}
+                    {attr_input("size", "attr-size", |a| a.size.clone(), |a, v| a.size = v)}
+                    {attr_input("number", "attr-number", |a| a.number.clone(), |a, v| a.number = v)}
+                    {attr_input("location", "attr-location", |a| a.location.clone(), |a, v| a.location = v)}
+                </div>
+                <p class="hint">"Sizes: tiny, small, medium, large. Numbers in words (one, two). Locations: top left, center, bottom right … Empty attributes are left out."</p>
+                <button id="fill-presets" on:click=move |_| page.prompts.set(page.attrs.with(PromptAttributes::presets))>"Fill P1–P6"</button>
+            </details>
+        </section>
+    }
+}
+
+#[component]
+fn ResultsPanel(page: Page) -> impl IntoView {
+    // Full-size masks, fingerprints and scores for the current threshold.
+    let summaries = Memo::new(move |_| {
+        let threshold = page.threshold.get();
+        let truth = page.truth.get();
+        page.results.get().map(|run| {
+            run.results
+                .iter()
+                .map(|r| {
+                    let t = truth.as_ref().map(|t| t.mask.as_slice());
+                    logic::summarize(r, threshold, run.width, run.height, t).1
+                })
+                .collect::<Vec<MaskSummary>>()
+        })
+    });
+    let view_canvas = NodeRef::<leptos::html::Canvas>::new();
+    Effect::new(move |_| {
+        let Some(canvas) = view_canvas.get() else {
+            return;
+        };
+        let Some(image) = page.image.get() else {
+            return;
+        };
+        let (w, h) = image.view.dimensions();
+        let selected = page.selected.get();
+        let opacity = page.opacity.get();
+        let threshold = page.threshold.get();
+        let rgba = page.results.with(|run| {
+            let mask = run
+                .as_ref()
+                .and_then(|run| run.results.get(selected))
+                .map(|r| r.logits.mask_at(threshold, w, h));
+            logic::overlay_rgba(
+                &image.view,
+                mask.as_deref(),
+                logic::prompt_color(selected),
+                opacity,
+            )
+        });
+        draw(&canvas, w, h, &rgba);
+    });
+    view! {
+        <section class="panel" id="results">
+            <h2>"4 · Masks"</h2>
+            <div class="sliders">
+                <label>{move || format!("threshold {:.2}", page.threshold.get())}
+                    <input id="threshold" type="range" min="0" max="1" step="0.01"
+                        prop:value=move || page.threshold.get().to_string()
+                        on:input=move |ev| { if let Ok(v) = event_target_value(&ev).parse::<f32>() { page.threshold.set(v.clamp(0.0, 1.0)) } } />
+                </label>
+                <label>{move || format!("overlay opacity {:.2}", page.opacity.get())}
+                    <input id="opacity" type="range" min="0" max="1" step="0.05"
+                        prop:value=move || page.opacity.get().to_string()
+                        on:input=move |ev| { if let Ok(v) = event_target_value(&ev).parse::<f32>() { page.opacity.set(v.clamp(0.0, 1.0)) } } />
+                </label>
+                <button id="share" on:click=move |_| page.share() disabled=move || page.image.get().is_none()>"Copy share link"</button>
+            </div>
+            {move || page.share_link.get().map(|link| view! {
+                <input id="share-link" type="text" readonly prop:value=link />
+            })}
+            {move || (page.run.get() == RunState::Running).then(|| view! {
+                <p class="status">{move || format!("Working: {}…", page.worker_status.get())}</p>
+            })}
+            <canvas node_ref=view_canvas id="view" class="view"></canvas>
+            {move || page.results.get().map(|run| {
+                let n = run.results.len();
+                view! {
+                    <p class="status" id="timing" data-encode-ms=run.encode_ms data-decode-ms=run.decode_ms data-prompts=n>
+                        {format!("{}: image encoded in {:.0} ms, {n} prompts decoded in {:.0} ms ({:.0} ms per prompt)",
+                            run.backend.label(), run.encode_ms, run.decode_ms, run.decode_ms / n.max(1) as f64)}
+                    </p>
+                }
+            })}
+            <div class="cards">
+                {move || page.results.get().map(|run| {
+                    (0..run.results.len()).map(|i| view! { <MaskCard page=page run=run.clone() index=i summaries=summaries /> }).collect_view()
+                })}
+            </div>
+        </section>
+    }
+}
+
+#[component]
+fn MaskCard(
+    page: Page,
+    run: Arc<RunResults>,
+    index: usize,
+    summaries: Memo<Option<Vec<MaskSummary>>>,
+) -> impl IntoView {
+    let canvas = NodeRef::<leptos::html::Canvas>::new();
+    let result = run.results[index].clone();
+    let (tw, th) = logic::fit(run.width, run.height, logic::THUMB_SIDE);
+    {
+        let logits = result.logits.clone();
+        Effect::new(move |_| {
+            let threshold = page.threshold.get();
+            if let Some(c) = canvas.get() {
+                draw(
+                    &c,
+                    tw,
+                    th,
+                    &logic::mask_rgba(&logits.mask_at(threshold, tw, th)),
+                );
+            }
+        });
+    }
+    let summary = move || summaries.with(|s| s.as_ref().and_then(|s| s.get(index).cloned()));
+    let stem = logic::download_stem(index, &result.prompt);
+    let (width, height) = (run.width, run.height);
+    let for_mask = result.clone();
+    let for_logits = result.logits.clone();
+    let mask_name = format!("{stem}.mask.png");
+    let logits_name = format!("{stem}.logits.npy");
+    let color = logic::prompt_color(index);
+    view! {
+        <figure class="card" class:selected=move || page.selected.get() == index
+            data-index=index data-fingerprint=move || summary().map(|s| s.fingerprint).unwrap_or_default()
+            on:click=move |_| page.selected.set(index)>
+            <canvas node_ref=canvas class="thumb"
+                style=format!("border-color: rgb({},{},{})", color[0], color[1], color[2])></canvas>
+            <figcaption>
+                <q class="prompt-text">{if result.prompt.is_empty() { "(empty prompt)".to_string() } else { result.prompt.clone() }}</q>
+                {result.truncated.then(|| view! { <span class="warn">" (cut at 77 tokens)"</span> })}
+                <br/>
+                <code class="fingerprint" title="sha256 of the binary mask at the image's size (first 16 hex digits)">
+                    {move || summary().map(|s| s.fingerprint).unwrap_or_default()}
+                </code>
+                <br/>
+                <span class="fraction">{move || summary().map(|s| format!("{:.1} % foreground", 100.0 * s.fraction)).unwrap_or_default()}</span>
+                {move || summary().and_then(|s| s.dice.zip(s.iou)).map(|(d, j)| view! {
+                    <br/><span class="score" data-dice=d data-iou=j>{format!("Dice {:.2} % · IoU {:.2} %", 100.0 * d, 100.0 * j)}</span>
+                })}
+                <br/>
+                <button class="link" on:click=move |ev| {
+                    ev.stop_propagation();
+                    let mask = for_mask.logits.mask_at(page.threshold.get_untracked(), width, height);
+                    match vlsm::render::mask_png(&mask, width, height) {
+                        Ok(png) => download(&mask_name, "image/png", &png),
+                        Err(e) => page.fail(e.to_string()),
+                    }
+                }>"mask.png"</button>
+                " "
+                <button class="link" on:click=move |ev| {
+                    ev.stop_propagation();
+                    match vlsm::render::npy_f32(&[for_logits.size, for_logits.size], &for_logits.values) {
+                        Ok(npy) => download(&logits_name, "application/octet-stream", &npy),
+                        Err(e) => page.fail(e.to_string()),
+                    }
+                }>"logits.npy"</button>
+            </figcaption>
+        </figure>
+    }
+}

@@ -1,0 +1,236 @@
+//! The page's pure logic, testable natively: weights URLs, the prompt list, masks at a
+//! threshold, scores, fingerprints, and the pictures drawn on canvases.
+
+use image::RgbImage;
+use vlsm::Logits;
+use vlsm::metrics::Overlap;
+use vlsm::share::{MAX_PROMPT_CHARS, MAX_PROMPTS, mask_fingerprint};
+
+pub use vlsm::share::{DEFAULT_WEIGHTS_URL, normalize_weights_url};
+
+/// Longest side of the large overlay view and of thumbnails, in pixels.
+pub const VIEW_SIDE: u32 = 768;
+pub const THUMB_SIDE: u32 = 160;
+
+/// Checks a prompt list before running it.
+pub fn check_prompts(prompts: &[String]) -> Result<(), String> {
+    if prompts.is_empty() {
+        return Err("add at least one prompt".into());
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(format!("at most {MAX_PROMPTS} prompts run side by side"));
+    }
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.chars().count() > MAX_PROMPT_CHARS)
+    {
+        return Err(format!(
+            "prompt {} has {} characters (at most {MAX_PROMPT_CHARS})",
+            i + 1,
+            p.chars().count()
+        ));
+    }
+    Ok(())
+}
+
+/// One prompt's result as the page holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptResult {
+    pub prompt: String,
+    pub logits: Logits,
+    /// The prompt was longer than CLIP's 77 tokens and was cut.
+    pub truncated: bool,
+}
+
+/// What the page shows under a mask for the current threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskSummary {
+    pub fingerprint: String,
+    pub foreground: u64,
+    pub fraction: f64,
+    /// Dice and IoU against the ground truth, when one was given.
+    pub dice: Option<f64>,
+    pub iou: Option<f64>,
+}
+
+/// The binary mask at the image's size, its fingerprint and, with a ground truth, scores.
+pub fn summarize(
+    result: &PromptResult,
+    threshold: f32,
+    width: u32,
+    height: u32,
+    truth: Option<&[u8]>,
+) -> (Vec<u8>, MaskSummary) {
+    let mask = result.logits.mask_at(threshold, width, height);
+    let foreground = mask.iter().map(|&m| u64::from(m)).sum::<u64>();
+    let (dice, iou) = match truth.map(|t| Overlap::of(&mask, t)) {
+        Some(Ok(o)) => (Some(o.dice()), Some(o.iou())),
+        _ => (None, None),
+    };
+    let summary = MaskSummary {
+        fingerprint: mask_fingerprint(&mask),
+        foreground,
+        fraction: foreground as f64 / mask.len().max(1) as f64,
+        dice,
+        iou,
+    };
+    (mask, summary)
+}
+
+/// Size of a picture that fits `max_side`, keeping the aspect ratio (never upscaled).
+pub fn fit(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let longest = width.max(height);
+    if longest <= max_side {
+        return (width.max(1), height.max(1));
+    }
+    let scale = max_side as f64 / longest as f64;
+    (
+        ((width as f64 * scale).round() as u32).max(1),
+        ((height as f64 * scale).round() as u32).max(1),
+    )
+}
+
+/// Overlay colour of the n-th prompt (distinct, readable on grey images).
+pub fn prompt_color(index: usize) -> [u8; 3] {
+    const PALETTE: [[u8; 3]; 10] = [
+        [255, 64, 64],
+        [64, 160, 255],
+        [64, 220, 96],
+        [255, 200, 0],
+        [200, 80, 255],
+        [0, 220, 220],
+        [255, 128, 0],
+        [255, 96, 192],
+        [160, 224, 64],
+        [128, 128, 255],
+    ];
+    PALETTE[index % PALETTE.len()]
+}
+
+/// RGBA pixels of `image` (already at view size) with `mask` (same size, model mask
+/// resized nearest) tinted by `color` at `opacity`, for a canvas `ImageData`.
+pub fn overlay_rgba(
+    image: &RgbImage,
+    mask: Option<&[u8]>,
+    color: [u8; 3],
+    opacity: f32,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(image.as_raw().len() / 3 * 4);
+    for (i, px) in image.pixels().enumerate() {
+        let on = mask.is_some_and(|m| m.get(i).copied().unwrap_or(0) != 0);
+        for (c, &v) in px.0.iter().enumerate() {
+            out.push(if on {
+                (v as f32 * (1.0 - opacity) + color[c] as f32 * opacity).round() as u8
+            } else {
+                v
+            });
+        }
+        out.push(255);
+    }
+    out
+}
+
+/// RGBA pixels of a binary mask: white foreground on black.
+pub fn mask_rgba(mask: &[u8]) -> Vec<u8> {
+    mask.iter()
+        .flat_map(|&m| {
+            let v = if m != 0 { 255 } else { 0 };
+            [v, v, v, 255]
+        })
+        .collect()
+}
+
+/// "12.3 MB", "850 kB", "17 B".
+pub fn human_bytes(bytes: f64) -> String {
+    if bytes >= 1e9 {
+        format!("{:.2} GB", bytes / 1e9)
+    } else if bytes >= 1e6 {
+        format!("{:.1} MB", bytes / 1e6)
+    } else if bytes >= 1e3 {
+        format!("{:.0} kB", bytes / 1e3)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
+/// A file name for downloads from a prompt: "02_small-round-polyp".
+pub fn download_stem(index: usize, prompt: &str) -> String {
+    let mut slug: String = prompt
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while slug.contains("--") {
+        slug = slug.replace("--", "-");
+    }
+    let slug: String = slug.trim_matches('-').chars().take(48).collect();
+    let slug = if slug.is_empty() {
+        "empty".to_string()
+    } else {
+        slug
+    };
+    format!("{:02}_{slug}", index + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lists_are_checked() {
+        assert!(check_prompts(&[]).is_err());
+        assert!(check_prompts(&["".into()]).is_ok());
+        assert!(check_prompts(&vec!["p".into(); 11]).is_err());
+        let err = check_prompts(&["a".into(), "x".repeat(5000)]).unwrap_err();
+        assert!(err.contains("prompt 2"), "{err}");
+    }
+
+    #[test]
+    fn summaries_follow_the_threshold_and_score_against_truth() {
+        // 2×2 logits: sigmoid = 0.27, 0.5, 0.73, 0.95.
+        let result = PromptResult {
+            prompt: "x".into(),
+            logits: Logits {
+                size: 2,
+                values: vec![-1.0, 0.0, 1.0, 3.0],
+            },
+            truncated: false,
+        };
+        let truth = vec![0, 0, 1, 1, 0, 0, 1, 1]; // 4×2 image: right half.
+        let (mask, s) = summarize(&result, 0.5, 4, 2, Some(&truth));
+        assert_eq!(mask, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(s.foreground, 4);
+        assert_eq!(s.dice, Some(0.5));
+        assert_eq!(s.fingerprint, mask_fingerprint(&mask));
+        let (_, low) = summarize(&result, 0.2, 4, 2, Some(&truth));
+        assert_eq!(low.foreground, 8);
+        assert!((low.iou.unwrap() - 0.5).abs() < 1e-12);
+        let (_, none) = summarize(&result, 0.99, 4, 2, Some(&[0; 8]));
+        assert_eq!(none.dice, Some(1.0)); // empty vs empty
+        let (_, unscored) = summarize(&result, 0.5, 4, 2, None);
+        assert_eq!(unscored.dice, None);
+    }
+
+    #[test]
+    fn pictures_and_names() {
+        assert_eq!(fit(100, 50, 768), (100, 50));
+        assert_eq!(fit(2000, 1000, 768), (768, 384));
+        assert_eq!(fit(1, 10000, 160), (1, 160));
+        let img = RgbImage::from_raw(2, 1, vec![100, 100, 100, 0, 0, 0]).unwrap();
+        let rgba = overlay_rgba(&img, Some(&[1, 0]), [255, 0, 0], 0.5);
+        assert_eq!(rgba, vec![178, 50, 50, 255, 0, 0, 0, 255]);
+        assert_eq!(mask_rgba(&[1, 0]), vec![255, 255, 255, 255, 0, 0, 0, 255]);
+        assert_eq!(
+            download_stem(1, "Small, round polyp!"),
+            "02_small-round-polyp"
+        );
+        assert_eq!(download_stem(0, ""), "01_empty");
+        assert_eq!(human_bytes(603_000_000.0), "603.0 MB");
+    }
+}

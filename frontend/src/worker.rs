@@ -1,0 +1,465 @@
+//! The model worker. It owns the network and the model: fetches a Hugging Face-layout
+//! folder (Cache Storage first), loads it on WebGPU or the CPU, and segments images.
+//! It is started from a `blob:` URL (see `app`), so the page's Content-Security-Policy
+//! applies to its requests too.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use js_sys::{ArrayBuffer, Float32Array, Uint8Array};
+use sha2::{Digest, Sha256};
+use vlsm::burn::tensor::Device;
+use vlsm::{ModelFiles, Segmenter};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+use web_sys::{Cache, DedicatedWorkerGlobalScope, MessageEvent, Response};
+
+use crate::js::{describe, now_ms, pack, read_body, unpack};
+use crate::protocol::{Backend, FromWorker, ToWorker};
+
+/// Cache Storage bucket for model files; bump the suffix if the entry format changes.
+const CACHE_NAME: &str = "vlsm-models-v1";
+/// The page refuses larger images; so does the worker (the wasm heap is 4 GiB at most).
+pub const MAX_PIXELS: u64 = 64_000_000;
+
+struct Loaded {
+    segmenter: Rc<Segmenter>,
+}
+
+thread_local! {
+    static MODEL: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    static BUSY: RefCell<bool> = const { RefCell::new(false) };
+    static WEBGPU: RefCell<Option<Result<Device, String>>> = const { RefCell::new(None) };
+}
+
+fn scope() -> DedicatedWorkerGlobalScope {
+    js_sys::global().unchecked_into()
+}
+
+fn post(message: FromWorker, buffers: Vec<ArrayBuffer>) {
+    let (msg, transfer) = pack(&message.to_json(), buffers);
+    // Posting only fails for non-transferable values; ours are plain buffers.
+    let _ = scope().post_message_with_transfer(&msg, &transfer);
+}
+
+fn status(text: impl Into<String>) {
+    post(FromWorker::Status { text: text.into() }, Vec::new());
+}
+
+/// Entry point: listen for requests, announce readiness.
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        post(
+            FromWorker::Crashed {
+                message: format!("the model worker crashed: {info}"),
+            },
+            Vec::new(),
+        );
+    }));
+    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(|event: MessageEvent| {
+        spawn_local(handle(event.data()));
+    });
+    scope().set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    on_message.forget();
+    post(FromWorker::Ready, Vec::new());
+}
+
+async fn handle(data: JsValue) {
+    let busy = BUSY.with(|b| std::mem::replace(&mut *b.borrow_mut(), true));
+    if busy {
+        post(
+            FromWorker::Error {
+                message: "the model is busy; wait for the current step to finish".into(),
+            },
+            Vec::new(),
+        );
+        return;
+    }
+    let result = match unpack(&data)
+        .and_then(|(json, buffers)| Ok((ToWorker::from_json(&json)?, buffers)))
+    {
+        Ok((ToWorker::Load { url, backend }, _)) => load(&url, backend).await,
+        Ok((ToWorker::Segment { prompts }, buffers)) => match buffers.first() {
+            Some(image) => segment(prompts, Uint8Array::new(image).to_vec()).await,
+            None => Err("no image was sent".into()),
+        },
+        Err(e) => Err(e),
+    };
+    BUSY.with(|b| *b.borrow_mut() = false);
+    if let Err(message) = result {
+        post(FromWorker::Error { message }, Vec::new());
+    }
+}
+
+/// One model file, from Cache Storage or the network.
+struct Fetched {
+    bytes: Vec<u8>,
+    from_cache: bool,
+    sha256: Option<String>,
+}
+
+async fn open_cache() -> Option<Cache> {
+    let storage = scope().caches().ok()?;
+    JsFuture::from(storage.open(CACHE_NAME))
+        .await
+        .ok()?
+        .dyn_into()
+        .ok()
+}
+
+fn sha_key(url: &str) -> String {
+    format!("{url}?vlsm-sha256")
+}
+
+async fn cached(cache: &Cache, url: &str) -> Option<Response> {
+    let hit = JsFuture::from(cache.match_with_str(url)).await.ok()?;
+    hit.dyn_into::<Response>().ok()
+}
+
+/// Fetches `url`; `Ok(None)` when the server says 404 and the file is optional. A fresh
+/// download goes into Cache Storage only when it arrived whole (the cache's own copy is a
+/// tee of the same stream: if the stream fails, `put` fails and stores nothing).
+async fn fetch_file(
+    cache: Option<&Cache>,
+    url: &str,
+    name: &str,
+    optional: bool,
+    hash: bool,
+) -> Result<Option<Fetched>, String> {
+    let started = now_ms();
+    let mut last_post = 0.0;
+    let mut hasher = hash.then(Sha256::new);
+    let mut progress = |chunk: &[u8], done: u64, total: Option<u64>, from_cache: bool| {
+        if let Some(h) = hasher.as_mut() {
+            h.update(chunk);
+        }
+        let t = now_ms();
+        if t - last_post > 100.0 || Some(done) == total {
+            last_post = t;
+            let secs = ((t - started) / 1000.0).max(1e-3);
+            post(
+                FromWorker::Progress {
+                    file: name.into(),
+                    done,
+                    total,
+                    bytes_per_s: done as f64 / secs,
+                    from_cache,
+                },
+                Vec::new(),
+            );
+        }
+    };
+    if let Some(cache) = cache
+        && let Some(response) = cached(cache, url).await
+    {
+        let total = content_length(&response);
+        let bytes = read_body(&response, total, |c, d| progress(c, d, total, true)).await;
+        if let Ok(bytes) = bytes
+            && total.is_none_or(|t| t == bytes.len() as u64)
+        {
+            let stored_sha = match cached(cache, &sha_key(url)).await {
+                Some(r) => JsFuture::from(r.text().map_err(|e| describe(&e))?)
+                    .await
+                    .ok()
+                    .and_then(|v| v.as_string()),
+                None => None,
+            };
+            let sha256 = match (hash, stored_sha) {
+                (false, _) => None,
+                (true, Some(s)) if s.len() == 64 => Some(s),
+                (true, _) => Some(vlsm::share::sha256_hex(&bytes)),
+            };
+            return Ok(Some(Fetched {
+                bytes,
+                from_cache: true,
+                sha256,
+            }));
+        }
+        // A damaged entry: forget it and download again.
+        let _ = JsFuture::from(cache.delete_with_str(url)).await;
+    }
+    let response: Response = JsFuture::from(scope().fetch_with_str(url))
+        .await
+        .map_err(|e| {
+            format!(
+                "could not fetch {url}: {} (network down, server unreachable, or the origin is \
+                 not allowed by the page's Content-Security-Policy)",
+                describe(&e)
+            )
+        })?
+        .dyn_into()
+        .map_err(|_| format!("fetching {url} gave no response"))?;
+    if response.status() == 404 && optional {
+        return Ok(None);
+    }
+    if !response.ok() {
+        return Err(format!(
+            "{url}: HTTP {} {}",
+            response.status(),
+            response.status_text()
+        ));
+    }
+    let total = content_length(&response);
+    let stored = match cache {
+        Some(cache) => response
+            .clone()
+            .ok()
+            .map(|copy| JsFuture::from(cache.put_with_str(url, &copy))),
+        None => None,
+    };
+    let bytes = read_body(&response, total, |c, d| progress(c, d, total, false))
+        .await
+        .map_err(|e| format!("downloading {name} failed: {e}; press Load to retry"))?;
+    if let Some(t) = total
+        && t != bytes.len() as u64
+    {
+        if let Some(cache) = cache {
+            let _ = JsFuture::from(cache.delete_with_str(url)).await;
+        }
+        return Err(format!(
+            "downloading {name} stopped after {} of {t} bytes; press Load to retry",
+            bytes.len()
+        ));
+    }
+    let sha256 = hasher.map(|h| {
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    if let (Some(cache), Some(put)) = (cache, stored) {
+        // Storing can fail (quota, private mode): the model still loads, only not offline.
+        if put.await.is_ok()
+            && let Some(sha) = &sha256
+            && let Ok(r) = Response::new_with_opt_str(Some(sha))
+        {
+            let _ = JsFuture::from(cache.put_with_str(&sha_key(url), &r)).await;
+        }
+    }
+    Ok(Some(Fetched {
+        bytes,
+        from_cache: false,
+        sha256,
+    }))
+}
+
+fn content_length(response: &Response) -> Option<u64> {
+    response
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+}
+
+async fn webgpu() -> Result<Device, String> {
+    if let Some(known) = WEBGPU.with(|w| w.borrow().clone()) {
+        return known;
+    }
+    let has_gpu = js_sys::Reflect::has(&scope().navigator(), &"gpu".into()).unwrap_or(false);
+    let result = if !has_gpu {
+        Err("this browser offers no WebGPU (navigator.gpu is missing)".to_string())
+    } else {
+        Device::wgpu_options()
+            .graphics_api(vlsm::burn::tensor::wgpu::WgpuBackend::WebGpu)
+            .init_async()
+            .await
+            .map_err(|e| format!("WebGPU could not start: {e}"))
+    };
+    WEBGPU.with(|w| *w.borrow_mut() = Some(result.clone()));
+    result
+}
+
+/// The device for a choice, the backend actually used and, if it differs, why.
+async fn device_for(choice: Backend) -> (Device, Backend, Option<String>) {
+    match choice {
+        Backend::Cpu => (Device::flex(), Backend::Cpu, None),
+        Backend::WebGpu | Backend::Auto => match webgpu().await {
+            Ok(device) => (device, Backend::WebGpu, None),
+            Err(why) => (
+                Device::flex(),
+                Backend::Cpu,
+                Some(format!("{why}: running on the CPU")),
+            ),
+        },
+    }
+}
+
+async fn load(url: &str, backend: Backend) -> Result<(), String> {
+    let base = url.trim_end_matches('/');
+    let file = |name: &str| vlsm::share::file_url(base, name);
+    let cache = open_cache().await;
+    let started = now_ms();
+    status("fetching config.json");
+    let config = fetch_file(
+        cache.as_ref(),
+        &file("config.json"),
+        "config.json",
+        false,
+        false,
+    )
+    .await?
+    .ok_or("config.json is missing")?;
+    // Fail fast on a wrong URL before downloading hundreds of megabytes.
+    vlsm::ClipSegConfig::from_json(&config.bytes)
+        .map_err(|e| format!("{}: {e}", file("config.json")))?;
+    let mut optional = Vec::new();
+    for name in [
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        status(format!("fetching {name}"));
+        optional.push(fetch_file(cache.as_ref(), &file(name), name, true, false).await?);
+    }
+    let (mut vocab, mut merges) = (None, None);
+    if optional[1].is_none() {
+        vocab = fetch_file(
+            cache.as_ref(),
+            &file("vocab.json"),
+            "vocab.json",
+            true,
+            false,
+        )
+        .await?;
+        merges = fetch_file(
+            cache.as_ref(),
+            &file("merges.txt"),
+            "merges.txt",
+            true,
+            false,
+        )
+        .await?;
+    }
+    status("fetching model.safetensors");
+    let weights = fetch_file(
+        cache.as_ref(),
+        &file("model.safetensors"),
+        "model.safetensors",
+        true,
+        true,
+    )
+    .await?
+    .ok_or_else(|| {
+        format!(
+            "no model.safetensors at {base} (PyTorch .bin checkpoints cannot be read in the \
+             browser: convert once with `vlsm convert DIR OUT`)"
+        )
+    })?;
+    let download_ms = now_ms() - started;
+    let all_cached = config.from_cache && weights.from_cache;
+    fn bytes_of(f: &Option<Fetched>) -> Option<&[u8]> {
+        f.as_ref().map(|f| f.bytes.as_slice())
+    }
+    let files = ModelFiles {
+        config_json: &config.bytes,
+        safetensors: &weights.bytes,
+        preprocessor_config_json: bytes_of(&optional[0]),
+        tokenizer_json: bytes_of(&optional[1]),
+        tokenizer_config_json: bytes_of(&optional[2]),
+        special_tokens_map_json: bytes_of(&optional[3]),
+        vocab_json: bytes_of(&vocab),
+        merges_txt: bytes_of(&merges),
+    };
+    let (device, used, note) = device_for(backend).await;
+    status(format!("loading the model on {}", used.label()));
+    // Drop the previous model first: two full-size models may not fit.
+    MODEL.with(|m| *m.borrow_mut() = None);
+    let load_started = now_ms();
+    let segmenter = Segmenter::from_files(&files, &device).map_err(|e| e.to_string())?;
+    let dtype = safetensors_dtype(&weights.bytes);
+    let input_size = segmenter.input_size();
+    let load_ms = now_ms() - load_started;
+    let weights_bytes = weights.bytes.len() as u64;
+    let weights_sha256 = weights.sha256.clone().unwrap_or_default();
+    drop(weights);
+    MODEL.with(|m| {
+        *m.borrow_mut() = Some(Loaded {
+            segmenter: Rc::new(segmenter),
+        })
+    });
+    post(
+        FromWorker::Loaded {
+            backend: used,
+            device: match used {
+                Backend::WebGpu => "WebGPU (burn wgpu)".into(),
+                _ => "CPU (burn flex, wasm SIMD128, one thread)".into(),
+            },
+            note,
+            weights_sha256,
+            weights_bytes,
+            dtype,
+            from_cache: all_cached,
+            download_ms,
+            load_ms,
+            input_size,
+        },
+        Vec::new(),
+    );
+    Ok(())
+}
+
+/// The dtype of the first tensor in a safetensors file, for display ("F32", "F16").
+fn safetensors_dtype(bytes: &[u8]) -> String {
+    safetensors::SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, meta)| {
+            meta.tensors()
+                .values()
+                .next()
+                .map(|t| format!("{:?}", t.dtype))
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+async fn segment(prompts: Vec<String>, image_bytes: Vec<u8>) -> Result<(), String> {
+    let segmenter = MODEL
+        .with(|m| m.borrow().as_ref().map(|l| l.segmenter.clone()))
+        .ok_or("load a model first")?;
+    crate::logic::check_prompts(&prompts)?;
+    let (w, h) = vlsm::preprocess::dimensions(&image_bytes).map_err(|e| e.to_string())?;
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(format!(
+            "the image is {w}×{h}: at most {} megapixels in the browser",
+            MAX_PIXELS / 1_000_000
+        ));
+    }
+    let image = vlsm::preprocess::decode_rgb(&image_bytes).map_err(|e| e.to_string())?;
+    drop(image_bytes);
+    status("encoding the image");
+    let started = now_ms();
+    let encoded = segmenter.encode_image(&image).map_err(|e| e.to_string())?;
+    let encode_ms = now_ms() - started;
+    status(format!("decoding {} prompts", prompts.len()));
+    let started = now_ms();
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let embedded = segmenter.embed_prompts(&refs).map_err(|e| e.to_string())?;
+    let logits = segmenter
+        .decode_embedded_async(&encoded, &embedded)
+        .await
+        .map_err(|e| e.to_string())?;
+    let decode_ms = now_ms() - started;
+    let size = logits.first().map_or(0, |l| l.size);
+    let buffers = logits
+        .iter()
+        .map(|l| Float32Array::from(l.values.as_slice()).buffer())
+        .collect();
+    post(
+        FromWorker::Segmented {
+            width: image.width(),
+            height: image.height(),
+            size,
+            encode_ms,
+            decode_ms,
+            truncated: embedded
+                .tokens
+                .iter()
+                .map(|t| t.len() == segmenter.pipeline.tokenizer.max_length())
+                .collect(),
+        },
+        buffers,
+    );
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! `vlsm share` makes the page's share links; `vlsm reproduce` recomputes one natively and
+//! prints each mask's fingerprint, to compare with the fingerprints the page shows.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use vlsm::share::{
+    ImageSource, ShareState, ViewSettings, embeddable_png, file_url, mask_fingerprint,
+    normalize_weights_url, pixels_sha256,
+};
+use vlsm::{Segmenter, preprocess, render};
+
+use crate::backend::{self, Backend};
+use crate::segment::{parse_threshold, write_atomic};
+
+/// Where `vlsm share` links point unless `--page` says otherwise: `trunk serve`'s address.
+const DEFAULT_PAGE: &str = "http://127.0.0.1:8080/";
+
+#[derive(clap::Args)]
+pub struct ShareArgs {
+    /// The image (embedded in the link as a lossless PNG when small enough).
+    image: PathBuf,
+    /// A text prompt; repeat for several (at most 10).
+    #[arg(long = "prompt", short = 'p', required = true)]
+    prompts: Vec<String>,
+    /// Model folder URL the page fetches weights from (or a Hugging Face id OWNER/NAME).
+    #[arg(long, value_name = "URL")]
+    weights_url: String,
+    /// The same model as a local directory: its model.safetensors is hashed instead of
+    /// downloading it from --weights-url.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
+    threshold: f32,
+    /// Overlay opacity the page shows (view setting).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
+    opacity: f32,
+    /// Where the page is served.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_PAGE)]
+    page: String,
+    /// Put this URL in the link instead of the image itself.
+    #[arg(long, value_name = "URL")]
+    image_url: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ReproduceArgs {
+    /// The link (or its #fragment); `-` reads it from stdin, `@FILE` from a file (links with
+    /// an embedded image can exceed the 128 KiB a single command-line argument may hold).
+    link: String,
+    /// A local model directory to use instead of downloading the link's weights URL.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// The image, for links whose image was too large to embed (checked by hash).
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// Also write each mask as a PNG into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+}
+
+pub fn share(args: ShareArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
+    let rgb = preprocess::decode_rgb(&bytes).with_context(|| args.image.display().to_string())?;
+    let name = args
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let weights_url = normalize_weights_url(&args.weights_url)
+        .map_err(|e| anyhow::anyhow!("--weights-url: {e}"))?;
+    let weights_sha256 = match &args.weights {
+        Some(dir) => {
+            let path = dir.join("model.safetensors");
+            if !path.is_file() {
+                bail!(
+                    "{} has no model.safetensors (the page reads only safetensors: run `vlsm convert`)",
+                    dir.display()
+                );
+            }
+            hash_file(&path)?
+        }
+        None => {
+            let mut hasher = Sha256::new();
+            download(&file_url(&weights_url, "model.safetensors"), &mut hasher)?
+                .context("the weights URL has no model.safetensors")?;
+            hex(&hasher.finalize())
+        }
+    };
+    let image = match args.image_url {
+        Some(url) => ImageSource::Url { name, url },
+        None => match embeddable_png(&rgb)? {
+            Some(png) => ImageSource::Embedded { name, png },
+            None => {
+                eprintln!(
+                    "warning: {} is too large to embed (more than {} KiB as PNG): the link \
+                     carries its hash only; pass --image-url URL to link to a hosted copy",
+                    args.image.display(),
+                    vlsm::share::MAX_EMBEDDED_IMAGE_BYTES / 1024
+                );
+                ImageSource::Omitted { name }
+            }
+        },
+    };
+    let state = ShareState {
+        weights_url,
+        weights_sha256: Some(weights_sha256),
+        prompts: args.prompts,
+        threshold: args.threshold,
+        view: ViewSettings {
+            opacity: args.opacity,
+            selected: 0,
+        },
+        image,
+        image_sha256: pixels_sha256(&rgb),
+    };
+    println!("{}", state.to_link(&args.page)?);
+    Ok(())
+}
+
+pub fn reproduce(args: ReproduceArgs) -> Result<()> {
+    let link = match args.link.as_str() {
+        "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the link from stdin")?;
+            s
+        }
+        l if l.starts_with('@') => std::fs::read_to_string(&l[1..])
+            .with_context(|| format!("reading the link from {}", &l[1..]))?,
+        l => l.to_string(),
+    };
+    let state = ShareState::from_link(&link)?;
+    let (name, rgb) = match &state.image {
+        ImageSource::Embedded { name, png } => (
+            name.clone(),
+            preprocess::decode_rgb(png).context("the link's embedded image")?,
+        ),
+        ImageSource::Url { name, url } => {
+            let mut bytes = Vec::new();
+            download(url, &mut bytes)?.with_context(|| format!("{url}: not found"))?;
+            (
+                name.clone(),
+                preprocess::decode_rgb(&bytes).with_context(|| url.clone())?,
+            )
+        }
+        ImageSource::Omitted { name } => {
+            let Some(path) = &args.image else {
+                bail!(
+                    "the link's image ({name}) was too large to embed: pass it with --image FILE"
+                );
+            };
+            let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+            (
+                name.clone(),
+                preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string())?,
+            )
+        }
+    };
+    let image_sha = pixels_sha256(&rgb);
+    if image_sha != state.image_sha256 {
+        eprintln!(
+            "warning: the image differs from the link's (pixel sha256 {} vs {})",
+            &image_sha[..16],
+            &state.image_sha256[..16]
+        );
+    }
+    let dir = match &args.weights {
+        Some(dir) => dir.clone(),
+        None => fetch_model(&state.weights_url)?,
+    };
+    let weights_file = dir.join("model.safetensors");
+    if weights_file.is_file() {
+        let sha = hash_file(&weights_file)?;
+        match &state.weights_sha256 {
+            Some(expected) if *expected != sha => eprintln!(
+                "warning: these weights differ from the link's (sha256 {} vs {}): results may differ",
+                &sha[..16],
+                &expected[..16]
+            ),
+            Some(_) => eprintln!("weights sha256 {sha} matches the link"),
+            None => eprintln!("weights sha256 {sha} (the link names none)"),
+        }
+    } else {
+        eprintln!(
+            "warning: {} has no model.safetensors, so its hash cannot be compared with the link's",
+            dir.display()
+        );
+    }
+    let device = backend::device(args.backend)?;
+    let segmenter =
+        Segmenter::from_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    let encoded = segmenter.encode_image(&rgb)?;
+    let prompts: Vec<&str> = state.prompts.iter().map(String::as_str).collect();
+    let logits = segmenter.decode(&encoded, &prompts)?;
+    let (w, h) = rgb.dimensions();
+    eprintln!(
+        "{name} {w}×{h}, threshold {}, {} prompts; per prompt: index, fingerprint, foreground pixels, prompt",
+        state.threshold,
+        prompts.len()
+    );
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
+        let mask = l.mask_at(state.threshold, w, h);
+        let foreground = mask.iter().filter(|&&m| m != 0).count();
+        writeln!(
+            stdout,
+            "{}\t{}\t{foreground}\t{prompt}",
+            i + 1,
+            mask_fingerprint(&mask)
+        )?;
+        if let Some(out) = &args.out {
+            let path = out.join(format!("{:02}.mask.png", i + 1));
+            write_atomic(&path, &render::mask_png(&mask, w, h)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hash_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| path.display().to_string())?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// GETs `url` into `sink`; `Ok(None)` on 404.
+fn download(url: &str, sink: &mut impl Write) -> Result<Option<u64>> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(10))
+        .build();
+    match agent.get(url).call() {
+        Ok(response) => {
+            let n = std::io::copy(&mut response.into_reader(), sink)
+                .with_context(|| format!("downloading {url}"))?;
+            Ok(Some(n))
+        }
+        Err(ureq::Error::Status(404, _)) => Ok(None),
+        Err(ureq::Error::Status(code, r)) => bail!("{url}: HTTP {code} {}", r.status_text()),
+        // The transport error names the URL itself.
+        Err(ureq::Error::Transport(t)) => bail!("{t}"),
+    }
+}
+
+/// Downloads a model folder URL into vlsm's cache (one directory per URL), file by file
+/// through temporary names, so an interrupted download is never mistaken for a model.
+fn fetch_model(base: &str) -> Result<PathBuf> {
+    let cache = std::env::var_os("VLSM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("vlsm")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/vlsm")))
+        .context("no cache directory: set VLSM_CACHE or pass --weights DIR")?;
+    let dir = cache
+        .join("urls")
+        .join(&hex(&Sha256::digest(base.as_bytes()))[..16]);
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    for (file, required) in [
+        ("config.json", true),
+        ("model.safetensors", true),
+        ("preprocessor_config.json", false),
+        ("tokenizer.json", false),
+        ("vocab.json", false),
+        ("merges.txt", false),
+        ("tokenizer_config.json", false),
+        ("special_tokens_map.json", false),
+    ] {
+        let path = dir.join(file);
+        if path.is_file() {
+            continue;
+        }
+        let url = file_url(base, file);
+        eprintln!("downloading {url}");
+        let tmp = dir.join(format!(".{file}.part{}", std::process::id()));
+        let mut out = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+        let got = download(&url, &mut out);
+        drop(out);
+        match got {
+            Ok(Some(_)) => {
+                std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?
+            }
+            Ok(None) => {
+                let _ = std::fs::remove_file(&tmp);
+                if required {
+                    bail!("{url}: not found (404)");
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+    }
+    Ok(dir)
+}

@@ -1,0 +1,272 @@
+// Drives the built vlsm page in Debian's headless Chromium and prints what it observed as
+// JSON on stdout; the assertions live in the Rust test (native/tests/browser.rs).
+//
+//   node page.mjs e2e   --dist DIR --model DIR --image FILE --prompt A --prompt B
+//                       [--cli-link LINK] [--shots DIR]
+//   node page.mjs bench --dist DIR --model DIR --image FILE   (timings, memory; by hand)
+//
+// It serves DIST at / and the model folder at /models/m/ from 127.0.0.1, logs every request
+// (for the privacy check), and never reaches any other host.
+
+import { chromium } from 'playwright-core';
+import http from 'node:http';
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+
+function parseArgs(argv) {
+  const args = { mode: argv[0], prompt: [] };
+  for (let i = 1; i < argv.length; i += 2) {
+    const key = argv[i].replace(/^--/, '');
+    if (key === 'prompt') args.prompt.push(argv[i + 1]);
+    else args[key] = argv[i + 1];
+  }
+  return args;
+}
+
+const TYPES = {
+  '.html': 'text/html', '.js': 'text/javascript', '.wasm': 'application/wasm',
+  '.css': 'text/css', '.png': 'image/png', '.json': 'application/json',
+  '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
+};
+
+function serve(dist, modelDir) {
+  const log = [];
+  const state = { modelsOffline: false };
+  const server = http.createServer((req, res) => {
+    let body = 0;
+    req.on('data', (c) => { body += c.length; });
+    req.on('end', () => {
+      const url = new URL(req.url, 'http://x');
+      log.push({ method: req.method, path: url.pathname, query: url.search, body });
+      let file;
+      if (url.pathname.startsWith('/models/m/')) {
+        if (state.modelsOffline) { res.writeHead(503); res.end(); return; }
+        file = path.join(modelDir, decodeURIComponent(url.pathname.slice('/models/m/'.length)));
+      } else {
+        file = path.join(dist, decodeURIComponent(url.pathname));
+        if (url.pathname.endsWith('/')) file = path.join(file, 'index.html');
+      }
+      if (!file.startsWith(dist) && !file.startsWith(modelDir)) { res.writeHead(403); res.end(); return; }
+      fs.readFile(file, (err, data) => {
+        if (err) { res.writeHead(404); res.end('not found'); return; }
+        res.writeHead(200, {
+          'content-type': TYPES[path.extname(file)] ?? 'application/octet-stream',
+          'content-length': data.length,
+          'cache-control': 'no-store',
+        });
+        res.end(data);
+      });
+    });
+  });
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => resolve({ server, log, state, port: server.address().port }));
+  });
+}
+
+function launch() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: [
+      '--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync',
+      // A software WebGPU adapter (SwiftShader), so the WebGPU path runs without a GPU.
+      '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader',
+    ],
+  });
+}
+
+/// Collects console errors and every request the page (and its worker) makes.
+function watch(page, sink) {
+  page.on('console', (m) => { if (m.type() === 'error') sink.console.push(m.text()); });
+  page.on('pageerror', (e) => sink.console.push(`pageerror: ${e.message}`));
+  page.on('request', (r) => sink.requests.push({
+    url: r.url(), method: r.method(), body: (r.postDataBuffer() ?? Buffer.alloc(0)).length,
+  }));
+}
+
+const TIMEOUT = 300_000;
+
+async function waitFor(page, selector) {
+  await page.waitForSelector(selector, { timeout: TIMEOUT });
+}
+
+async function loadModel(page, url) {
+  await page.fill('#weights-url', url);
+  await page.click('#load');
+  await page.waitForSelector('main[data-model="loaded"], main[data-model="failed"]', { timeout: TIMEOUT });
+  return page.getAttribute('main', 'data-model');
+}
+
+async function setPrompts(page, prompts) {
+  for (let i = 1; i < prompts.length; i++) await page.click('#add-prompt');
+  const inputs = await page.$$('input.prompt');
+  for (let i = 0; i < prompts.length; i++) await inputs[i].fill(prompts[i]);
+}
+
+async function runAndRead(page) {
+  await page.click('#run');
+  await page.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
+  return readResults(page);
+}
+
+async function readResults(page) {
+  const run = await page.getAttribute('main', 'data-run');
+  const fingerprints = await page.$$eval('.card', (cs) => cs.map((c) => c.dataset.fingerprint));
+  const timing = await page.$eval('#timing', (t) => ({
+    encode_ms: Number(t.dataset.encodeMs), decode_ms: Number(t.dataset.decodeMs),
+    prompts: Number(t.dataset.prompts),
+  })).catch(() => null);
+  const backend = await page.getAttribute('#backend-used', 'data-backend').catch(() => null);
+  const error = await page.textContent('#error').catch(() => null);
+  return { run, fingerprints, timing, backend, error };
+}
+
+async function errorText(page) {
+  await page.waitForSelector('#error', { timeout: 60_000 });
+  return page.textContent('#error');
+}
+
+async function e2e(args) {
+  const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model));
+  const base = `http://127.0.0.1:${port}`;
+  const modelUrl = `${base}/models/m`;
+  const out = { base, console: [], requests: [] };
+  const browser = await launch();
+  try {
+    // 1. CPU path: load the model, an image, two prompts; run; share.
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    watch(page, out);
+    const t0 = Date.now();
+    await page.goto(`${base}/?backend=cpu`);
+    await waitFor(page, '#load');
+    out.page_ready_ms = Date.now() - t0;
+    out.first_model = await loadModel(page, modelUrl);
+    out.first_load_ms = Date.now() - t0;
+    out.weights_sha256 = await page.textContent('#weights-sha256').catch(() => null);
+    await page.setInputFiles('#image-file', args.image);
+    await waitFor(page, '#image-status');
+    await setPrompts(page, args.prompt);
+    out.cpu = await runAndRead(page);
+    // Threshold and opacity update live, without rerunning the model.
+    const before = log.length;
+    await page.fill('#threshold', '0.9');
+    await page.dispatchEvent('#threshold', 'input');
+    out.cpu_threshold_09 = await page.$$eval('.card', (cs) => cs.map((c) => c.dataset.fingerprint));
+    await page.fill('#threshold', '0.5');
+    await page.dispatchEvent('#threshold', 'input');
+    out.requests_during_slider = log.length - before;
+    await page.click('#share');
+    await waitFor(page, '#share-link');
+    out.share_link = await page.inputValue('#share-link');
+    if (args.shots) await page.screenshot({ path: path.join(args.shots, 'cpu.png'), fullPage: true });
+
+    // 2. Second visit: the model comes from Cache Storage although the server refuses it.
+    state.modelsOffline = true;
+    await page.goto(`${base}/?backend=cpu`);
+    await waitFor(page, '#load');
+    out.offline_model = await loadModel(page, modelUrl);
+    out.offline_status = await page.textContent('#model-status');
+    state.modelsOffline = false;
+
+    // 3. The share link in a fresh browser context (empty cache): restores and reruns.
+    const fresh = await browser.newContext();
+    const linked = await fresh.newPage();
+    watch(linked, out);
+    await linked.goto(out.share_link.replace(`${base}/`, `${base}/?backend=cpu`));
+    await linked.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
+    out.link_cpu = await readResults(linked);
+    out.link_prompts = await linked.$$eval('input.prompt', (is) => is.map((i) => i.value));
+    if (args.shots) await linked.screenshot({ path: path.join(args.shots, 'link.png'), fullPage: true });
+
+    // 4. The same link on WebGPU (SwiftShader here).
+    const gpuPage = await fresh.newPage();
+    watch(gpuPage, out);
+    await gpuPage.goto(out.share_link.replace(`${base}/`, `${base}/?backend=webgpu`));
+    await gpuPage.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
+    out.link_webgpu = await readResults(gpuPage);
+    if (args.shots) await gpuPage.screenshot({ path: path.join(args.shots, 'webgpu.png'), fullPage: true });
+
+    // 5. The CLI's own link (vlsm share) opened in the page.
+    if (args['cli-link']) {
+      const cliPage = await fresh.newPage();
+      watch(cliPage, out);
+      const link = args['cli-link'].replace(/^[^#]*/, `${base}/?backend=cpu`);
+      await cliPage.goto(link);
+      await cliPage.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
+      out.cli_link_cpu = await readResults(cliPage);
+    }
+
+    // 6. Bad input gets a message, not a crash.
+    const bad = await fresh.newPage();
+    watch(bad, out);
+    out.bad = {};
+    await bad.goto(`${base}/?backend=cpu#vlsm=1.this-is-not-a-link`);
+    out.bad.malformed_link = await errorText(bad);
+    await bad.goto(`${base}/?backend=cpu#${out.share_link.split('#')[1].slice(0, 60)}`);
+    await bad.reload();
+    out.bad.truncated_link = await errorText(bad);
+    await bad.goto(`${base}/?backend=cpu`);
+    await waitFor(bad, '#load');
+    out.bad.wrong_weights_state = await loadModel(bad, `${base}/models/nothing-here`);
+    out.bad.wrong_weights = await errorText(bad);
+    await bad.setInputFiles('#image-file', { name: 'notes.png', mimeType: 'image/png', buffer: Buffer.from('this is not an image') });
+    out.bad.not_an_image = await errorText(bad);
+    out.bad.alive = await bad.evaluate(() => document.querySelector('#load') !== null);
+    await fresh.close();
+    await context.close();
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  out.server_log = log;
+  return out;
+}
+
+/// Peak resident memory (VmHWM, kB) over Chromium's renderer processes.
+function rendererPeakKb() {
+  let peak = 0;
+  for (const pid of fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    try {
+      const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if (!cmd.includes('--type=renderer')) continue;
+      const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/VmHWM:\s+(\d+)/);
+      if (m) peak = Math.max(peak, Number(m[1]));
+    } catch { /* process ended */ }
+  }
+  return peak;
+}
+
+async function bench(args) {
+  const { server, port } = await serve(path.resolve(args.dist), path.resolve(args.model));
+  const base = `http://127.0.0.1:${port}`;
+  const out = { console: [], requests: [] };
+  const browser = await launch();
+  try {
+    const page = await (await browser.newContext()).newPage();
+    watch(page, out);
+    const t0 = Date.now();
+    await page.goto(`${base}/?backend=${args.backend ?? 'cpu'}`);
+    await waitFor(page, '#load');
+    out.model = await loadModel(page, `${base}/models/m`);
+    out.load_ms = Date.now() - t0;
+    out.status = await page.textContent('#model-status');
+    await page.setInputFiles('#image-file', args.image);
+    await waitFor(page, '#image-status');
+    await setPrompts(page, ['polyp']);
+    out.one = await runAndRead(page);
+    out.one_again = await runAndRead(page);
+    await setPrompts(page, Array.from({ length: 10 }, (_, i) => `prompt number ${i}`).slice(0, 10));
+    out.ten = await runAndRead(page);
+    out.renderer_peak_mb = rendererPeakKb() / 1024;
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  return out;
+}
+
+const args = parseArgs(process.argv.slice(2));
+const result = args.mode === 'bench' ? await bench(args) : await e2e(args);
+process.stdout.write(JSON.stringify(result, null, 1) + '\n');
