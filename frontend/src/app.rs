@@ -133,6 +133,8 @@ pub struct Page {
 
 thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+    /// Messages sent before the worker's wasm announced itself (they would be lost).
+    static QUEUE: RefCell<Option<Vec<(Array, Array)>>> = const { RefCell::new(Some(Vec::new())) };
 }
 
 pub fn start() {
@@ -244,6 +246,7 @@ impl Page {
     }
 
     fn spawn_worker(self) {
+        QUEUE.with(|q| *q.borrow_mut() = Some(Vec::new()));
         match create_worker(self) {
             Ok(worker) => WORKER.with(|w| *w.borrow_mut() = Some(worker)),
             Err(e) => self.fail(format!("the model worker could not start: {e}")),
@@ -252,6 +255,16 @@ impl Page {
 
     fn send(self, message: ToWorker, buffers: Vec<ArrayBuffer>) -> bool {
         let (msg, transfer) = pack(&message.to_json(), buffers);
+        let queued = QUEUE.with(|q| match q.borrow_mut().as_mut() {
+            Some(queue) => {
+                queue.push((msg.clone(), transfer.clone()));
+                true
+            }
+            None => false,
+        });
+        if queued {
+            return true;
+        }
         let sent = WORKER.with(|w| {
             w.borrow()
                 .as_ref()
@@ -304,7 +317,17 @@ impl Page {
 
     fn on_worker(self, message: FromWorker, buffers: Vec<ArrayBuffer>) {
         match message {
-            FromWorker::Ready => self.worker_status.set("ready".into()),
+            FromWorker::Ready => {
+                self.worker_status.set("ready".into());
+                let queued = QUEUE.with(|q| q.borrow_mut().take()).unwrap_or_default();
+                WORKER.with(|w| {
+                    if let Some(w) = w.borrow().as_ref() {
+                        for (msg, transfer) in queued {
+                            let _ = w.post_message_with_transfer(&msg, &transfer);
+                        }
+                    }
+                });
+            }
             FromWorker::Status { text } => self.worker_status.set(text),
             FromWorker::Progress {
                 file,
@@ -690,7 +713,7 @@ fn create_worker(page: Page) -> Result<Worker, String> {
             .map_err(|e| describe(&e))
     };
     let script = format!(
-        "importScripts({:?});wasm_bindgen({:?});",
+        "importScripts({:?});wasm_bindgen({{module_or_path: {:?}}});",
         resolve("vlsm-worker.js")?,
         resolve("vlsm-worker_bg.wasm")?
     );
@@ -925,7 +948,7 @@ fn PromptPanel(page: Page) -> impl IntoView {
                 }).collect_view()}
             </ol>
             <div class="row">
-                <button id="add-prompt" disabled=move || page.prompts.with(Vec::len) >= vlsm::share::MAX_PROMPTS
+                <button id="add-prompt" disabled=move || { page.prompts.with(Vec::len) >= vlsm::share::MAX_PROMPTS }
                     on:click=move |_| page.prompts.update(|p| p.push(String::new()))>"+ prompt"</button>
                 <button id="run" class="primary"
                     disabled=move || page.run.get() == RunState::Running || !matches!(page.model.get(), ModelState::Loaded(_))

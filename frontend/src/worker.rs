@@ -112,6 +112,11 @@ fn sha_key(url: &str) -> String {
     format!("{url}?vlsm-sha256")
 }
 
+/// Marks an optional file the server does not have, so a later offline visit knows.
+fn absent_key(url: &str) -> String {
+    format!("{url}?vlsm-absent")
+}
+
 async fn cached(cache: &Cache, url: &str) -> Option<Response> {
     let hit = JsFuture::from(cache.match_with_str(url)).await.ok()?;
     hit.dyn_into::<Response>().ok()
@@ -150,6 +155,12 @@ async fn fetch_file(
             );
         }
     };
+    if optional
+        && let Some(cache) = cache
+        && cached(cache, &absent_key(url)).await.is_some()
+    {
+        return Ok(None);
+    }
     if let Some(cache) = cache
         && let Some(response) = cached(cache, url).await
     {
@@ -191,6 +202,11 @@ async fn fetch_file(
         .dyn_into()
         .map_err(|_| format!("fetching {url} gave no response"))?;
     if response.status() == 404 && optional {
+        if let Some(cache) = cache
+            && let Ok(marker) = Response::new_with_opt_str(Some("absent"))
+        {
+            let _ = JsFuture::from(cache.put_with_str(&absent_key(url), &marker)).await;
+        }
         return Ok(None);
     }
     if !response.ok() {

@@ -2,7 +2,7 @@
 // JSON on stdout; the assertions live in the Rust test (native/tests/browser.rs).
 //
 //   node page.mjs e2e   --dist DIR --model DIR --image FILE --prompt A --prompt B
-//                       [--cli-link LINK] [--shots DIR]
+//                       [--port N] [--cli-link LINK] [--shots DIR]
 //   node page.mjs bench --dist DIR --model DIR --image FILE   (timings, memory; by hand)
 //
 // It serves DIST at / and the model folder at /models/m/ from 127.0.0.1, logs every request
@@ -30,7 +30,7 @@ const TYPES = {
   '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
 };
 
-function serve(dist, modelDir) {
+function serve(dist, modelDir, port = 0) {
   const log = [];
   const state = { modelsOffline: false };
   const server = http.createServer((req, res) => {
@@ -60,7 +60,7 @@ function serve(dist, modelDir) {
     });
   });
   return new Promise((resolve) => {
-    server.listen(0, '127.0.0.1', () => resolve({ server, log, state, port: server.address().port }));
+    server.listen(Number(port), '127.0.0.1', () => resolve({ server, log, state, port: server.address().port }));
   });
 }
 
@@ -128,7 +128,7 @@ async function errorText(page) {
 }
 
 async function e2e(args) {
-  const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model));
+  const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0);
   const base = `http://127.0.0.1:${port}`;
   const modelUrl = `${base}/models/m`;
   const out = { base, console: [], requests: [] };
@@ -174,7 +174,7 @@ async function e2e(args) {
     const fresh = await browser.newContext();
     const linked = await fresh.newPage();
     watch(linked, out);
-    await linked.goto(out.share_link.replace(`${base}/`, `${base}/?backend=cpu`));
+    await linked.goto(out.share_link.replace(/^[^#]*/, `${base}/?backend=cpu`));
     await linked.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
     out.link_cpu = await readResults(linked);
     out.link_prompts = await linked.$$eval('input.prompt', (is) => is.map((i) => i.value));
@@ -183,7 +183,7 @@ async function e2e(args) {
     // 4. The same link on WebGPU (SwiftShader here).
     const gpuPage = await fresh.newPage();
     watch(gpuPage, out);
-    await gpuPage.goto(out.share_link.replace(`${base}/`, `${base}/?backend=webgpu`));
+    await gpuPage.goto(out.share_link.replace(/^[^#]*/, `${base}/?backend=webgpu`));
     await gpuPage.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
     out.link_webgpu = await readResults(gpuPage);
     if (args.shots) await gpuPage.screenshot({ path: path.join(args.shots, 'webgpu.png'), fullPage: true });

@@ -1,0 +1,232 @@
+//! The browser page end to end, in Debian's headless Chromium: builds the page with Trunk,
+//! serves it and the tiny fixture model from 127.0.0.1 (tests/e2e/page.mjs, Playwright),
+//! and checks that the page's masks equal the CLI's, that share links reproduce them in a
+//! fresh browser and natively, that WebGPU (SwiftShader) and CPU agree, that the second
+//! visit loads offline from Cache Storage, that bad input gives messages, and that no
+//! request carries image data.
+//!
+//! Needs trunk, wasm-bindgen-cli, chromium and `npm ci` in tests/e2e (`.ci/run` installs
+//! them). The page is built into `$CARGO_TARGET_DIR-web` (or `target/web`), so the nested
+//! cargo build never waits on the lock of the build running this test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const PROMPTS: [&str; 2] = ["a round polyp", ""];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+fn web_target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(format!("{}-web", PathBuf::from(dir).display())),
+        None => workspace().join("target/web"),
+    }
+}
+
+fn require(tool: &str, hint: &str) {
+    let found = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found, "`{tool}` is not installed: {hint} (bash .ci/run installs it)");
+}
+
+/// `trunk build` (debug, no wasm-opt) into a fresh dist directory.
+fn build_page(dist: &Path) {
+    require("trunk", "cargo install --locked trunk --version 0.21.14");
+    require("wasm-bindgen", "cargo install wasm-bindgen-cli --version 0.2.130");
+    let out = Command::new("trunk")
+        .args(["build", "--dist"])
+        .arg(dist)
+        .current_dir(workspace())
+        .env("CARGO_TARGET_DIR", web_target_dir())
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trunk build failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fingerprints `vlsm reproduce` prints for a link, with the fixture weights.
+fn native_fingerprints(link: &str, tmp: &Path) -> Vec<String> {
+    let file = tmp.join("link.txt");
+    std::fs::write(&file, link).unwrap();
+    let weights = fixture("clipseg_refined");
+    let out = vlsm(
+        &[
+            "reproduce",
+            &format!("@{}", file.display()),
+            "--weights",
+            weights.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap().to_string())
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn the_page_segments_like_the_cli_and_its_links_reproduce() {
+    require("node", "apt-get install nodejs");
+    let e2e = workspace().join("tests/e2e");
+    assert!(
+        e2e.join("node_modules/playwright-core").is_dir(),
+        "run `npm ci` in tests/e2e first (bash .ci/run does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = tmp.path().join("dist");
+    build_page(&dist);
+
+    let port = free_port();
+    let model_url = format!("http://127.0.0.1:{port}/models/m");
+    let image = fixture("images/rgb_150x100.png");
+    let weights = fixture("clipseg_refined");
+    // A link made by the CLI, to be opened in the page.
+    let mut args = vec![
+        "share",
+        image.to_str().unwrap(),
+        "--weights-url",
+        &model_url,
+        "--weights",
+        weights.to_str().unwrap(),
+    ];
+    for p in PROMPTS {
+        args.extend(["--prompt", p]);
+    }
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cli_link = stdout(&out).trim().to_string();
+    let native = native_fingerprints(&cli_link, tmp.path());
+
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut node = Command::new("node");
+    node.current_dir(&e2e)
+        .arg("page.mjs")
+        .arg("e2e")
+        .arg("--dist")
+        .arg(&dist)
+        .arg("--model")
+        .arg(&weights)
+        .arg("--image")
+        .arg(&image)
+        .args(["--port", &port.to_string(), "--cli-link", &cli_link])
+        .arg("--shots")
+        .arg(&shots);
+    for p in PROMPTS {
+        node.args(["--prompt", p]);
+    }
+    let out = node.output().unwrap();
+    assert!(
+        out.status.success(),
+        "page.mjs failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    std::fs::write(shots.join("observed.json"), &out.stdout).unwrap();
+    eprintln!(
+        "page ready {} ms, fixture model loaded {} ms after navigation; CPU encode {} ms, \
+         2 prompts {} ms; screenshots in {}",
+        r["page_ready_ms"],
+        r["first_load_ms"],
+        r["cpu"]["timing"]["encode_ms"],
+        r["cpu"]["timing"]["decode_ms"],
+        shots.display()
+    );
+
+    // The CPU path in the browser gives the CLI's masks, bit for bit.
+    assert_eq!(r["first_model"], "loaded");
+    assert_eq!(r["cpu"]["run"], "done", "{}", r["cpu"]);
+    assert_eq!(r["cpu"]["backend"], "CPU");
+    let page = strings(&r["cpu"]["fingerprints"]);
+    assert_eq!(page, native, "browser CPU vs `vlsm reproduce` of the CLI's link");
+    let sha = vlsm::share::sha256_hex(&std::fs::read(weights.join("model.safetensors")).unwrap());
+    assert_eq!(r["weights_sha256"], sha.as_str());
+    // The threshold slider changes the masks without a single request.
+    assert_ne!(strings(&r["cpu_threshold_09"]), page);
+    assert_eq!(r["requests_during_slider"], 0);
+
+    // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
+    let link = r["share_link"].as_str().unwrap();
+    assert_eq!(native_fingerprints(link, tmp.path()), page);
+    assert_eq!(r["link_cpu"]["run"], "done", "{}", r["link_cpu"]);
+    assert_eq!(strings(&r["link_cpu"]["fingerprints"]), page);
+    assert_eq!(strings(&r["link_prompts"]), PROMPTS);
+    // The CLI's link opened in the page.
+    assert_eq!(strings(&r["cli_link_cpu"]["fingerprints"]), native);
+
+    // WebGPU (SwiftShader) gives the same masks as the CPU.
+    assert_eq!(r["link_webgpu"]["backend"], "WebGPU", "{}", r["link_webgpu"]);
+    assert_eq!(strings(&r["link_webgpu"]["fingerprints"]), page);
+
+    // Second visit: the model comes from Cache Storage while the server refuses it.
+    assert_eq!(r["offline_model"], "loaded", "{}", r["offline_status"]);
+    assert!(r["offline_status"].as_str().unwrap().contains("browser cache"));
+
+    // Bad input: messages, and the page lives on.
+    let bad = &r["bad"];
+    assert!(bad["malformed_link"].as_str().unwrap().contains("link"), "{bad}");
+    assert!(bad["truncated_link"].as_str().unwrap().contains("link"), "{bad}");
+    assert_eq!(bad["wrong_weights_state"], "failed");
+    assert!(bad["wrong_weights"].as_str().unwrap().contains("404"), "{bad}");
+    assert!(bad["not_an_image"].as_str().unwrap().contains("unrecognised format"), "{bad}");
+    assert_eq!(bad["alive"], true);
+
+    // Privacy: every request (page and worker) went to the test server, was a GET without a
+    // body, and named a page asset or a model file: nothing carried the image.
+    let origin = format!("http://127.0.0.1:{port}/");
+    for req in r["requests"].as_array().unwrap() {
+        let url = req["url"].as_str().unwrap();
+        assert!(
+            url.starts_with(&origin) || url.starts_with("blob:") || url.starts_with("data:"),
+            "request to another origin: {url}"
+        );
+        assert_eq!(req["method"], "GET", "{req}");
+        assert_eq!(req["body"], 0, "{req}");
+        assert!(!url.contains("vlsm=1."), "the fragment left the browser: {url}");
+    }
+    for req in r["server_log"].as_array().unwrap() {
+        let path = req["path"].as_str().unwrap();
+        let query = req["query"].as_str().unwrap();
+        assert_eq!(req["body"], 0, "{req}");
+        assert!(query.is_empty() || query.starts_with("?backend="), "{req}");
+        let asset = ["/", "/index.html", "/boot.js", "/style.css"].contains(&path)
+            || path.ends_with(".js")
+            || path.ends_with(".wasm")
+            || path.starts_with("/models/");
+        assert!(asset, "unexpected request {req}");
+    }
+    // No script errors beyond the failed loads the bad-input checks provoke.
+    for line in r["console"].as_array().unwrap() {
+        let line = line.as_str().unwrap();
+        assert!(line.starts_with("Failed to load resource"), "console: {line}");
+    }
+    assert!(shots.join("cpu.png").is_file() && shots.join("webgpu.png").is_file());
+}
