@@ -94,7 +94,7 @@ pub fn number_words(n: u32) -> String {
     fn below_hundred(n: u32) -> String {
         match n {
             0..=19 => ONES[n as usize].to_string(),
-            _ if n % 10 == 0 => TENS[(n / 10) as usize].to_string(),
+            _ if n.is_multiple_of(10) => TENS[(n / 10) as usize].to_string(),
             _ => format!("{}-{}", TENS[(n / 10) as usize], ONES[(n % 10) as usize]),
         }
     }

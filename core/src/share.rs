@@ -544,7 +544,8 @@ mod tests {
     #[test]
     fn rejects_invalid_states_with_a_message() {
         let img = ImageSource::Omitted { name: "x".into() };
-        let cases: Vec<(Box<dyn Fn(&mut ShareState)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut ShareState)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.prompts.clear()), "prompts"),
             (Box::new(|s| s.prompts = vec!["p".into(); 11]), "prompts"),
             (Box::new(|s| s.prompts[0] = "x".repeat(2001)), "characters"),

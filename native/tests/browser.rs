@@ -20,7 +20,10 @@ use serde_json::Value;
 const PROMPTS: [&str; 2] = ["a round polyp", ""];
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn web_target_dir() -> PathBuf {
@@ -31,14 +34,23 @@ fn web_target_dir() -> PathBuf {
 }
 
 fn require(tool: &str, hint: &str) {
-    let found = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(found, "`{tool}` is not installed: {hint} (bash .ci/run installs it)");
+    let found = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "`{tool}` is not installed: {hint} (bash .ci/run installs it)"
+    );
 }
 
 /// `trunk build` (debug, no wasm-opt) into a fresh dist directory.
 fn build_page(dist: &Path) {
     require("trunk", "cargo install --locked trunk --version 0.21.14");
-    require("wasm-bindgen", "cargo install wasm-bindgen-cli --version 0.2.130");
+    require(
+        "wasm-bindgen",
+        "cargo install wasm-bindgen-cli --version 0.2.130",
+    );
     let out = Command::new("trunk")
         .args(["build", "--dist"])
         .arg(dist)
@@ -166,7 +178,10 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert_eq!(r["cpu"]["run"], "done", "{}", r["cpu"]);
     assert_eq!(r["cpu"]["backend"], "CPU");
     let page = strings(&r["cpu"]["fingerprints"]);
-    assert_eq!(page, native, "browser CPU vs `vlsm reproduce` of the CLI's link");
+    assert_eq!(
+        page, native,
+        "browser CPU vs `vlsm reproduce` of the CLI's link"
+    );
     let sha = vlsm::share::sha256_hex(&std::fs::read(weights.join("model.safetensors")).unwrap());
     assert_eq!(r["weights_sha256"], sha.as_str());
     // The threshold slider changes the masks without a single request.
@@ -183,20 +198,44 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert_eq!(strings(&r["cli_link_cpu"]["fingerprints"]), native);
 
     // WebGPU (SwiftShader) gives the same masks as the CPU.
-    assert_eq!(r["link_webgpu"]["backend"], "WebGPU", "{}", r["link_webgpu"]);
+    assert_eq!(
+        r["link_webgpu"]["backend"], "WebGPU",
+        "{}",
+        r["link_webgpu"]
+    );
     assert_eq!(strings(&r["link_webgpu"]["fingerprints"]), page);
 
     // Second visit: the model comes from Cache Storage while the server refuses it.
     assert_eq!(r["offline_model"], "loaded", "{}", r["offline_status"]);
-    assert!(r["offline_status"].as_str().unwrap().contains("browser cache"));
+    assert!(
+        r["offline_status"]
+            .as_str()
+            .unwrap()
+            .contains("browser cache")
+    );
 
     // Bad input: messages, and the page lives on.
     let bad = &r["bad"];
-    assert!(bad["malformed_link"].as_str().unwrap().contains("link"), "{bad}");
-    assert!(bad["truncated_link"].as_str().unwrap().contains("link"), "{bad}");
+    assert!(
+        bad["malformed_link"].as_str().unwrap().contains("link"),
+        "{bad}"
+    );
+    assert!(
+        bad["truncated_link"].as_str().unwrap().contains("link"),
+        "{bad}"
+    );
     assert_eq!(bad["wrong_weights_state"], "failed");
-    assert!(bad["wrong_weights"].as_str().unwrap().contains("404"), "{bad}");
-    assert!(bad["not_an_image"].as_str().unwrap().contains("unrecognised format"), "{bad}");
+    assert!(
+        bad["wrong_weights"].as_str().unwrap().contains("404"),
+        "{bad}"
+    );
+    assert!(
+        bad["not_an_image"]
+            .as_str()
+            .unwrap()
+            .contains("unrecognised format"),
+        "{bad}"
+    );
     assert_eq!(bad["alive"], true);
 
     // Privacy: every request (page and worker) went to the test server, was a GET without a
@@ -210,7 +249,10 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         );
         assert_eq!(req["method"], "GET", "{req}");
         assert_eq!(req["body"], 0, "{req}");
-        assert!(!url.contains("vlsm=1."), "the fragment left the browser: {url}");
+        assert!(
+            !url.contains("vlsm=1."),
+            "the fragment left the browser: {url}"
+        );
     }
     for req in r["server_log"].as_array().unwrap() {
         let path = req["path"].as_str().unwrap();
@@ -226,7 +268,10 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     // No script errors beyond the failed loads the bad-input checks provoke.
     for line in r["console"].as_array().unwrap() {
         let line = line.as_str().unwrap();
-        assert!(line.starts_with("Failed to load resource"), "console: {line}");
+        assert!(
+            line.starts_with("Failed to load resource"),
+            "console: {line}"
+        );
     }
     assert!(shots.join("cpu.png").is_file() && shots.join("webgpu.png").is_file());
 }
