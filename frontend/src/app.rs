@@ -862,7 +862,7 @@ fn ModelPanel(page: Page) -> impl IntoView {
                     <p class="backend" id="backend-used" data-backend=info.backend.label()>{
                         format!("Backend: {}", info.backend.label())
                     }</p>
-                    {info.note.map(|n| view! { <p class="info">{n}</p> })}
+                    {info.note.map(|n| view! { <p class="info" id="backend-note">{n}</p> })}
                 }),
                 _ => None,
             }}

@@ -224,17 +224,29 @@ async fn fetch_file(
             .map(|copy| JsFuture::from(cache.put_with_str(url, &copy))),
         None => None,
     };
-    let bytes = read_body(&response, total, |c, d| progress(c, d, total, false))
-        .await
-        .map_err(|e| format!("downloading {name} failed: {e}; press Load to retry"))?;
+    let bytes = match read_body(&response, total, |c, d| progress(c, d, total, false)).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // The cache's copy fails with the stream; wait for it, so nothing is left behind.
+            if let Some(put) = stored {
+                let _ = put.await;
+            }
+            return Err(format!(
+                "downloading {name} failed: {e}; press Retry to try again"
+            ));
+        }
+    };
     if let Some(t) = total
         && t != bytes.len() as u64
     {
+        if let Some(put) = stored {
+            let _ = put.await;
+        }
         if let Some(cache) = cache {
             let _ = JsFuture::from(cache.delete_with_str(url)).await;
         }
         return Err(format!(
-            "downloading {name} stopped after {} of {t} bytes; press Load to retry",
+            "downloading {name} stopped after {} of {t} bytes; press Retry to try again",
             bytes.len()
         ));
     }

@@ -137,6 +137,38 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let cli_link = stdout(&out).trim().to_string();
     let native = native_fingerprints(&cli_link, tmp.path());
 
+    // A ground truth (left 60 columns) and an image too large for the browser (81 MP of
+    // zeros: a small PNG file).
+    let (w, h) = (150u32, 100u32);
+    let truth = image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x < 60 { 255 } else { 0 }]));
+    let truth_path = tmp.path().join("truth.png");
+    truth.save(&truth_path).unwrap();
+    let huge_path = tmp.path().join("huge.png");
+    image::GrayImage::new(9000, 9000).save(&huge_path).unwrap();
+    let masks_dir = tmp.path().join("native-masks");
+    let link_file = tmp.path().join("cli-link.txt");
+    std::fs::write(&link_file, &cli_link).unwrap();
+    let out = vlsm(
+        &[
+            "reproduce",
+            &format!("@{}", link_file.display()),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--out",
+            masks_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let truth_mask: Vec<u8> = truth.pixels().map(|p| u8::from(p.0[0] > 127)).collect();
+    let native_dice: Vec<f64> = (1..=PROMPTS.len())
+        .map(|i| {
+            let png = std::fs::read(masks_dir.join(format!("{i:02}.mask.png"))).unwrap();
+            let (_, _, mask) = vlsm::preprocess::decode_mask(&png).unwrap();
+            vlsm::metrics::dice(&mask, &truth_mask).unwrap()
+        })
+        .collect();
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -150,6 +182,10 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg("--image")
         .arg(&image)
         .args(["--port", &port.to_string(), "--cli-link", &cli_link])
+        .arg("--truth")
+        .arg(&truth_path)
+        .arg("--huge")
+        .arg(&huge_path)
         .arg("--shots")
         .arg(&shots);
     for p in PROMPTS {
@@ -187,6 +223,49 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     // The threshold slider changes the masks without a single request.
     assert_ne!(strings(&r["cpu_threshold_09"]), page);
     assert_eq!(r["requests_during_slider"], 0);
+
+    // Live Dice against a ground truth, as computed natively from the CLI's masks.
+    let scores = r["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), PROMPTS.len());
+    for (score, native) in scores.iter().zip(&native_dice) {
+        let dice = score["dice"].as_f64().unwrap();
+        assert!(
+            (dice - native).abs() < 1e-9,
+            "page Dice {dice} vs native {native}"
+        );
+    }
+
+    // A download that broke half-way: a message naming the file, nothing cached, Retry works.
+    assert_eq!(r["partial_state"], "failed");
+    assert!(
+        r["partial_error"]
+            .as_str()
+            .unwrap()
+            .contains("model.safetensors"),
+        "{}",
+        r["partial_error"]
+    );
+    assert!(
+        !strings(&r["partial_cached"])
+            .iter()
+            .any(|u| u.ends_with("model.safetensors")),
+        "a broken download was cached: {}",
+        r["partial_cached"]
+    );
+    assert_eq!(r["retry_button"], "Retry");
+    assert_eq!(r["retry_state"], "loaded");
+
+    // A browser without WebGPU: Auto runs on the CPU and says why.
+    assert_eq!(r["no_webgpu_state"], "loaded");
+    assert_eq!(r["no_webgpu_backend"], "CPU");
+    assert!(
+        r["no_webgpu_note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WebGPU"),
+        "{}",
+        r["no_webgpu_note"]
+    );
 
     // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
     let link = r["share_link"].as_str().unwrap();
@@ -234,6 +313,10 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
             .as_str()
             .unwrap()
             .contains("unrecognised format"),
+        "{bad}"
+    );
+    assert!(
+        bad["huge_image"].as_str().unwrap().contains("too large"),
         "{bad}"
     );
     assert_eq!(bad["alive"], true);

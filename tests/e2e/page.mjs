@@ -2,7 +2,7 @@
 // JSON on stdout; the assertions live in the Rust test (native/tests/browser.rs).
 //
 //   node page.mjs e2e   --dist DIR --model DIR --image FILE --prompt A --prompt B
-//                       [--port N] [--cli-link LINK] [--shots DIR]
+//                       [--port N] [--cli-link LINK] [--truth MASK] [--huge IMAGE] [--shots DIR]
 //   node page.mjs bench --dist DIR --model DIR --image FILE   (timings, memory; by hand)
 //
 // It serves DIST at / and the model folder at /models/m/ from 127.0.0.1, logs every request
@@ -32,7 +32,7 @@ const TYPES = {
 
 function serve(dist, modelDir, port = 0) {
   const log = [];
-  const state = { modelsOffline: false };
+  const state = { modelsOffline: false, truncateWeights: false };
   const server = http.createServer((req, res) => {
     let body = 0;
     req.on('data', (c) => { body += c.length; });
@@ -55,6 +55,11 @@ function serve(dist, modelDir, port = 0) {
           'content-length': data.length,
           'cache-control': 'no-store',
         });
+        if (state.truncateWeights && file.endsWith('.safetensors')) {
+          // A connection that dies half-way through the weights.
+          res.write(data.subarray(0, data.length >> 1), () => res.socket.destroy());
+          return;
+        }
         res.end(data);
       });
     });
@@ -64,16 +69,14 @@ function serve(dist, modelDir, port = 0) {
   });
 }
 
-function launch() {
-  return chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: [
-      '--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync',
-      // A software WebGPU adapter (SwiftShader), so the WebGPU path runs without a GPU.
-      '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader',
-    ],
-  });
+function launch(webgpu = true) {
+  const args = [
+    '--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync',
+  ];
+  // A software WebGPU adapter (SwiftShader), so the WebGPU path runs without a GPU.
+  if (webgpu) args.push('--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader');
+  return chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args });
 }
 
 /// Collects console errors and every request the page (and its worker) makes.
@@ -134,6 +137,22 @@ async function e2e(args) {
   const out = { base, console: [], requests: [] };
   const browser = await launch();
   try {
+    // 0. A download that breaks half-way: a message, no cache entry, and Retry works.
+    const broken = await browser.newContext();
+    const p0 = await broken.newPage();
+    watch(p0, out);
+    state.truncateWeights = true;
+    await p0.goto(`${base}/?backend=cpu`);
+    await waitFor(p0, '#load');
+    out.partial_state = await loadModel(p0, modelUrl);
+    out.partial_error = await errorText(p0);
+    out.partial_cached = await p0.evaluate(async () =>
+      (await (await caches.open('vlsm-models-v1')).keys()).map((r) => r.url));
+    state.truncateWeights = false;
+    out.retry_button = await p0.textContent('#load');
+    out.retry_state = await loadModel(p0, modelUrl);
+    await broken.close();
+
     // 1. CPU path: load the model, an image, two prompts; run; share.
     const context = await browser.newContext();
     const page = await context.newPage();
@@ -160,6 +179,13 @@ async function e2e(args) {
     await page.click('#share');
     await waitFor(page, '#share-link');
     out.share_link = await page.inputValue('#share-link');
+    // A ground-truth mask: Dice and IoU per prompt.
+    if (args.truth) {
+      await page.setInputFiles('#truth-file', args.truth);
+      await waitFor(page, '.score');
+      out.scores = await page.$$eval('.score', (ss) => ss.map((s) => ({
+        dice: Number(s.dataset.dice), iou: Number(s.dataset.iou) })));
+    }
     if (args.shots) await page.screenshot({ path: path.join(args.shots, 'cpu.png'), fullPage: true });
 
     // 2. Second visit: the model comes from Cache Storage although the server refuses it.
@@ -213,11 +239,29 @@ async function e2e(args) {
     out.bad.wrong_weights = await errorText(bad);
     await bad.setInputFiles('#image-file', { name: 'notes.png', mimeType: 'image/png', buffer: Buffer.from('this is not an image') });
     out.bad.not_an_image = await errorText(bad);
+    if (args.huge) {
+      await bad.setInputFiles('#image-file', args.huge);
+      await bad.waitForFunction(() => /too large/.test(document.querySelector('#error')?.textContent ?? ''), null, { timeout: 60_000 });
+      out.bad.huge_image = await bad.textContent('#error');
+    }
     out.bad.alive = await bad.evaluate(() => document.querySelector('#load') !== null);
     await fresh.close();
     await context.close();
   } finally {
     await browser.close();
+  }
+  // 7. A browser without WebGPU: Auto falls back to the CPU and says why.
+  const plain = await launch(false);
+  try {
+    const p = await (await plain.newContext()).newPage();
+    watch(p, out);
+    await p.goto(`${base}/`);
+    await waitFor(p, '#load');
+    out.no_webgpu_state = await loadModel(p, modelUrl);
+    out.no_webgpu_backend = await p.getAttribute('#backend-used', 'data-backend');
+    out.no_webgpu_note = await p.textContent('#backend-note').catch(() => null);
+  } finally {
+    await plain.close();
     server.close();
   }
   out.server_log = log;
