@@ -846,12 +846,11 @@ fn ModelPanel(page: Page) -> impl IntoView {
                 ModelState::Loading { url } => format!("Loading {url} — {}", page.worker_status.get()),
                 ModelState::Failed { message } => format!("Failed: {message}"),
                 ModelState::Loaded(info) => format!(
-                    "Loaded on {} · {} {} ({}) {} in {:.0} ms, built in {:.0} ms",
+                    "Loaded on {} · {} {} ({} in {:.0} ms), built in {:.0} ms",
                     info.device,
                     logic::human_bytes(info.bytes as f64),
                     info.dtype,
                     if info.from_cache { "from the browser cache" } else { "downloaded" },
-                    "",
                     info.download_ms,
                     info.load_ms
                 ),

@@ -293,7 +293,14 @@ async fn webgpu() -> Result<Device, String> {
             .graphics_api(vlsm::burn::tensor::wgpu::WgpuBackend::WebGpu)
             .init_async()
             .await
-            .map_err(|e| format!("WebGPU could not start: {e}"))
+            .map_err(|e| {
+                let e = e.to_string();
+                if e.contains("No suitable graphics adapter") || e.contains("No adapter") {
+                    "this browser offers no WebGPU adapter".to_string()
+                } else {
+                    format!("WebGPU could not start: {e}")
+                }
+            })
     };
     WEBGPU.with(|w| *w.borrow_mut() = Some(result.clone()));
     result
