@@ -29,8 +29,8 @@ pub fn decode_mask(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
     Ok(crate::metrics::binarize_mask(&decode_image(bytes)?))
 }
 
-/// Width and height from an image's header, without decoding it.
-pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+/// A reader for the format the bytes hold (sniffed from the bytes, not a file name).
+fn sniff(bytes: &[u8]) -> Result<(ImageReader<Cursor<&[u8]>>, image::ImageFormat)> {
     if bytes.is_empty() {
         return Err(Error::Image("the file is empty".into()));
     }
@@ -42,22 +42,18 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
             "unsupported or unrecognised format (expected PNG, JPEG, BMP, TIFF or WebP)".into(),
         )
     })?;
+    Ok((reader, format))
+}
+
+/// Width and height from an image's header, without decoding it.
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+    let (reader, format) = sniff(bytes)?;
     reader.into_dimensions().map_err(|e| describe(format, e))
 }
 
 /// Decodes image bytes with the size limits and truncation checks of [`decode_rgb`].
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    if bytes.is_empty() {
-        return Err(Error::Image("the file is empty".into()));
-    }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Image(e.to_string()))?;
-    let format = reader.format().ok_or_else(|| {
-        Error::Image(
-            "unsupported or unrecognised format (expected PNG, JPEG, BMP, TIFF or WebP)".into(),
-        )
-    })?;
+    let (reader, format) = sniff(bytes)?;
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder would fill the missing part with grey; PIL refuses, and so do we.
         return Err(Error::Image(

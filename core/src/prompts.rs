@@ -63,6 +63,24 @@ fn join_words(words: &[&str]) -> String {
         .join(" ")
 }
 
+/// A file-name-safe short form of a prompt: lowercase alphanumerics joined by `-`, at most
+/// 48 characters, "empty" for an empty prompt.
+pub fn slug(prompt: &str) -> String {
+    let s: String = prompt
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s: Vec<&str> = s.split('-').filter(|p| !p.is_empty()).collect();
+    let s: String = s.join("-").chars().take(48).collect();
+    if s.is_empty() { "empty".into() } else { s }
+}
+
 /// A count in English words, as Python's `num2words` writes it ("twenty-one",
 /// "one hundred and five"), for 0–999 999.
 pub fn number_words(n: u32) -> String {
@@ -156,6 +174,14 @@ mod tests {
         assert_eq!(a.prompt(3).unwrap(), "foot ulcer");
         assert_eq!(a.prompt(5).unwrap(), "two medium foot ulcer");
         assert_eq!(a.prompt(6).unwrap(), "two medium foot ulcer");
+    }
+
+    #[test]
+    fn slugs_are_file_safe() {
+        assert_eq!(slug("A pink, round polyp!"), "a-pink-round-polyp");
+        assert_eq!(slug(""), "empty");
+        assert_eq!(slug("../../etc"), "etc");
+        assert!(slug(&"x".repeat(5000)).len() <= 48);
     }
 
     #[test]

@@ -154,28 +154,9 @@ pub fn human_bytes(bytes: f64) -> String {
     }
 }
 
-/// A file name for downloads from a prompt: "02_small-round-polyp".
+/// A file name for downloads from a prompt: "02_small-round-polyp" (as the CLI names files).
 pub fn download_stem(index: usize, prompt: &str) -> String {
-    let mut slug: String = prompt
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    while slug.contains("--") {
-        slug = slug.replace("--", "-");
-    }
-    let slug: String = slug.trim_matches('-').chars().take(48).collect();
-    let slug = if slug.is_empty() {
-        "empty".to_string()
-    } else {
-        slug
-    };
-    format!("{:02}_{slug}", index + 1)
+    format!("{:02}_{}", index + 1, vlsm::prompts::slug(prompt))
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
                 let mask = l.mask_at(args.threshold, image.width(), image.height());
-                let stem = format!("{i:02}_{}", slug(prompt));
+                let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
                 let mask_path = dir.join(format!("{stem}.mask.png"));
                 write_atomic(
                     &mask_path,
@@ -155,24 +155,6 @@ fn output_names(paths: &[PathBuf]) -> Vec<String> {
     names
 }
 
-/// A file-name-safe short form of a prompt.
-fn slug(prompt: &str) -> String {
-    let s: String = prompt
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s: Vec<&str> = s.split('-').filter(|p| !p.is_empty()).collect();
-    let s = s.join("-");
-    let s: String = s.chars().take(48).collect();
-    if s.is_empty() { "empty".into() } else { s }
-}
-
 /// Writes through a temporary file and a rename, so a crash never leaves half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let Some(name) = path.file_name() else {
@@ -190,14 +172,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slugs_are_file_safe() {
-        assert_eq!(slug("A pink, round polyp!"), "a-pink-round-polyp");
-        assert_eq!(slug(""), "empty");
-        assert_eq!(slug("../../etc"), "etc");
-        assert!(slug(&"x".repeat(5000)).len() <= 48);
-    }
 
     #[test]
     fn duplicate_image_names_are_kept_apart() {
