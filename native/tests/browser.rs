@@ -136,6 +136,21 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert!(out.status.success(), "{}", stderr(&out));
     let cli_link = stdout(&out).trim().to_string();
     let native = native_fingerprints(&cli_link, tmp.path());
+    // The same, but hashed from other weights than those at the URL.
+    let simple = fixture("clipseg_simple");
+    let args = vec![
+        "share",
+        image.to_str().unwrap(),
+        "--weights-url",
+        &model_url,
+        "--weights",
+        simple.to_str().unwrap(),
+        "--prompt",
+        "polyp",
+    ];
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mismatch_link = stdout(&out).trim().to_string();
 
     // A ground truth (left 60 columns) and an image too large for the browser (81 MP of
     // zeros: a small PNG file).
@@ -182,6 +197,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg("--image")
         .arg(&image)
         .args(["--port", &port.to_string(), "--cli-link", &cli_link])
+        .args(["--mismatch-link", &mismatch_link])
         .arg("--truth")
         .arg(&truth_path)
         .arg("--huge")
@@ -275,6 +291,14 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert_eq!(strings(&r["link_prompts"]), PROMPTS);
     // The CLI's link opened in the page.
     assert_eq!(strings(&r["cli_link_cpu"]["fingerprints"]), native);
+
+    // A link made for other weights than those at its URL says so.
+    let info = r["mismatch_info"].as_str().unwrap_or_default();
+    assert!(
+        info.contains("weights at this URL differ"),
+        "{}",
+        r["mismatch_info"]
+    );
 
     // WebGPU (SwiftShader) gives the same masks as the CPU.
     assert_eq!(

@@ -2,7 +2,8 @@
 // JSON on stdout; the assertions live in the Rust test (native/tests/browser.rs).
 //
 //   node page.mjs e2e   --dist DIR --model DIR --image FILE --prompt A --prompt B
-//                       [--port N] [--cli-link LINK] [--truth MASK] [--huge IMAGE] [--shots DIR]
+//                       [--port N] [--cli-link LINK] [--mismatch-link LINK] [--truth MASK]
+//                       [--huge IMAGE] [--shots DIR]
 //   node page.mjs bench --dist DIR --model DIR --image FILE   (timings, memory; by hand)
 //
 // It serves DIST at / and the model folder at /models/m/ from 127.0.0.1, logs every request
@@ -222,6 +223,15 @@ async function e2e(args) {
       await cliPage.goto(link);
       await cliPage.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
       out.cli_link_cpu = await readResults(cliPage);
+    }
+
+    // 5b. A link whose weights hash differs from the weights at its URL: said, not hidden.
+    if (args['mismatch-link']) {
+      const mm = await fresh.newPage();
+      watch(mm, out);
+      await mm.goto(args['mismatch-link'].replace(/^[^#]*/, `${base}/?backend=cpu`));
+      await mm.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
+      out.mismatch_info = await mm.textContent('#info').catch(() => null);
     }
 
     // 6. Bad input gets a message, not a crash.
