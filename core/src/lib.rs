@@ -5,6 +5,7 @@
 //! [`burn::tensor::Device`] the caller picks.
 
 pub mod config;
+pub mod dataset;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
