@@ -144,7 +144,8 @@ pub fn mask_fingerprint(mask: &[u8]) -> String {
     hex(&hasher.finalize()[..8])
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -479,8 +479,7 @@ impl Page {
                     return self.fail(format!("cannot read {}: {}", file.name(), describe(&e)));
                 }
             };
-            match vlsm::preprocess::dimensions(&bytes)
-                .and_then(|(w, h)| check_pixels(w, h))
+            match logic::check_image_size(&bytes)
                 .and_then(|_| vlsm::preprocess::decode_mask(&bytes))
             {
                 Ok((width, height, mask)) => {
@@ -509,9 +508,8 @@ impl Page {
 
     /// Decodes and shows an image; results of the previous image are cleared.
     fn set_image(self, name: String, bytes: Vec<u8>, url: Option<String>) {
-        let decoded = vlsm::preprocess::dimensions(&bytes)
-            .and_then(|(w, h)| check_pixels(w, h))
-            .and_then(|_| vlsm::preprocess::decode_rgb(&bytes));
+        let decoded =
+            logic::check_image_size(&bytes).and_then(|_| vlsm::preprocess::decode_rgb(&bytes));
         let rgb = match decoded {
             Ok(rgb) => rgb,
             Err(e) => return self.fail(format!("{name}: {e}")),
@@ -673,16 +671,6 @@ impl Page {
 
 fn short(sha: &str) -> String {
     sha.chars().take(16).collect()
-}
-
-fn check_pixels(w: u32, h: u32) -> vlsm::Result<()> {
-    if u64::from(w) * u64::from(h) > crate::worker::MAX_PIXELS {
-        return Err(vlsm::Error::Image(format!(
-            "{w}×{h} is too large for the browser (at most {} megapixels)",
-            crate::worker::MAX_PIXELS / 1_000_000
-        )));
-    }
-    Ok(())
 }
 
 async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {

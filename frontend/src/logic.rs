@@ -12,6 +12,22 @@ pub use vlsm::share::{DEFAULT_WEIGHTS_URL, normalize_weights_url};
 pub const VIEW_SIDE: u32 = 768;
 pub const THUMB_SIDE: u32 = 160;
 
+/// The page and the worker refuse larger images (the wasm heap is 4 GiB at most).
+pub const MAX_PIXELS: u64 = 64_000_000;
+
+/// Width and height of an image from its header, refused above [`MAX_PIXELS`] before
+/// anything is decoded.
+pub fn check_image_size(bytes: &[u8]) -> vlsm::Result<(u32, u32)> {
+    let (w, h) = vlsm::preprocess::dimensions(bytes)?;
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(vlsm::Error::Image(format!(
+            "{w}×{h} is too large for the browser (at most {} megapixels)",
+            MAX_PIXELS / 1_000_000
+        )));
+    }
+    Ok((w, h))
+}
+
 /// Checks a prompt list before running it.
 pub fn check_prompts(prompts: &[String]) -> Result<(), String> {
     if prompts.is_empty() {
@@ -162,6 +178,24 @@ pub fn download_stem(index: usize, prompt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_over_the_pixel_budget_are_refused_from_the_header() {
+        let png = |w, h| {
+            let mut bytes = Vec::new();
+            image::GrayImage::new(w, h)
+                .write_to(
+                    &mut std::io::Cursor::new(&mut bytes),
+                    image::ImageFormat::Png,
+                )
+                .unwrap();
+            bytes
+        };
+        assert_eq!(check_image_size(&png(8000, 8000)).unwrap(), (8000, 8000));
+        let err = check_image_size(&png(9000, 9000)).unwrap_err().to_string();
+        assert!(err.contains("9000×9000 is too large"), "{err}");
+        assert!(check_image_size(b"not an image").is_err());
+    }
 
     #[test]
     fn prompt_lists_are_checked() {

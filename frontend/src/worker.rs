@@ -20,8 +20,6 @@ use crate::protocol::{Backend, FromWorker, ToWorker};
 
 /// Cache Storage bucket for model files; bump the suffix if the entry format changes.
 const CACHE_NAME: &str = "vlsm-models-v1";
-/// The page refuses larger images; so does the worker (the wasm heap is 4 GiB at most).
-pub const MAX_PIXELS: u64 = 64_000_000;
 
 struct Loaded {
     segmenter: Rc<Segmenter>,
@@ -250,12 +248,7 @@ async fn fetch_file(
             bytes.len()
         ));
     }
-    let sha256 = hasher.map(|h| {
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    });
+    let sha256 = hasher.map(|h| vlsm::share::hex(&h.finalize()));
     if let (Some(cache), Some(put)) = (cache, stored) {
         // Storing can fail (quota, private mode): the model still loads, only not offline.
         if put.await.is_ok()
@@ -454,13 +447,7 @@ async fn segment(prompts: Vec<String>, image_bytes: Vec<u8>) -> Result<(), Strin
         .with(|m| m.borrow().as_ref().map(|l| l.segmenter.clone()))
         .ok_or("load a model first")?;
     crate::logic::check_prompts(&prompts)?;
-    let (w, h) = vlsm::preprocess::dimensions(&image_bytes).map_err(|e| e.to_string())?;
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(format!(
-            "the image is {w}×{h}: at most {} megapixels in the browser",
-            MAX_PIXELS / 1_000_000
-        ));
-    }
+    crate::logic::check_image_size(&image_bytes).map_err(|e| e.to_string())?;
     let image = vlsm::preprocess::decode_rgb(&image_bytes).map_err(|e| e.to_string())?;
     drop(image_bytes);
     status("encoding the image");

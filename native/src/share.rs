@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use vlsm::share::{
-    ImageSource, ShareState, ViewSettings, embeddable_png, file_url, mask_fingerprint,
+    ImageSource, ShareState, ViewSettings, embeddable_png, file_url, hex, mask_fingerprint,
     normalize_weights_url, pixels_sha256,
 };
 use vlsm::{Segmenter, preprocess, render};
@@ -223,10 +223,6 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hash_file(path: &Path) -> Result<String> {

@@ -89,11 +89,7 @@ fn native_fingerprints(link: &str, tmp: &Path) -> Vec<String> {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| l.split('\t').nth(1).unwrap().to_string())
-        .collect()
+    reproduced_fingerprints(&out)
 }
 
 fn strings(v: &Value) -> Vec<String> {

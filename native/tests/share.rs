@@ -20,15 +20,6 @@ fn share(image: &Path, extra: &[&str]) -> std::process::Output {
     vlsm(&args, &[])
 }
 
-/// `index → fingerprint` lines printed by `vlsm reproduce`.
-fn fingerprints(out: &std::process::Output) -> Vec<String> {
-    assert!(out.status.success(), "{}", stderr(out));
-    stdout(out)
-        .lines()
-        .map(|l| l.split('\t').nth(1).unwrap().to_string())
-        .collect()
-}
-
 /// Fingerprints of the masks `vlsm segment` writes for the same image and prompts.
 fn segment_fingerprints(image: &Path, threshold: &str, tmp: &Path) -> Vec<String> {
     let out_dir = tmp.join("segment");
@@ -100,7 +91,7 @@ fn a_shared_link_reproduces_the_masks_of_segment() {
         &["reproduce", &link, "--weights", weights.to_str().unwrap()],
         &[],
     );
-    assert_eq!(fingerprints(&out), expected);
+    assert_eq!(reproduced_fingerprints(&out), expected);
     assert!(
         stderr(&out).contains("matches the link"),
         "{}",
@@ -121,7 +112,7 @@ fn a_shared_link_reproduces_the_masks_of_segment() {
         &["reproduce", &at, "--weights", weights.to_str().unwrap()],
         &[],
     );
-    assert_eq!(fingerprints(&out), expected);
+    assert_eq!(reproduced_fingerprints(&out), expected);
     let mut child = Command::new(env!("CARGO_BIN_EXE_vlsm"))
         .args(["reproduce", "-", "--weights", weights.to_str().unwrap()])
         .stdin(Stdio::piped())
@@ -135,7 +126,10 @@ fn a_shared_link_reproduces_the_masks_of_segment() {
         .unwrap()
         .write_all(link.as_bytes())
         .unwrap();
-    assert_eq!(fingerprints(&child.wait_with_output().unwrap()), expected);
+    assert_eq!(
+        reproduced_fingerprints(&child.wait_with_output().unwrap()),
+        expected
+    );
 }
 
 #[test]
@@ -155,7 +149,7 @@ fn weights_come_from_the_links_url_and_mismatches_are_reported() {
     let envs = [("VLSM_CACHE", cache.to_str().unwrap())];
     let out = vlsm(&["reproduce", &link], &envs);
     let expected = segment_fingerprints(&image, "0.5", tmp.path());
-    assert_eq!(fingerprints(&out), expected);
+    assert_eq!(reproduced_fingerprints(&out), expected);
     assert!(
         stderr(&out).contains("matches the link"),
         "{}",
@@ -218,7 +212,7 @@ fn large_images_travel_by_hash_and_must_be_supplied() {
         ],
         &[],
     );
-    assert_eq!(fingerprints(&out).len(), 2);
+    assert_eq!(reproduced_fingerprints(&out).len(), 2);
     assert!(!stderr(&out).contains("image differs"), "{}", stderr(&out));
     // Another image is used, with a warning.
     let other = fixture("images/rgb_64x64.png");

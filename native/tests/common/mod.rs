@@ -33,6 +33,21 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The fingerprints `vlsm reproduce` prints (second tab-separated column), after checking
+/// that it succeeded.
+pub fn reproduced_fingerprints(out: &Output) -> Vec<String> {
+    assert!(out.status.success(), "{}", stderr(out));
+    stdout(out)
+        .lines()
+        .map(|l| {
+            l.split('\t')
+                .nth(1)
+                .expect("index\tfingerprint\t…")
+                .to_string()
+        })
+        .collect()
+}
+
 /// The command failed with exactly one `error: …` line on stderr, and no panic.
 pub fn assert_clean_error(out: &Output, needle: &str) {
     let err = stderr(out);
