@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -48,6 +48,18 @@ pub struct BadEntry {
 /// in the second list with its index and what is wrong; a file that is not a JSON array is
 /// an error.
 pub fn parse_annotations(json: &[u8], source: &str) -> Result<(Vec<Entry>, Vec<BadEntry>)> {
+    let (entries, bad) = parse_annotations_indexed(json, source)?;
+    Ok((entries.into_iter().map(|(_, e)| e).collect(), bad))
+}
+
+/// Readable entries with their index in the file, and the unreadable ones.
+pub type IndexedAnnotations = (Vec<(usize, Entry)>, Vec<BadEntry>);
+
+/// As [`parse_annotations`], each entry with its index in the file.
+pub fn parse_annotations_indexed(
+    json: &[u8],
+    source: &str,
+) -> Result<IndexedAnnotations> {
     let values: Vec<serde_json::Value> = serde_json::from_slice(json)
         .map_err(|e| Error::Input(format!("{source}: not a JSON array of entries: {e}")))?;
     let mut entries = Vec::with_capacity(values.len());
@@ -60,7 +72,7 @@ pub fn parse_annotations(json: &[u8], source: &str) -> Result<(Vec<Entry>, Vec<B
                     message: "empty img_name or mask_name".into(),
                 })
             }
-            Ok(entry) => entries.push(entry),
+            Ok(entry) => entries.push((index, entry)),
             Err(e) => bad.push(BadEntry {
                 index,
                 message: e.to_string(),
@@ -123,6 +135,115 @@ pub fn study_dataset(name: &str) -> Option<DatasetSpec> {
     STUDY_DATASETS.iter().copied().find(|s| s.name == name)
 }
 
+/// How list-valued prompts (p7–p9, radiology pairs) are evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum ListPrompts {
+    /// Every member, each its own row; per-image scores average the members.
+    All,
+    /// One member per (image, prompt id), chosen with a seeded generator from the seed and
+    /// the entry — like medvlsm's `random.choice` but independent of loading order, so
+    /// shards and resumed runs pick the same member.
+    Random { seed: u64 },
+}
+
+impl ListPrompts {
+    /// The member indices of `value` to evaluate for one entry.
+    pub fn members(&self, value: &PromptValue, key: &str) -> Vec<usize> {
+        let n = value.texts().len();
+        match (self, value) {
+            (_, PromptValue::Text(_)) => vec![0],
+            (_, PromptValue::List(_)) if n == 0 => Vec::new(),
+            (ListPrompts::All, _) => (0..n).collect(),
+            (ListPrompts::Random { seed }, _) => {
+                // FNV-1a of the key, mixed with the seed.
+                let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+                });
+                vec![crate::stats::SplitMix64(hash ^ seed).below(n)]
+            }
+        }
+    }
+}
+
+/// The prompt ids of a dataset: the study's for its datasets, else every `p<N>` its entries
+/// have, in numeric order.
+pub fn prompt_ids(name: &str, entries: &[Entry]) -> Vec<String> {
+    if let Some(spec) = study_dataset(name) {
+        return spec.prompt_ids();
+    }
+    let mut ids: Vec<String> = entries
+        .iter()
+        .flat_map(|e| e.prompts.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    ids.sort_by_key(|id| (prompt_number(id), id.clone()));
+    ids
+}
+
+/// `p7` → 7; other names sort after every `p<N>`.
+pub fn prompt_number(id: &str) -> u32 {
+    id.strip_prefix('p')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// The annotation files read for a dataset and split: for the study's test-only datasets
+/// (CVC-300, ColonDB, ETIS) "test" means their test and train lists.
+pub fn splits_for(name: &str, split: &str) -> Vec<String> {
+    match study_dataset(name) {
+        Some(spec) if split == "test" => spec.test_splits.iter().map(|s| s.to_string()).collect(),
+        _ => vec![split.to_string()],
+    }
+}
+
+/// Checks a file name from an annotation stays inside its folder (no absolute path, no `..`).
+pub fn check_relative(name: &str) -> Result<()> {
+    let bad = name.starts_with('/')
+        || name.starts_with('\\')
+        || name.contains(':')
+        || name.split(['/', '\\']).any(|part| part == "..");
+    if bad {
+        return Err(Error::Input(format!(
+            "`{name}` points outside the dataset folder"
+        )));
+    }
+    Ok(())
+}
+
+/// Where an entry's image or mask lives: `<dir>/<name>`, else (CAMUS's layout)
+/// `<dir>/<split>/<name>`, with val images kept under `train/`.
+#[cfg(feature = "std")]
+pub fn locate(dir: &std::path::Path, split: &str, name: &str) -> Result<std::path::PathBuf> {
+    check_relative(name)?;
+    let direct = dir.join(name);
+    if direct.is_file() {
+        return Ok(direct);
+    }
+    let mut tried = vec![direct];
+    let subdirs: &[&str] = if split == "val" {
+        &["val", "train"]
+    } else {
+        &[split]
+    };
+    for sub in subdirs {
+        let path = dir.join(sub).join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+        tried.push(path);
+    }
+    Err(Error::Input(format!(
+        "{} not found",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +277,45 @@ mod tests {
         assert!(bad[0].message.contains("mask_name"), "{}", bad[0].message);
         let err = parse_annotations(b"{}", "x.json").unwrap_err().to_string();
         assert!(err.contains("x.json"), "{err}");
+    }
+
+    #[test]
+    fn list_prompts_all_or_seeded() {
+        let list = PromptValue::List(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(ListPrompts::All.members(&list, "k"), [0, 1, 2]);
+        assert_eq!(
+            ListPrompts::All.members(&PromptValue::Text("x".into()), "k"),
+            [0]
+        );
+        let r = ListPrompts::Random { seed: 42 };
+        assert_eq!(r.members(&list, "img1/p7"), r.members(&list, "img1/p7"));
+        let picks: std::collections::BTreeSet<usize> = (0..50)
+            .map(|i| r.members(&list, &format!("img{i}/p7"))[0])
+            .collect();
+        assert_eq!(picks.len(), 3, "all members get picked over 50 images");
+        assert!(
+            ListPrompts::All
+                .members(&PromptValue::List(vec![]), "k")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn prompt_ids_and_splits() {
+        let (entries, _) = parse_annotations(
+            br#"[{"img_name": "a", "mask_name": "a", "prompts": {"p10": "", "p2": "x", "p1": "y"}}]"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(prompt_ids("mine", &entries), ["p1", "p2", "p10"]);
+        assert_eq!(prompt_ids("busi", &entries).len(), 7);
+        assert_eq!(splits_for("colondb_polyp", "test"), ["test", "train"]);
+        assert_eq!(splits_for("colondb_polyp", "val"), ["val"]);
+        assert_eq!(splits_for("mine", "test"), ["test"]);
+        assert!(check_relative("mask_1/a.png").is_ok());
+        for bad in ["../x.png", "/etc/passwd", "a/../../b", "C:\\x"] {
+            assert!(check_relative(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod prompts;
 pub mod render;
 pub mod segmenter;
 pub mod share;
+pub mod stats;
 pub mod tokenize;
 pub mod weights;
 

@@ -131,6 +131,241 @@ pub fn number_words(n: u32) -> String {
     }
 }
 
+/// The size, count and location words medvlsm measures from a mask (R-OLD
+/// `scripts/features_from_img.py`), reproduced with its quirks:
+/// - objects are the 4-connected components of `grey > 127.5`; the count is all of them;
+/// - an object's coverage counts only its pixels that are exactly 255 (the script compares
+///   `mask / 255 == 1`), so JPEG masks measure a little smaller; objects covering ≤ 0.01 %
+///   of the image get no size word; sizes: > 0.30 large, > 0.08 medium, < 0.001 tiny, else
+///   small; the size words present are listed once each, smallest first;
+/// - each object gets a location on a 3×3 grid from where its 255-pixels lie: the only cell
+///   it touches; else the only cell holding ≥ 10 % of it; else, if none does, the cell
+///   holding the *least* (sic) of it; else (several cells ≥ 10 %) the cell of its bounding
+///   box's centre, measured from its level-128 contour, with the column compared against
+///   thirds of the image *height* (sic); the locations of all objects are joined by ", ".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskAttributes {
+    pub count: usize,
+    pub size: String,
+    pub location: String,
+}
+
+/// The 3×3 grid's cell names, row by row.
+const GRID: [&str; 9] = [
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+];
+
+/// Measures [`MaskAttributes`] from an 8-bit grey mask, row-major `width`×`height`.
+pub fn mask_attributes(grey: &[u8], width: usize, height: usize) -> MaskAttributes {
+    let (labels, count) = label_components(grey, width, height);
+    let mut objects: Vec<Vec<usize>> = vec![Vec::new(); count];
+    for (i, &l) in labels.iter().enumerate() {
+        if l > 0 {
+            objects[l as usize - 1].push(i);
+        }
+    }
+    let total = (width * height) as f64;
+    let mut sizes = [false; 4]; // tiny, small, medium, large
+    let mut locations = Vec::with_capacity(count);
+    for pixels in &objects {
+        let white: Vec<usize> = pixels.iter().copied().filter(|&i| grey[i] == 255).collect();
+        let coverage = white.len() as f64 / total;
+        if coverage > 0.0001 {
+            let class = if coverage > 0.30 {
+                3
+            } else if coverage > 0.08 {
+                2
+            } else if coverage < 0.001 {
+                0
+            } else {
+                1
+            };
+            sizes[class] = true;
+        }
+        locations.push(object_location(grey, pixels, &white, width, height));
+    }
+    let size = ["tiny", "small", "medium", "large"]
+        .iter()
+        .zip(sizes)
+        .filter(|(_, present)| *present)
+        .map(|(w, _)| *w)
+        .collect::<Vec<_>>()
+        .join(", ");
+    MaskAttributes {
+        count,
+        size,
+        location: locations.join(", "),
+    }
+}
+
+fn object_location(
+    grey: &[u8],
+    pixels: &[usize],
+    white: &[usize],
+    width: usize,
+    height: usize,
+) -> String {
+    // Python's int(h / 3) and int(2 * h / 3) band edges.
+    let band = |v: usize, n: usize| {
+        if v < n / 3 {
+            0
+        } else if v < 2 * n / 3 {
+            1
+        } else {
+            2
+        }
+    };
+    let mut cells = [0usize; 9];
+    for &i in white {
+        cells[band(i / width, height) * 3 + band(i % width, width)] += 1;
+    }
+    if white.is_empty() {
+        // The script divides 0 by 0: every cell is NaN, "non-zero", none is ≥ 0.1, and a
+        // stable sort by NaN keeps the first cell.
+        return GRID[0].into();
+    }
+    let share: Vec<f64> = cells
+        .iter()
+        .map(|&c| c as f64 / white.len() as f64)
+        .collect();
+    let touched: Vec<usize> = (0..9).filter(|&c| share[c] != 0.0).collect();
+    if touched.len() == 1 {
+        return GRID[touched[0]].into();
+    }
+    let significant: Vec<usize> = (0..9).filter(|&c| share[c] >= 0.1).collect();
+    match significant.len() {
+        0 => {
+            let least = touched
+                .iter()
+                .copied()
+                .min_by(|&a, &b| share[a].total_cmp(&share[b]))
+                .expect("an object touches a cell");
+            GRID[least].into()
+        }
+        1 => GRID[significant[0]].into(),
+        _ => {
+            // The script's bounding box comes from the level-128 contour, truncated to
+            // integers: one pixel before the first row/column when an edge pixel there is
+            // brighter than 128 (the crossing lies between it and the zero beside it), and
+            // the last row/column itself at the far side.
+            let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
+            for &i in pixels {
+                let (r, c) = (i / width, i % width);
+                r0 = r0.min(r);
+                r1 = r1.max(r);
+                c0 = c0.min(c);
+                c1 = c1.max(c);
+            }
+            let bright_row = pixels.iter().any(|&i| i / width == r0 && grey[i] > 128);
+            let bright_col = pixels.iter().any(|&i| i % width == c0 && grey[i] > 128);
+            let top = if r0 > 0 && bright_row { r0 - 1 } else { r0 };
+            let left = if c0 > 0 && bright_col { c0 - 1 } else { c0 };
+            let centre_row = (top + r1 + 1) as f64 / 2.0;
+            let centre_col = (left + c1 + 1) as f64 / 2.0;
+            let h = height as f64;
+            let third = |v: f64, names: [&'static str; 3]| {
+                if v < h / 3.0 {
+                    names[0]
+                } else if v <= 2.0 * h / 3.0 {
+                    names[1]
+                } else {
+                    names[2]
+                }
+            };
+            let vertical = third(centre_row, ["top", "center", "bottom"]);
+            let horizontal = third(centre_col, ["left", "center", "right"]);
+            match (vertical, horizontal) {
+                ("center", h) => h.into(),
+                (v, "center") => v.into(),
+                (v, h) => format!("{v} {h}"),
+            }
+        }
+    }
+}
+
+/// 4-connected components of `grey > 127`, numbered 1… in raster order of their first
+/// pixel (as `scipy.ndimage.label`); 0 is background.
+fn label_components(grey: &[u8], width: usize, height: usize) -> (Vec<u32>, usize) {
+    let mut labels = vec![0u32; grey.len()];
+    let mut count = 0;
+    let mut stack = Vec::new();
+    for start in 0..grey.len() {
+        if grey[start] <= 127 || labels[start] != 0 {
+            continue;
+        }
+        count += 1;
+        labels[start] = count as u32;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            let (r, c) = (i / width, i % width);
+            let mut visit = |j: usize| {
+                if grey[j] > 127 && labels[j] == 0 {
+                    labels[j] = count as u32;
+                    stack.push(j);
+                }
+            };
+            if c > 0 {
+                visit(i - 1);
+            }
+            if c + 1 < width {
+                visit(i + 1);
+            }
+            if r > 0 {
+                visit(i - width);
+            }
+            if r + 1 < height {
+                visit(i + width);
+            }
+        }
+    }
+    (labels, count)
+}
+
+/// medvlsm's P0–P9 for one image: P0–P6 from the templates, and when descriptions are given,
+/// the lists P7 `{class} which is {d}`, P8 `{p5} which is {d}` and P9 `P8 located in
+/// {location} of the image`.
+pub fn study_prompts(
+    attributes: &PromptAttributes,
+    descriptions: &[String],
+) -> std::collections::BTreeMap<String, crate::dataset::PromptValue> {
+    use crate::dataset::PromptValue;
+    let mut prompts = std::collections::BTreeMap::new();
+    for p in TEMPLATE_IDS {
+        if let Some(text) = attributes.prompt(p) {
+            prompts.insert(format!("p{p}"), PromptValue::Text(text));
+        }
+    }
+    if !descriptions.is_empty() {
+        let class = attributes.class.trim();
+        let p5 = attributes.prompt(5).unwrap_or_default();
+        let location = attributes.location.trim();
+        let list = |f: &dyn Fn(&str) -> String| {
+            PromptValue::List(descriptions.iter().map(|d| f(d.trim())).collect())
+        };
+        prompts.insert("p7".into(), list(&|d| format!("{class} which is {d}")));
+        prompts.insert("p8".into(), list(&|d| format!("{p5} which is {d}")));
+        prompts.insert(
+            "p9".into(),
+            list(&|d| {
+                if location.is_empty() {
+                    format!("{p5} which is {d}")
+                } else {
+                    format!("{p5} which is {d} located in {location} of the image")
+                }
+            }),
+        );
+    }
+    prompts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +409,65 @@ mod tests {
         assert_eq!(a.prompt(3).unwrap(), "foot ulcer");
         assert_eq!(a.prompt(5).unwrap(), "two medium foot ulcer");
         assert_eq!(a.prompt(6).unwrap(), "two medium foot ulcer");
+    }
+
+    #[test]
+    fn mask_attributes_by_hand() {
+        // 9×9 image: a 3×3 block of 255 in the top-left cell and a single 200-pixel in the
+        // bottom-right one (a second object with no 255 pixel).
+        let (w, h) = (9, 9);
+        let mut grey = vec![0u8; w * h];
+        for r in 0..3 {
+            for c in 0..3 {
+                grey[r * w + c] = 255;
+            }
+        }
+        grey[8 * w + 8] = 200;
+        let a = mask_attributes(&grey, w, h);
+        assert_eq!(a.count, 2);
+        // 9/81 = 0.111 → medium; the second object has no size word.
+        assert_eq!(a.size, "medium");
+        assert_eq!(a.location, "top left, top left");
+        // One object straddling the centre column: several significant cells → the
+        // bounding-box centre (rows 3–5, columns 2–6 → row 4.0 or so: center; column 4.5:
+        // center) → "center".
+        let mut grey = vec![0u8; w * h];
+        for r in 3..6 {
+            for c in 2..7 {
+                grey[r * w + c] = 255;
+            }
+        }
+        let a = mask_attributes(&grey, w, h);
+        assert_eq!(
+            (a.count, a.size.as_str(), a.location.as_str()),
+            (1, "medium", "center")
+        );
+        assert_eq!(mask_attributes(&[0; 4], 2, 2).count, 0);
+    }
+
+    #[test]
+    fn study_prompts_p7_to_p9() {
+        let a = PromptAttributes {
+            class: "polyp".into(),
+            color: "white".into(),
+            shape: "round".into(),
+            size: "small, medium".into(),
+            number: "three".into(),
+            location: "top left, right".into(),
+        };
+        let p = study_prompts(&a, &["a projecting growth of tissue".into()]);
+        assert_eq!(p.len(), 10);
+        assert_eq!(
+            p["p7"].texts(),
+            ["polyp which is a projecting growth of tissue"]
+        );
+        assert_eq!(
+            p["p9"].texts(),
+            [
+                "three small, medium white round polyp which is a projecting growth of tissue located in top left, right of the image"
+            ]
+        );
+        assert_eq!(study_prompts(&a, &[]).len(), 7);
     }
 
     #[test]

@@ -207,7 +207,17 @@ impl Segmenter {
         image: &EncodedImage,
         prompts: &EmbeddedPrompts,
     ) -> Result<Vec<Logits>> {
-        let logits = self.decode_tensor(image, prompts)?;
+        self.decode_conditioning(image, prompts.conditioning.clone())
+    }
+
+    /// Logits for FiLM conditioning vectors `[P, projection_dim]` (rows of
+    /// [`EmbeddedPrompts::conditioning`], possibly gathered from a cache) on one encoded image.
+    pub fn decode_conditioning(
+        &self,
+        image: &EncodedImage,
+        conditioning: Tensor<2>,
+    ) -> Result<Vec<Logits>> {
+        let logits = self.model.decode(&image.features, conditioning)?;
         let dims = logits.dims();
         let data = logits
             .try_into_data()

@@ -1,8 +1,11 @@
 //! `vlsm`: the command-line shell over the `vlsm` library.
 
 mod backend;
+mod bench;
 mod convert;
 mod hub;
+mod plot;
+mod report;
 mod segment;
 mod share;
 mod timing;
@@ -32,6 +35,11 @@ enum Command {
     Share(share::ShareArgs),
     /// Recompute a share link natively; prints each mask's fingerprint.
     Reproduce(share::ReproduceArgs),
+    /// Evaluate models on medvlsm-layout datasets across prompts (resumable, shardable);
+    /// `vlsm bench merge` combines shards.
+    Bench(bench::BenchArgs),
+    /// Tables (markdown, JSON) and Dice-vs-prompt plots (PNG, SVG) from bench results.
+    Report(report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +81,8 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Share(args) => share::share(args),
         Command::Reproduce(args) => share::reproduce(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,837 @@
+//! `vlsm bench`: evaluate models on medvlsm-layout datasets across prompts; one CSV row per
+//! (model, dataset, split, entry, prompt id, list member). Resumable (rerun the same command
+//! after a kill) and shardable (`--shard K/N`, then `vlsm bench merge`).
+
+mod merge;
+pub mod results;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use vlsm::burn::tensor::Tensor;
+use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
+use vlsm::metrics::Scores;
+use vlsm::{Segmenter, preprocess};
+
+use crate::backend::{self, Backend};
+use crate::hub;
+use crate::segment::parse_threshold;
+use results::{Appender, ModelId, RESULTS, Row, RowKey, RunConfig};
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchCommand {
+    /// Combine the result folders of `--shard K/N` runs into one; refuses shards made with
+    /// different options, missing or unfinished shards, and rows in two shards.
+    Merge(merge::MergeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ListMode {
+    /// Every member of a list-valued prompt, each its own row.
+    All,
+    /// One member per entry and prompt id, chosen with --seed (as medvlsm's random choice).
+    Random,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The folder holding `<dataset>/anns/<split>.json`, `<dataset>/images/`, `<dataset>/masks/`.
+    #[arg(long, value_name = "ROOT", required = true)]
+    data: Option<PathBuf>,
+    /// Comma-separated dataset folder names, or `all` (every folder under ROOT with `anns/`).
+    #[arg(long, default_value = "all")]
+    datasets: String,
+    /// A local Hugging Face model directory; repeat to compare models.
+    #[arg(long = "weights", value_name = "DIR")]
+    weights: Vec<PathBuf>,
+    /// A Hugging Face model id, fetched from the hub (cached); repeatable. Default when no
+    /// --weights: CIDAS/clipseg-rd64-refined.
+    #[arg(long = "model", value_name = "HF_ID")]
+    models: Vec<String>,
+    /// Comma-separated prompt ids (p0,p3,…) or `all` (each dataset's own: the study's
+    /// p0–p9, CAMUS p0–p7, BUSI/CheXlocalize p0–p6; for other datasets every id present).
+    #[arg(long, default_value = "all")]
+    prompts: String,
+    /// The annotation split to evaluate (`test` covers test+train for CVC-300/ColonDB/ETIS).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Foreground where sigmoid(logit) > threshold (the study: 0.5; 0.35 for CRIS).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
+    threshold: f32,
+    /// List-valued prompts (p7–p9, radiology pairs): every member, or one seeded choice.
+    #[arg(long, value_enum, default_value = "all")]
+    list_prompts: ListMode,
+    /// Seed of `--list-prompts random`.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// NSD tolerance in pixels (at each resolution the metric is computed at).
+    #[arg(long, default_value_t = 2.0, value_parser = parse_tolerance)]
+    nsd_tolerance: f64,
+    /// Do only part K of N of the work (1 ≤ K ≤ N), e.g. `--shard $SLURM_ARRAY_TASK_ID/8`.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    shard: Option<[usize; 2]>,
+    /// Results folder: results.csv and bench.json. Rerunning the same command resumes.
+    #[arg(long, default_value = "vlsm-bench")]
+    out: PathBuf,
+    /// Recompute rows that recorded an error (after fixing the data).
+    #[arg(long)]
+    retry_errors: bool,
+    /// Do not fsync after each image's rows: a little faster; a machine crash (not a
+    /// killed process) may then lose the last rows.
+    #[arg(long)]
+    no_fsync: bool,
+    /// Re-encode the image for every prompt instead of once per image (for measuring).
+    #[arg(long)]
+    no_encode_once: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+}
+
+fn parse_shard(s: &str) -> std::result::Result<[usize; 2], String> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not K/N (e.g. 2/8)"))?;
+    let k: usize = k
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{k}` is not a shard number"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{n}` is not a shard count"))?;
+    if n == 0 || k == 0 || k > n {
+        return Err(format!("shard {k}/{n}: need 1 ≤ K ≤ N"));
+    }
+    Ok([k, n])
+}
+
+fn parse_tolerance(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("`{s}` is not a tolerance in pixels (a number ≥ 0)")),
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        Some(BenchCommand::Merge(m)) => merge::run(m),
+        None => bench(args.run),
+    }
+}
+
+/// Which shard a (dataset, split, entry) belongs to: round robin within each annotation file,
+/// offset by a hash of its name so small files spread over shards too.
+pub fn shard_of(dataset: &str, split: &str, entry: Option<usize>, n: usize) -> usize {
+    let offset = format!("{dataset}/{split}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    match entry {
+        Some(i) => (offset.wrapping_add(i as u64) % n as u64) as usize + 1,
+        // A problem with a whole annotation file is recorded by shard 1.
+        None => 1,
+    }
+}
+
+/// A model to evaluate.
+struct ModelSpec {
+    id: ModelId,
+    dir: PathBuf,
+}
+
+/// One entry of an annotation file (or a problem reading it), with the rows it should give.
+struct Item {
+    dataset: String,
+    split: String,
+    entry: Option<usize>,
+    source: Result<Entry, String>,
+    rows: Vec<PlannedRow>,
+}
+
+struct PlannedRow {
+    prompt_id: String,
+    member: usize,
+    /// The prompt, or why there is none.
+    text: Result<String, String>,
+}
+
+fn bench(args: RunArgs) -> Result<()> {
+    let root = args.data.clone().expect("clap requires --data");
+    if !root.is_dir() {
+        bail!("--data {}: not a folder", root.display());
+    }
+    let datasets = select_datasets(&root, &args.datasets, &args.split)?;
+    let wanted_prompts: Option<Vec<String>> = match args.prompts.trim() {
+        "all" => None,
+        list => Some(parse_prompt_list(list)?),
+    };
+    let list_prompts = match args.list_prompts {
+        ListMode::All => ListPrompts::All,
+        ListMode::Random => ListPrompts::Random { seed: args.seed },
+    };
+    let models = resolve_models(&args.weights, &args.models)?;
+
+    // Resume: the folder must have been made with the same options.
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut config = RunConfig {
+        vlsm_version: env!("CARGO_PKG_VERSION").into(),
+        models: models.iter().map(|m| m.id.clone()).collect(),
+        data: root.display().to_string(),
+        datasets: datasets.clone(),
+        prompts: wanted_prompts.clone().unwrap_or_else(|| vec!["all".into()]),
+        split: args.split.clone(),
+        threshold: args.threshold,
+        list_prompts,
+        nsd_tolerance: args.nsd_tolerance,
+        shard: args.shard,
+        finished: false,
+    };
+    let results_path = args.out.join(RESULTS);
+    match RunConfig::read(&args.out)? {
+        Some(old) => {
+            let diffs = old.differences(&config, false);
+            if !diffs.is_empty() {
+                bail!(
+                    "{} holds a run made with other options ({}); rerun with the same options to resume, or use another --out",
+                    args.out.display(),
+                    diffs.join("; ")
+                );
+            }
+        }
+        None if results_path.exists() => bail!(
+            "{} has a results.csv but no bench.json; use another --out",
+            args.out.display()
+        ),
+        None => {}
+    }
+    config.write(&args.out)?;
+    let mut existing = if results_path.exists() {
+        results::read(&results_path, true)?
+    } else {
+        Vec::new()
+    };
+    if args.retry_errors {
+        let before = existing.len();
+        existing.retain(|r| r.error.is_empty());
+        if existing.len() != before {
+            results::write_all(&results_path, &existing)?;
+            eprintln!("retrying {} rows that had errors", before - existing.len());
+        }
+    }
+    let done = results::done_keys(&existing);
+
+    let items = plan(
+        &root,
+        &datasets,
+        &args.split,
+        wanted_prompts.as_deref(),
+        list_prompts,
+        args.shard,
+    );
+    let pending: usize = models
+        .iter()
+        .map(|m| {
+            items
+                .iter()
+                .flat_map(|item| item.rows.iter().map(move |r| (item, r)))
+                .filter(|(item, r)| !done.contains(&key(&m.id.name, item, r)))
+                .count()
+        })
+        .sum();
+    let total: usize = items.iter().map(|i| i.rows.len()).sum::<usize>() * models.len();
+    if !existing.is_empty() {
+        eprintln!(
+            "resuming: {} rows already in {}, {pending} to do",
+            existing.len(),
+            results_path.display()
+        );
+    }
+    let mut appender = Appender::open(&results_path, !args.no_fsync)?;
+    let mut stats = RunStats::default();
+    let started = Instant::now();
+    if pending > 0 {
+        let bar = progress_bar(pending as u64);
+        let device = backend::device(args.backend)?;
+        for model in &models {
+            let todo: Vec<&Item> = items
+                .iter()
+                .filter(|item| {
+                    item.rows
+                        .iter()
+                        .any(|r| !done.contains(&key(&model.id.name, item, r)))
+                })
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            bar.set_message(format!("loading {}", model.id.name));
+            let segmenter = Segmenter::from_dir(&model.dir, &device)
+                .with_context(|| format!("loading {}", model.dir.display()))?;
+            let mut evaluator = Evaluator {
+                segmenter: &segmenter,
+                model: &model.id.name,
+                root: &root,
+                threshold: args.threshold,
+                nsd_tolerance: args.nsd_tolerance,
+                encode_once: !args.no_encode_once,
+                text_cache: HashMap::new(),
+                stats: &mut stats,
+            };
+            for item in todo {
+                bar.set_message(format!("{} {}", model.id.name, item.dataset));
+                let rows: Vec<&PlannedRow> = item
+                    .rows
+                    .iter()
+                    .filter(|r| !done.contains(&key(&model.id.name, item, r)))
+                    .collect();
+                let out = evaluator.evaluate(item, &rows)?;
+                let t = Instant::now();
+                appender.append(&out)?;
+                evaluator.stats.write_s += t.elapsed().as_secs_f64();
+                evaluator.stats.rows += out.len();
+                evaluator.stats.errors += out.iter().filter(|r| !r.error.is_empty()).count();
+                bar.inc(out.len() as u64);
+            }
+        }
+        bar.finish_and_clear();
+    }
+    config.finished = true;
+    config.write(&args.out)?;
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: {} rows in {wall:.1} s ({:.2} rows/s; {} images encoded {} times{}), {} with errors; encode {:.1} s, decode {:.1} s, metrics {:.1} s, read {:.1} s, write{} {:.2} s; {} of {total} rows in {}",
+        stats.rows,
+        stats.rows as f64 / wall.max(1e-9),
+        stats.images,
+        stats.encodes,
+        if args.no_encode_once {
+            " (--no-encode-once)"
+        } else {
+            ""
+        },
+        stats.errors,
+        stats.encode_s,
+        stats.decode_s,
+        stats.metrics_s,
+        stats.read_s,
+        if args.no_fsync { "" } else { "+fsync" },
+        stats.write_s,
+        existing.len() + stats.rows,
+        results_path.display(),
+    );
+    Ok(())
+}
+
+fn key(model: &str, item: &Item, row: &PlannedRow) -> RowKey {
+    RowKey {
+        model: model.to_string(),
+        dataset: item.dataset.clone(),
+        split: item.split.clone(),
+        entry: item.entry,
+        prompt_id: row.prompt_id.clone(),
+        member: row.member,
+    }
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows {per_sec} ETA {eta} {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar
+}
+
+/// Datasets named by `--datasets`, or every folder with `anns/` (the study's in the paper's
+/// order first).
+fn select_datasets(root: &Path, spec: &str, split: &str) -> Result<Vec<String>> {
+    let has_anns = |name: &str| root.join(name).join("anns").is_dir();
+    if spec.trim() != "all" {
+        let names: Vec<String> = spec
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if names.is_empty() {
+            bail!("--datasets is empty");
+        }
+        for name in &names {
+            dataset::check_relative(name)?;
+            if !has_anns(name) {
+                bail!(
+                    "no dataset `{name}` under {} ({} is not a folder)",
+                    root.display(),
+                    root.join(name).join("anns").display()
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        return Ok(names
+            .into_iter()
+            .filter(|n| seen.insert(n.clone()))
+            .collect());
+    }
+    let mut found: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| has_anns(n))
+        .collect();
+    found.sort_by_key(|n| {
+        let study = dataset::STUDY_DATASETS.iter().position(|s| s.name == n);
+        (study.unwrap_or(usize::MAX), n.clone())
+    });
+    if found.is_empty() {
+        bail!(
+            "no dataset under {} (expected <dataset>/anns/{split}.json folders)",
+            root.display()
+        );
+    }
+    Ok(found)
+}
+
+fn parse_prompt_list(list: &str) -> Result<Vec<String>> {
+    let ids: Vec<String> = list
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.is_empty() {
+        bail!("--prompts is empty");
+    }
+    for id in &ids {
+        if dataset::prompt_number(id) == u32::MAX {
+            bail!("`{id}` is not a prompt id (p0, p1, …)");
+        }
+    }
+    Ok(ids)
+}
+
+fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>> {
+    let mut models = Vec::new();
+    for dir in weights {
+        // Fails early, before any work, on a folder that is not a model.
+        vlsm::files::DirFiles::read(dir).with_context(|| format!("--weights {}", dir.display()))?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| dir.display().to_string());
+        models.push((name, dir.display().to_string(), dir.clone()));
+    }
+    let ids: Vec<String> = if ids.is_empty() && weights.is_empty() {
+        vec![hub::DEFAULT_MODEL.to_string()]
+    } else {
+        ids.to_vec()
+    };
+    for id in ids {
+        let dir = hub::fetch(&id)?;
+        models.push((id.clone(), id, dir));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut specs = Vec::new();
+    for (name, source, dir) in models {
+        if !seen.insert(name.clone()) {
+            bail!("two models are named `{name}`: give their folders different names");
+        }
+        let weights_sha256 = weights_sha256(&dir)?;
+        specs.push(ModelSpec {
+            id: ModelId {
+                name,
+                source,
+                weights_sha256,
+            },
+            dir,
+        });
+    }
+    Ok(specs)
+}
+
+fn weights_sha256(dir: &Path) -> Result<String> {
+    let path = ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{}: no weights file", dir.display()))?;
+    let mut file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("{}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(vlsm::share::hex(&hasher.finalize()))
+}
+
+/// Reads every annotation file and lists the rows each entry should give, for this shard.
+fn plan(
+    root: &Path,
+    datasets: &[String],
+    split: &str,
+    wanted: Option<&[String]>,
+    list_prompts: ListPrompts,
+    shard: Option<[usize; 2]>,
+) -> Vec<Item> {
+    let mut items = Vec::new();
+    let in_shard = |dataset: &str, split: &str, entry: Option<usize>| match shard {
+        Some([k, n]) => shard_of(dataset, split, entry, n) == k,
+        None => true,
+    };
+    for name in datasets {
+        for split in dataset::splits_for(name, split) {
+            let path = root.join(name).join("anns").join(format!("{split}.json"));
+            let parsed = std::fs::read(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|bytes| {
+                    dataset::parse_annotations_indexed(&bytes, &path.display().to_string())
+                        .map_err(|e| e.to_string())
+                });
+            let (entries, bad) = match parsed {
+                Ok(parsed) => parsed,
+                Err(message) => {
+                    if in_shard(name, &split, None) {
+                        items.push(problem(name, &split, None, message));
+                    }
+                    continue;
+                }
+            };
+            let ids = dataset::prompt_ids(
+                name,
+                &entries.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            );
+            let ids: Vec<String> = match wanted {
+                None => ids,
+                // Ids a dataset does not have (p9 for BUSI) are left out, not errors.
+                Some(w) => w.iter().filter(|id| ids.contains(id)).cloned().collect(),
+            };
+            // Entries in file order, unreadable ones included (as a merge sorts them).
+            let first_item = items.len();
+            for b in bad {
+                if in_shard(name, &split, Some(b.index)) {
+                    let message = format!("{} entry {}: {}", path.display(), b.index, b.message);
+                    items.push(problem(name, &split, Some(b.index), message));
+                }
+            }
+            for (index, entry) in entries {
+                if !in_shard(name, &split, Some(index)) {
+                    continue;
+                }
+                let mut rows = Vec::new();
+                for id in &ids {
+                    match entry.prompts.get(id) {
+                        None => rows.push(PlannedRow {
+                            prompt_id: id.clone(),
+                            member: 0,
+                            text: Err(format!("entry {index} has no {id}")),
+                        }),
+                        Some(PromptValue::List(l)) if l.is_empty() => rows.push(PlannedRow {
+                            prompt_id: id.clone(),
+                            member: 0,
+                            text: Err(format!("entry {index}: {id} is an empty list")),
+                        }),
+                        Some(value) => {
+                            let key = format!(
+                                "{name}/{split}/{}/{}/{id}",
+                                entry.img_name, entry.mask_name
+                            );
+                            for member in list_prompts.members(value, &key) {
+                                rows.push(PlannedRow {
+                                    prompt_id: id.clone(),
+                                    member,
+                                    text: Ok(value.texts()[member].clone()),
+                                });
+                            }
+                        }
+                    }
+                }
+                items.push(Item {
+                    dataset: name.clone(),
+                    split: split.clone(),
+                    entry: Some(index),
+                    source: Ok(entry),
+                    rows,
+                });
+            }
+            items[first_item..].sort_by_key(|item| item.entry);
+        }
+    }
+    items
+}
+
+fn problem(dataset: &str, split: &str, entry: Option<usize>, message: String) -> Item {
+    Item {
+        dataset: dataset.into(),
+        split: split.into(),
+        entry,
+        source: Err(message.clone()),
+        rows: vec![PlannedRow {
+            prompt_id: String::new(),
+            member: 0,
+            text: Err(message),
+        }],
+    }
+}
+
+#[derive(Default)]
+struct RunStats {
+    rows: usize,
+    errors: usize,
+    images: usize,
+    encodes: usize,
+    read_s: f64,
+    encode_s: f64,
+    decode_s: f64,
+    metrics_s: f64,
+    write_s: f64,
+}
+
+struct Evaluator<'a> {
+    segmenter: &'a Segmenter,
+    model: &'a str,
+    root: &'a Path,
+    threshold: f32,
+    nsd_tolerance: f64,
+    encode_once: bool,
+    /// FiLM conditioning per prompt text, `[1, D]`: the text tower runs once per distinct prompt.
+    text_cache: HashMap<String, Tensor<2>>,
+    stats: &'a mut RunStats,
+}
+
+/// An image and its ground truth, checked to match.
+struct Sample {
+    image: image::RgbImage,
+    truth: Vec<u8>,
+}
+
+impl Evaluator<'_> {
+    fn evaluate(&mut self, item: &Item, rows: &[&PlannedRow]) -> Result<Vec<Row>> {
+        let base = |row: &PlannedRow| Row {
+            model: self.model.to_string(),
+            dataset: item.dataset.clone(),
+            split: item.split.clone(),
+            entry: item.entry,
+            prompt_id: row.prompt_id.clone(),
+            member: row.member,
+            prompt: row.text.clone().unwrap_or_default(),
+            image: item
+                .source
+                .as_ref()
+                .map(|e| e.img_name.clone())
+                .unwrap_or_default(),
+            mask: item
+                .source
+                .as_ref()
+                .map(|e| e.mask_name.clone())
+                .unwrap_or_default(),
+            width: None,
+            height: None,
+            dice: None,
+            iou: None,
+            hd95: None,
+            nsd: None,
+            dice_model: None,
+            iou_model: None,
+            hd95_model: None,
+            nsd_model: None,
+            foreground: None,
+            error: String::new(),
+        };
+        let failed = |row: &PlannedRow, error: String| Row { error, ..base(row) };
+        let entry = match &item.source {
+            Ok(entry) => entry,
+            Err(message) => return Ok(rows.iter().map(|r| failed(r, message.clone())).collect()),
+        };
+        let t = Instant::now();
+        let sample = self.load(item, entry);
+        self.stats.read_s += t.elapsed().as_secs_f64();
+        let sample = match sample {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("{e:#}").replace('\n', " ");
+                return Ok(rows.iter().map(|r| failed(r, message.clone())).collect());
+            }
+        };
+        let (w, h) = sample.image.dimensions();
+        let size = self.segmenter.input_size();
+        let truth_model =
+            preprocess::resize_nearest(&sample.truth, w as usize, h as usize, size, size);
+        let texts: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| r.text.as_ref().ok().map(String::as_str))
+            .collect();
+        let logits = self.logits(&sample.image, &texts)?;
+        let mut logits = logits.into_iter();
+        let mut out = Vec::with_capacity(rows.len());
+        let t = Instant::now();
+        for row in rows {
+            let mut r = base(row);
+            r.width = Some(w);
+            r.height = Some(h);
+            if let Err(message) = &row.text {
+                r.error = message.clone();
+                out.push(r);
+                continue;
+            }
+            let l = logits.next().expect("one logits per prompt");
+            let pred_model = l.mask(self.threshold);
+            let pred = l.mask_at(self.threshold, w, h);
+            let at_model = Scores::of(&pred_model, &truth_model, size, size, self.nsd_tolerance)?;
+            let at_image = Scores::of(
+                &pred,
+                &sample.truth,
+                w as usize,
+                h as usize,
+                self.nsd_tolerance,
+            )?;
+            r.dice = Some(at_image.dice);
+            r.iou = Some(at_image.iou);
+            r.hd95 = Some(at_image.hd95);
+            r.nsd = Some(at_image.nsd);
+            r.dice_model = Some(at_model.dice);
+            r.iou_model = Some(at_model.iou);
+            r.hd95_model = Some(at_model.hd95);
+            r.nsd_model = Some(at_model.nsd);
+            r.foreground =
+                Some(pred.iter().filter(|&&v| v != 0).count() as f64 / pred.len() as f64);
+            out.push(r);
+        }
+        self.stats.metrics_s += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    fn load(&self, item: &Item, entry: &Entry) -> Result<Sample> {
+        let dir = self.root.join(&item.dataset);
+        let image_path =
+            dataset::locate(&dir.join("images"), &item.split, &entry.img_name).context("image")?;
+        let mask_path =
+            dataset::locate(&dir.join("masks"), &item.split, &entry.mask_name).context("mask")?;
+        let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
+        let image = preprocess::decode_rgb(&read(&image_path)?)
+            .with_context(|| image_path.display().to_string())?;
+        let (mw, mh, truth) = preprocess::decode_mask(&read(&mask_path)?)
+            .with_context(|| mask_path.display().to_string())?;
+        if (mw, mh) != image.dimensions() {
+            bail!(
+                "mask {} is {mw}×{mh} but image {} is {}×{}",
+                mask_path.display(),
+                image_path.display(),
+                image.width(),
+                image.height()
+            );
+        }
+        Ok(Sample { image, truth })
+    }
+
+    /// Logits for each prompt: one encoding for all of them, or (without encode-once) one
+    /// per prompt.
+    fn logits(&mut self, image: &image::RgbImage, texts: &[&str]) -> Result<Vec<vlsm::Logits>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stats.images += 1;
+        let missing: Vec<&str> = {
+            let mut m: Vec<&str> = texts
+                .iter()
+                .copied()
+                .filter(|t| !self.text_cache.contains_key(*t))
+                .collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        let t = Instant::now();
+        if !missing.is_empty() {
+            let embedded = self.segmenter.embed_prompts(&missing)?;
+            for (i, text) in missing.iter().enumerate() {
+                let row = embedded.conditioning.clone().narrow(0, i, 1);
+                self.text_cache.insert(text.to_string(), row);
+            }
+        }
+        self.stats.decode_s += t.elapsed().as_secs_f64();
+        let conditioning = |texts: &[&str]| {
+            Tensor::cat(
+                texts.iter().map(|t| self.text_cache[*t].clone()).collect(),
+                0,
+            )
+        };
+        if self.encode_once {
+            let t = Instant::now();
+            let encoded = self.segmenter.encode_image(image)?;
+            self.stats.encodes += 1;
+            self.stats.encode_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let logits = self
+                .segmenter
+                .decode_conditioning(&encoded, conditioning(texts))?;
+            self.stats.decode_s += t.elapsed().as_secs_f64();
+            Ok(logits)
+        } else {
+            let mut all = Vec::with_capacity(texts.len());
+            for text in texts {
+                let t = Instant::now();
+                let encoded = self.segmenter.encode_image(image)?;
+                self.stats.encodes += 1;
+                self.stats.encode_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                all.extend(
+                    self.segmenter
+                        .decode_conditioning(&encoded, conditioning(&[text]))?,
+                );
+                self.stats.decode_s += t.elapsed().as_secs_f64();
+            }
+            Ok(all)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_entries() {
+        for n in [1, 2, 3, 7] {
+            let mut counts = vec![0; n];
+            for i in 0..100 {
+                counts[shard_of("kvasir_polyp", "test", Some(i), n) - 1] += 1;
+            }
+            assert_eq!(counts.iter().sum::<usize>(), 100);
+            assert!(counts.iter().all(|&c| c >= 100 / n - 1), "{counts:?}");
+        }
+        assert_eq!(shard_of("d", "test", None, 4), 1);
+    }
+
+    #[test]
+    fn shard_and_prompt_arguments() {
+        assert_eq!(parse_shard("2/8").unwrap(), [2, 8]);
+        for bad in ["0/2", "3/2", "1/0", "x/2", "2"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_prompt_list("p0, p3").unwrap(), ["p0", "p3"]);
+        assert!(parse_prompt_list("p1,foo").is_err());
+        assert!(parse_tolerance("-1").is_err() && parse_tolerance("2.5").is_ok());
+    }
+}

@@ -1,0 +1,384 @@
+//! `results.csv`: one row per (model, dataset, split, entry, prompt id, list member), appended
+//! as the benchmark goes, and `bench.json`: the options a results folder was made with.
+//!
+//! Crash safety: rows are only ever appended, one image's rows per write, each write flushed
+//! to disk (fsync) unless asked otherwise. A kill can only leave a partial last line; reading
+//! the file back drops it (and truncates the file to its last complete row).
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const RESULTS: &str = "results.csv";
+pub const CONFIG: &str = "bench.json";
+
+/// One result row. Metrics without a suffix are at the image's original resolution (the
+/// prediction resized back with nearest); `_model` ones at the model's input resolution
+/// against the ground truth resized there (nearest), as medvlsm's logged metrics. HD95 and
+/// NSD are in pixels of their resolution; NaN where MONAI gives NaN (empty masks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub model: String,
+    pub dataset: String,
+    pub split: String,
+    /// Index of the entry in `anns/<split>.json`; empty for a problem with the whole file.
+    pub entry: Option<usize>,
+    /// Empty when the entry itself could not be read.
+    pub prompt_id: String,
+    /// Index in a list-valued prompt (0 for a string prompt).
+    pub member: usize,
+    pub prompt: String,
+    pub image: String,
+    pub mask: String,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub dice: Option<f64>,
+    pub iou: Option<f64>,
+    pub hd95: Option<f64>,
+    pub nsd: Option<f64>,
+    pub dice_model: Option<f64>,
+    pub iou_model: Option<f64>,
+    pub hd95_model: Option<f64>,
+    pub nsd_model: Option<f64>,
+    /// Foreground share of the prediction at original resolution.
+    pub foreground: Option<f64>,
+    /// Why this row has no scores (missing image, mask of another size, bad entry, …).
+    pub error: String,
+}
+
+/// What identifies a row: a rerun recomputes only the keys not yet present.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowKey {
+    pub model: String,
+    pub dataset: String,
+    pub split: String,
+    pub entry: Option<usize>,
+    pub prompt_id: String,
+    pub member: usize,
+}
+
+impl Row {
+    pub fn key(&self) -> RowKey {
+        RowKey {
+            model: self.model.clone(),
+            dataset: self.dataset.clone(),
+            split: self.split.clone(),
+            entry: self.entry,
+            prompt_id: self.prompt_id.clone(),
+            member: self.member,
+        }
+    }
+}
+
+/// The header line, from the field names.
+pub fn header() -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.serialize(Row::placeholder()).expect("a row serialises");
+    let bytes = w.into_inner().expect("in memory");
+    String::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+impl Row {
+    fn placeholder() -> Self {
+        Row {
+            model: String::new(),
+            dataset: String::new(),
+            split: String::new(),
+            entry: None,
+            prompt_id: String::new(),
+            member: 0,
+            prompt: String::new(),
+            image: String::new(),
+            mask: String::new(),
+            width: None,
+            height: None,
+            dice: None,
+            iou: None,
+            hd95: None,
+            nsd: None,
+            dice_model: None,
+            iou_model: None,
+            hd95_model: None,
+            nsd_model: None,
+            foreground: None,
+            error: String::new(),
+        }
+    }
+}
+
+/// CSV text of rows, without a header.
+pub fn encode_rows(rows: &[Row]) -> Result<Vec<u8>> {
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    for row in rows {
+        w.serialize(row)?;
+    }
+    w.into_inner().context("encoding rows")
+}
+
+/// Reads a results file. A partial last line (a write cut by a kill) is dropped; with
+/// `repair`, the file is also truncated to its complete rows so appends start clean.
+pub fn read(path: &Path, repair: bool) -> Result<Vec<Row>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() && repair {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(complete as u64)
+            .with_context(|| format!("truncating {}", path.display()))?;
+        file.sync_all()?;
+        eprintln!(
+            "note: dropped a half-written row at the end of {}",
+            path.display()
+        );
+    }
+    let text = &bytes[..complete];
+    let first_line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    if String::from_utf8_lossy(first_line).trim_end() != header() {
+        bail!(
+            "{} is not a vlsm results file (its header differs from `{}`)",
+            path.display(),
+            header()
+        );
+    }
+    let mut reader = csv::Reader::from_reader(text);
+    let mut rows = Vec::new();
+    for (i, row) in reader.deserialize().enumerate() {
+        let row: Row =
+            row.with_context(|| format!("{} row {} is malformed", path.display(), i + 2))?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Appends rows to `results.csv`, each batch in one write, synced to disk when `fsync`.
+pub struct Appender {
+    file: File,
+    path: PathBuf,
+    fsync: bool,
+}
+
+impl Appender {
+    /// Opens (creating with a header) the results file for appending.
+    pub fn open(path: &Path, fsync: bool) -> Result<Self> {
+        let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if new {
+            file.write_all(format!("{}\n", header()).as_bytes())?;
+            file.sync_all()?;
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            fsync,
+        })
+    }
+
+    pub fn append(&mut self, rows: &[Row]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode_rows(rows)?;
+        self.file
+            .write_all(&bytes)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        if self.fsync {
+            self.file
+                .sync_data()
+                .with_context(|| format!("syncing {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a whole results file atomically (temp file, fsync, rename).
+pub fn write_all(path: &Path, rows: &[Row]) -> Result<()> {
+    let mut bytes = format!("{}\n", header()).into_bytes();
+    bytes.extend(encode_rows(rows)?);
+    write_atomic_synced(path, &bytes)
+}
+
+pub fn write_atomic_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Keys already present.
+pub fn done_keys(rows: &[Row]) -> HashSet<RowKey> {
+    rows.iter().map(Row::key).collect()
+}
+
+/// A model as the run knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelId {
+    /// The name in the `model` column.
+    pub name: String,
+    /// `--weights` directory or `--model` hub id.
+    pub source: String,
+    /// sha256 of its weights file: a resumed or merged run must use the same weights.
+    pub weights_sha256: String,
+}
+
+/// `bench.json`: everything that decides the rows' values. Resuming with other options, or
+/// merging shards made with different ones, is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub vlsm_version: String,
+    pub models: Vec<ModelId>,
+    pub data: String,
+    pub datasets: Vec<String>,
+    pub prompts: Vec<String>,
+    pub split: String,
+    pub threshold: f32,
+    pub list_prompts: vlsm::dataset::ListPrompts,
+    pub nsd_tolerance: f64,
+    /// `[K, N]`: this folder holds shard K of N; absent for a whole run or a merge.
+    pub shard: Option<[usize; 2]>,
+    /// Set when the run got through all its work (a kill leaves it false).
+    pub finished: bool,
+}
+
+impl RunConfig {
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(CONFIG);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not a vlsm bench config", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        write_atomic_synced(&dir.join(CONFIG), &json)
+    }
+
+    /// What differs from `other`, ignoring `finished` (and the shard index when `ignore_shard`).
+    pub fn differences(&self, other: &Self, ignore_shard: bool) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut check = |what: &str, a: String, b: String| {
+            if a != b {
+                d.push(format!("{what} {a} vs {b}"));
+            }
+        };
+        check("models", names(&self.models), names(&other.models));
+        let sums = |m: &[ModelId]| {
+            m.iter()
+                .map(|m| m.weights_sha256[..12.min(m.weights_sha256.len())].to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        check("weights sha256", sums(&self.models), sums(&other.models));
+        check(
+            "datasets",
+            self.datasets.join(","),
+            other.datasets.join(","),
+        );
+        check("prompts", self.prompts.join(","), other.prompts.join(","));
+        check("split", self.split.clone(), other.split.clone());
+        check(
+            "threshold",
+            self.threshold.to_string(),
+            other.threshold.to_string(),
+        );
+        check(
+            "list prompts",
+            format!("{:?}", self.list_prompts),
+            format!("{:?}", other.list_prompts),
+        );
+        check(
+            "NSD tolerance",
+            self.nsd_tolerance.to_string(),
+            other.nsd_tolerance.to_string(),
+        );
+        let shard = |s: Option<[usize; 2]>| match s {
+            Some([_, n]) if ignore_shard => format!("?/{n}"),
+            Some([k, n]) => format!("{k}/{n}"),
+            None => "none".into(),
+        };
+        check("shard", shard(self.shard), shard(other.shard));
+        d
+    }
+}
+
+fn names(models: &[ModelId]) -> String {
+    models
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(entry: usize, dice: f64) -> Row {
+        Row {
+            model: "m".into(),
+            dataset: "d".into(),
+            split: "test".into(),
+            entry: Some(entry),
+            prompt_id: "p1".into(),
+            prompt: "a \"quoted\", comma prompt".into(),
+            dice: Some(dice),
+            hd95: Some(f64::NAN),
+            ..Row::placeholder()
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_and_a_partial_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RESULTS);
+        let mut a = Appender::open(&path, true).unwrap();
+        a.append(&[row(0, 0.5), row(1, 0.25)]).unwrap();
+        drop(a);
+        let rows = read(&path, false).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].prompt, "a \"quoted\", comma prompt");
+        assert!(rows[0].hd95.unwrap().is_nan() && rows[0].iou.is_none());
+        // A write cut in the middle of a row.
+        let full = std::fs::read(&path).unwrap();
+        let extra = encode_rows(&[row(2, 0.75)]).unwrap();
+        let mut cut = full.clone();
+        cut.extend_from_slice(&extra[..extra.len() / 2]);
+        std::fs::write(&path, &cut).unwrap();
+        assert_eq!(read(&path, true).unwrap().len(), 2);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            full,
+            "truncated back to complete rows"
+        );
+        std::fs::write(&path, b"a,b\n1,2\n").unwrap();
+        assert!(
+            read(&path, false)
+                .unwrap_err()
+                .to_string()
+                .contains("not a vlsm results file")
+        );
+    }
+}

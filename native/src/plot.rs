@@ -1,0 +1,190 @@
+//! Dice vs prompt, one panel per dataset and a line per model (the study's Figure 2), as PNG
+//! and SVG with plotters. Text needs a TrueType font: `VLSM_FONT`, else a common system one.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::report::Report;
+
+const PANEL: (u32, u32) = (420, 300);
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+];
+
+/// Writes `dice_vs_prompt.png` and `.svg` into `out`; returns their paths.
+pub fn dice_vs_prompt(report: &Report, out: &Path) -> Result<Vec<PathBuf>> {
+    if report.datasets.is_empty() || report.prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    load_font()?;
+    let columns = report.datasets.len().min(3);
+    let rows = report.datasets.len().div_ceil(columns);
+    let size = (PANEL.0 * columns as u32, PANEL.1 * rows as u32 + 40);
+
+    let svg_path = out.join("dice_vs_prompt.svg");
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        draw(report, &root, rows, columns)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing the SVG plot: {e}"))?;
+    }
+    crate::segment::write_atomic(&svg_path, svg.as_bytes())?;
+
+    let png_path = out.join("dice_vs_prompt.png");
+    let mut pixels = vec![0u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        draw(report, &root, rows, columns)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing the PNG plot: {e}"))?;
+    }
+    let image = image::RgbImage::from_raw(size.0, size.1, pixels).context("plot buffer size")?;
+    crate::segment::write_atomic(&png_path, &vlsm::render::encode_png(&image)?)?;
+    Ok(vec![png_path, svg_path])
+}
+
+fn draw<DB: DrawingBackend>(
+    report: &Report,
+    root: &DrawingArea<DB, Shift>,
+    rows: usize,
+    columns: usize,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the plot: {e:?}");
+    root.fill(&WHITE).map_err(fail)?;
+    let title = format!(
+        "Dice (%) vs prompt, {} resolution",
+        match report.resolution {
+            crate::report::Resolution::Original => "original",
+            crate::report::Resolution::Model => "model",
+        }
+    );
+    let root = root.titled(&title, ("sans-serif", 22)).map_err(fail)?;
+    let panels = root.split_evenly((rows, columns));
+    let last = report.prompts.len() as i32 - 1;
+    for (index, (dataset, panel)) in report.datasets.iter().zip(&panels).enumerate() {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(dataset, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(36)
+            .build_cartesian_2d(-0.3f64..(last as f64 + 0.3), 0f64..100f64)
+            .map_err(fail)?;
+        let prompts = report.prompts.clone();
+        chart
+            .configure_mesh()
+            .x_labels(prompts.len().max(2))
+            .x_label_formatter(&|x| {
+                let i = x.round() as i64;
+                if (x - i as f64).abs() < 1e-6 && i >= 0 && (i as usize) < prompts.len() {
+                    prompts[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_labels(6)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(fail)?;
+        for (m, model) in report.models.iter().enumerate() {
+            let color = COLORS[m % COLORS.len()];
+            let points: Vec<(f64, f64)> = report
+                .prompts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    let c = report.cell(model, dataset, p)?;
+                    (c.dice.n > 0).then_some((i as f64, c.dice.mean * 100.0))
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(fail)?
+                .label(model.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(fail)?;
+        }
+        // The legend once, in the first panel.
+        if index == 0 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK.mix(0.3))
+                .label_font(("sans-serif", 12))
+                .draw()
+                .map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Registers a TrueType font for plotters' text, once.
+fn load_font() -> Result<()> {
+    static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let path = find_font().ok_or_else(|| {
+                "plots need a TrueType font and none was found (install fonts-dejavu-core, or set VLSM_FONT=/path/to/font.ttf)".to_string()
+            })?;
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn find_font() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VLSM_FONT") {
+        return Some(PathBuf::from(p));
+    }
+    const KNOWN: [&str; 6] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+        "C:\\Windows\\Fonts\\arial.ttf",
+    ];
+    if let Some(p) = KNOWN.iter().map(PathBuf::from).find(|p| p.is_file()) {
+        return Some(p);
+    }
+    find_ttf(Path::new("/usr/share/fonts"), 4)
+}
+
+fn find_ttf(dir: &Path, depth: usize) -> Option<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in &entries {
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("ttf")) {
+            return Some(p.clone());
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    entries
+        .iter()
+        .filter(|p| p.is_dir())
+        .find_map(|p| find_ttf(p, depth - 1))
+}

@@ -1,0 +1,449 @@
+//! `vlsm report RESULTS`: the study's tables (markdown and JSON) and Dice-vs-prompt plots
+//! (PNG and SVG, like the study's Figure 2) from a `vlsm bench` results file.
+//!
+//! Per image (entry), a list-valued prompt's members are averaged first; then mean, sample
+//! std and a bootstrap 95 % interval are taken over images. Rows with errors are left out
+//! and counted. HD95/NSD means skip NaN values (empty masks) and say how many.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use vlsm::dataset::prompt_number;
+use vlsm::stats::Summary;
+
+use crate::bench::results::{self, RESULTS, Row, RunConfig};
+use crate::plot;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// Predictions resized back to each image's size (nearest), against the original mask.
+    Original,
+    /// At the model's input size, against the mask resized there (medvlsm's logged metrics).
+    Model,
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// A results.csv, or the `vlsm bench --out` folder holding it.
+    results: PathBuf,
+    /// Where to write report.md, report.json and the plots (default: beside results.csv).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The prompt id of the models × datasets table (default: one table per prompt id).
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, value_enum, default_value = "original")]
+    resolution: Resolution,
+}
+
+/// Summaries of one (model, dataset, prompt id).
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub model: String,
+    pub dataset: String,
+    pub prompt_id: String,
+    /// Images (entries) scored.
+    pub images: usize,
+    pub dice: Summary,
+    pub iou: Summary,
+    pub hd95: Summary,
+    pub nsd: Summary,
+    /// For list-valued prompts: each member's Dice over the images that have it.
+    pub members: Vec<MemberCell>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberCell {
+    pub member: usize,
+    /// The member's text on the first image that has it.
+    pub example: String,
+    pub dice: Summary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorCount {
+    pub model: String,
+    pub dataset: String,
+    pub rows: usize,
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub source: String,
+    pub resolution: Resolution,
+    pub threshold: Option<f32>,
+    pub nsd_tolerance: Option<f64>,
+    pub finished: Option<bool>,
+    pub rows: usize,
+    pub models: Vec<String>,
+    pub datasets: Vec<String>,
+    pub prompts: Vec<String>,
+    pub cells: Vec<Cell>,
+    pub errors: Vec<ErrorCount>,
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let path = if args.results.is_dir() {
+        args.results.join(RESULTS)
+    } else {
+        args.results.clone()
+    };
+    if !path.is_file() {
+        bail!(
+            "{}: no results file (run `vlsm bench` first)",
+            path.display()
+        );
+    }
+    let rows = results::read(&path, false)?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let config = RunConfig::read(&dir).ok().flatten();
+    let report = build(
+        &rows,
+        &path.display().to_string(),
+        args.resolution,
+        config.as_ref(),
+    );
+    if report.cells.is_empty() && report.errors.is_empty() {
+        bail!("{} has no rows", path.display());
+    }
+    let out = args.out.unwrap_or(dir);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if let Some(p) = &args.prompt
+        && !report.prompts.contains(p)
+    {
+        bail!(
+            "--prompt {p}: the results have {}",
+            report.prompts.join(", ")
+        );
+    }
+    let md = markdown(&report, args.prompt.as_deref());
+    crate::segment::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    let json = serde_json::to_vec_pretty(&report)?;
+    crate::segment::write_atomic(&out.join("report.json"), &json)?;
+    println!("{}", out.join("report.md").display());
+    println!("{}", out.join("report.json").display());
+    // Tables first: a missing font costs only the plots.
+    for file in plot::dice_vs_prompt(&report, &out)? {
+        println!("{}", file.display());
+    }
+    Ok(())
+}
+
+fn metric(row: &Row, resolution: Resolution) -> [Option<f64>; 4] {
+    match resolution {
+        Resolution::Original => [row.dice, row.iou, row.hd95, row.nsd],
+        Resolution::Model => [row.dice_model, row.iou_model, row.hd95_model, row.nsd_model],
+    }
+}
+
+/// Mean of the numbers, NaN if there are none.
+fn mean_of(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.filter(|v| !v.is_nan()).collect();
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+pub fn build(
+    rows: &[Row],
+    source: &str,
+    resolution: Resolution,
+    config: Option<&RunConfig>,
+) -> Report {
+    // Orders: models and datasets as they first appear, prompts numerically.
+    let mut models: Vec<String> = Vec::new();
+    let mut datasets: Vec<String> = Vec::new();
+    let mut prompts: Vec<String> = Vec::new();
+    for r in rows {
+        if !models.contains(&r.model) {
+            models.push(r.model.clone());
+        }
+        if !datasets.contains(&r.dataset) {
+            datasets.push(r.dataset.clone());
+        }
+        if !r.prompt_id.is_empty() && !prompts.contains(&r.prompt_id) {
+            prompts.push(r.prompt_id.clone());
+        }
+    }
+    prompts.sort_by_key(|p| (prompt_number(p), p.clone()));
+
+    type Key = (usize, usize, u32, String);
+    let mut groups: BTreeMap<Key, Vec<&Row>> = BTreeMap::new();
+    let mut errors: BTreeMap<(usize, usize), ErrorCount> = BTreeMap::new();
+    for r in rows {
+        let m = models.iter().position(|x| *x == r.model).expect("listed");
+        let d = datasets
+            .iter()
+            .position(|x| *x == r.dataset)
+            .expect("listed");
+        if !r.error.is_empty() {
+            let e = errors.entry((m, d)).or_insert_with(|| ErrorCount {
+                model: r.model.clone(),
+                dataset: r.dataset.clone(),
+                rows: 0,
+                examples: Vec::new(),
+            });
+            e.rows += 1;
+            if e.examples.len() < 5 && !e.examples.contains(&r.error) {
+                e.examples.push(r.error.clone());
+            }
+            continue;
+        }
+        groups
+            .entry((m, d, prompt_number(&r.prompt_id), r.prompt_id.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut cells = Vec::new();
+    for ((m, d, _, prompt_id), rows) in groups {
+        // Per image: the mean over the members evaluated.
+        let mut per_image: BTreeMap<(&str, Option<usize>), Vec<&Row>> = BTreeMap::new();
+        for r in &rows {
+            per_image
+                .entry((r.split.as_str(), r.entry))
+                .or_default()
+                .push(r);
+        }
+        let mut columns: [Vec<f64>; 4] = Default::default();
+        for members in per_image.values() {
+            for (k, column) in columns.iter_mut().enumerate() {
+                column.push(mean_of(
+                    members.iter().filter_map(|r| metric(r, resolution)[k]),
+                ));
+            }
+        }
+        let mut by_member: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
+        for r in &rows {
+            by_member.entry(r.member).or_default().push(r);
+        }
+        let members = if by_member.len() > 1 {
+            by_member
+                .into_iter()
+                .map(|(member, rs)| MemberCell {
+                    member,
+                    example: rs[0].prompt.clone(),
+                    dice: Summary::of(
+                        &rs.iter()
+                            .filter_map(|r| metric(r, resolution)[0])
+                            .collect::<Vec<_>>(),
+                    ),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        cells.push(Cell {
+            model: models[m].clone(),
+            dataset: datasets[d].clone(),
+            prompt_id,
+            images: per_image.len(),
+            dice: Summary::of(&columns[0]),
+            iou: Summary::of(&columns[1]),
+            hd95: Summary::of(&columns[2]),
+            nsd: Summary::of(&columns[3]),
+            members,
+        });
+    }
+    Report {
+        source: source.to_string(),
+        resolution,
+        threshold: config.map(|c| c.threshold),
+        nsd_tolerance: config.map(|c| c.nsd_tolerance),
+        finished: config.map(|c| c.finished),
+        rows: rows.len(),
+        models,
+        datasets,
+        prompts,
+        cells,
+        errors: errors.into_values().collect(),
+    }
+}
+
+impl Report {
+    pub fn cell(&self, model: &str, dataset: &str, prompt: &str) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.model == model && c.dataset == dataset && c.prompt_id == prompt)
+    }
+}
+
+/// "89.51 ± 3.20" in percent; "–" when there is nothing.
+fn percent(s: &Summary) -> String {
+    if s.n == 0 {
+        "–".into()
+    } else if s.std.is_nan() {
+        format!("{:.2}", s.mean * 100.0)
+    } else {
+        format!("{:.2} ± {:.2}", s.mean * 100.0, s.std * 100.0)
+    }
+}
+
+fn interval(s: &Summary, scale: f64) -> String {
+    if s.n == 0 {
+        "–".into()
+    } else {
+        format!("[{:.2}, {:.2}]", s.ci_low * scale, s.ci_high * scale)
+    }
+}
+
+fn plain(s: &Summary, scale: f64) -> String {
+    if s.n == 0 {
+        return "–".into();
+    }
+    let mut text = format!("{:.2}", s.mean * scale);
+    if s.missing > 0 {
+        let _ = write!(text, " ({} NaN)", s.missing);
+    }
+    text
+}
+
+pub fn markdown(report: &Report, prompt: Option<&str>) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# vlsm benchmark report\n");
+    let _ = writeln!(md, "- results: `{}` ({} rows)", report.source, report.rows);
+    let _ = writeln!(
+        md,
+        "- metrics at the {} resolution; per image, list-valued prompts average their members; mean ± sample std over images, in %",
+        match report.resolution {
+            Resolution::Original => "original image",
+            Resolution::Model => "model input",
+        }
+    );
+    if let Some(t) = report.threshold {
+        let _ = writeln!(md, "- threshold: sigmoid(logit) > {t}");
+    }
+    if let Some(t) = report.nsd_tolerance {
+        let _ = writeln!(
+            md,
+            "- NSD tolerance: {t} px; HD95 in px (NaN when a mask is empty, left out of means)"
+        );
+    }
+    if report.finished == Some(false) {
+        let _ = writeln!(
+            md,
+            "- **the run has not finished**: rerun its `vlsm bench` command to complete it"
+        );
+    }
+    let error_rows: usize = report.errors.iter().map(|e| e.rows).sum();
+    let _ = writeln!(md, "- rows with errors: {error_rows}");
+
+    let _ = writeln!(md, "\n## Dice (%): datasets × prompts\n");
+    for model in &report.models {
+        let _ = writeln!(md, "### {model}\n");
+        let _ = writeln!(md, "| dataset | {} |", report.prompts.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(report.prompts.len()));
+        for dataset in &report.datasets {
+            let cells: Vec<String> = report
+                .prompts
+                .iter()
+                .map(|p| {
+                    report
+                        .cell(model, dataset, p)
+                        .map_or("–".into(), |c| percent(&c.dice))
+                })
+                .collect();
+            let _ = writeln!(md, "| {dataset} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(md, "## Dice (%): models × datasets\n");
+    let chosen: Vec<&String> = match prompt {
+        Some(p) => report.prompts.iter().filter(|x| *x == p).collect(),
+        None => report.prompts.iter().collect(),
+    };
+    for p in chosen {
+        let _ = writeln!(md, "### {p}\n");
+        let _ = writeln!(md, "| model | {} |", report.datasets.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(report.datasets.len()));
+        for model in &report.models {
+            let cells: Vec<String> = report
+                .datasets
+                .iter()
+                .map(|d| {
+                    report
+                        .cell(model, d, p)
+                        .map_or("–".into(), |c| percent(&c.dice))
+                })
+                .collect();
+            let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(md);
+    }
+
+    let nsd = report
+        .nsd_tolerance
+        .map_or("NSD".to_string(), |t| format!("NSD@{t}px"));
+    let _ = writeln!(md, "## All metrics\n");
+    let _ = writeln!(
+        md,
+        "| model | dataset | prompt | images | Dice % | Dice 95% CI | IoU % | HD95 px | {nsd} % |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for c in &report.cells {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.model,
+            c.dataset,
+            c.prompt_id,
+            c.images,
+            percent(&c.dice),
+            interval(&c.dice, 100.0),
+            percent(&c.iou),
+            plain(&c.hd95, 1.0),
+            plain(&c.nsd, 100.0),
+        );
+    }
+    let listed: Vec<&Cell> = report
+        .cells
+        .iter()
+        .filter(|c| !c.members.is_empty())
+        .collect();
+    if !listed.is_empty() {
+        let _ = writeln!(md, "\n## List-valued prompts: Dice (%) per member\n");
+        let _ = writeln!(
+            md,
+            "| model | dataset | prompt | member | Dice % | example |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for c in listed {
+            for m in &c.members {
+                let example: String = m.example.chars().take(80).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    c.model,
+                    c.dataset,
+                    c.prompt_id,
+                    m.member,
+                    percent(&m.dice),
+                    example.replace('|', "\\|")
+                );
+            }
+        }
+    }
+    if !report.errors.is_empty() {
+        let _ = writeln!(md, "\n## Errors\n");
+        let _ = writeln!(md, "| model | dataset | rows | first messages |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for e in &report.errors {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                e.model,
+                e.dataset,
+                e.rows,
+                e.examples.join("; ").replace('|', "\\|")
+            );
+        }
+    }
+    md
+}
