@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 /// A prompt value: one string, or a list (p7–p9, and the radiology pairs) of which medvlsm
 /// picks one at random per sample.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PromptValue {
     Text(String),

@@ -252,22 +252,7 @@ fn object_location(
         }
         1 => GRID[significant[0]].into(),
         _ => {
-            // The script's bounding box comes from the level-128 contour, truncated to
-            // integers: one pixel before the first row/column when an edge pixel there is
-            // brighter than 128 (the crossing lies between it and the zero beside it), and
-            // the last row/column itself at the far side.
-            let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
-            for &i in pixels {
-                let (r, c) = (i / width, i % width);
-                r0 = r0.min(r);
-                r1 = r1.max(r);
-                c0 = c0.min(c);
-                c1 = c1.max(c);
-            }
-            let bright_row = pixels.iter().any(|&i| i / width == r0 && grey[i] > 128);
-            let bright_col = pixels.iter().any(|&i| i % width == c0 && grey[i] > 128);
-            let top = if r0 > 0 && bright_row { r0 - 1 } else { r0 };
-            let left = if c0 > 0 && bright_col { c0 - 1 } else { c0 };
+            let (top, r1, left, c1) = contour_box(grey, pixels, width, height);
             let centre_row = (top + r1 + 1) as f64 / 2.0;
             let centre_col = (left + c1 + 1) as f64 / 2.0;
             let h = height as f64;
@@ -289,6 +274,80 @@ fn object_location(
             }
         }
     }
+}
+
+/// The box (first row, last row, first column, last column) the script takes for an
+/// object: it draws the object's level-128 contour (skimage `find_contours` on the object's
+/// grey values, zero elsewhere), truncating each contour point to a pixel, labels those
+/// pixels 8-connected and keeps the first region in raster order. Contour points lie on
+/// the edges between 4-neighbours on either side of the level (inside = value > 128), at
+/// the linearly interpolated crossing. An object touching the image border has an open
+/// contour that can fall apart into several regions, so the box may cover only part of it.
+fn contour_box(grey: &[u8], pixels: &[usize], width: usize, height: usize) -> (usize, usize, usize, usize) {
+    let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
+    for &i in pixels {
+        r0 = r0.min(i / width);
+        r1 = r1.max(i / width);
+        c0 = c0.min(i % width);
+        c1 = c1.max(i % width);
+    }
+    // A window one pixel larger than the object (clipped), holding the object's values.
+    let (wr0, wc0) = (r0.saturating_sub(1), c0.saturating_sub(1));
+    let (wr1, wc1) = ((r1 + 1).min(height - 1), (c1 + 1).min(width - 1));
+    let (ww, wh) = (wc1 - wc0 + 1, wr1 - wr0 + 1);
+    let mut value = vec![0f64; ww * wh];
+    for &i in pixels {
+        value[(i / width - wr0) * ww + (i % width - wc0)] = f64::from(grey[i]);
+    }
+    let level = 128.0;
+    let mut border = vec![false; ww * wh];
+    let mut mark = |a: usize, b: usize| {
+        let (va, vb) = (value[a], value[b]);
+        if (va > level) != (vb > level) {
+            let fraction = (level - va) / (vb - va);
+            border[if fraction >= 1.0 { b } else { a }] = true;
+        }
+    };
+    for r in 0..wh {
+        for c in 0..ww {
+            let i = r * ww + c;
+            if c + 1 < ww {
+                mark(i, i + 1);
+            }
+            if r + 1 < wh {
+                mark(i, i + ww);
+            }
+        }
+    }
+    let Some(start) = border.iter().position(|&b| b) else {
+        return (r0, r1, c0, c1);
+    };
+    // The first 8-connected region of contour pixels.
+    let mut seen = vec![false; ww * wh];
+    let mut stack = vec![start];
+    seen[start] = true;
+    let (mut b0, mut b1, mut d0, mut d1) = (usize::MAX, 0, usize::MAX, 0);
+    while let Some(i) = stack.pop() {
+        let (r, c) = (i / ww, i % ww);
+        b0 = b0.min(r);
+        b1 = b1.max(r);
+        d0 = d0.min(c);
+        d1 = d1.max(c);
+        for dr in [-1isize, 0, 1] {
+            for dc in [-1isize, 0, 1] {
+                let (nr, nc) = (r as isize + dr, c as isize + dc);
+                if nr < 0 || nc < 0 || nr >= wh as isize || nc >= ww as isize {
+                    continue;
+                }
+                let j = nr as usize * ww + nc as usize;
+                if border[j] && !seen[j] {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            }
+        }
+    }
+    (b0 + wr0, b1 + wr0, d0 + wc0, d1 + wc0)
 }
 
 /// 4-connected components of `grey > 127`, numbered 1… in raster order of their first

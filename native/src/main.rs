@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod hub;
 mod plot;
+mod prompts;
 mod report;
 mod segment;
 mod share;
@@ -40,6 +41,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Tables (markdown, JSON) and Dice-vs-prompt plots (PNG, SVG) from bench results.
     Report(report::ReportArgs),
+    /// Write medvlsm-style P0–P9 annotations (anns/<split>.json) for your own images and
+    /// masks: size, count and location measured from each mask as medvlsm does.
+    Prompts(prompts::PromptsArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Reproduce(args) => share::reproduce(args),
         Command::Bench(args) => bench::run(args),
         Command::Report(args) => report::run(args),
+        Command::Prompts(args) => prompts::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
