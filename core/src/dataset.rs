@@ -56,10 +56,7 @@ pub fn parse_annotations(json: &[u8], source: &str) -> Result<(Vec<Entry>, Vec<B
 pub type IndexedAnnotations = (Vec<(usize, Entry)>, Vec<BadEntry>);
 
 /// As [`parse_annotations`], each entry with its index in the file.
-pub fn parse_annotations_indexed(
-    json: &[u8],
-    source: &str,
-) -> Result<IndexedAnnotations> {
+pub fn parse_annotations_indexed(json: &[u8], source: &str) -> Result<IndexedAnnotations> {
     let values: Vec<serde_json::Value> = serde_json::from_slice(json)
         .map_err(|e| Error::Input(format!("{source}: not a JSON array of entries: {e}")))?;
     let mut entries = Vec::with_capacity(values.len());

@@ -283,7 +283,12 @@ fn object_location(
 /// the edges between 4-neighbours on either side of the level (inside = value > 128), at
 /// the linearly interpolated crossing. An object touching the image border has an open
 /// contour that can fall apart into several regions, so the box may cover only part of it.
-fn contour_box(grey: &[u8], pixels: &[usize], width: usize, height: usize) -> (usize, usize, usize, usize) {
+fn contour_box(
+    grey: &[u8],
+    pixels: &[usize],
+    width: usize,
+    height: usize,
+) -> (usize, usize, usize, usize) {
     let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
     for &i in pixels {
         r0 = r0.min(i / width);

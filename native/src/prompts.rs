@@ -71,11 +71,18 @@ pub fn run(args: PromptsArgs) -> Result<()> {
     let masks_dir = args.dataset.join("masks");
     for dir in [&images_dir, &masks_dir] {
         if !dir.is_dir() {
-            bail!("{} is not a folder (expected images/ and masks/ in {})", dir.display(), args.dataset.display());
+            bail!(
+                "{} is not a folder (expected images/ and masks/ in {})",
+                dir.display(),
+                args.dataset.display()
+            );
         }
     }
     vlsm::dataset::check_relative(&args.split)?;
-    let out = args.dataset.join("anns").join(format!("{}.json", args.split));
+    let out = args
+        .dataset
+        .join("anns")
+        .join(format!("{}.json", args.split));
     if out.exists() && !args.force {
         bail!("{} exists: pass --force to replace it", out.display());
     }
@@ -88,18 +95,28 @@ pub fn run(args: PromptsArgs) -> Result<()> {
     let mut problems = Vec::new();
     println!("image\tcount\tsize\tlocation");
     for image in &images {
-        let stem = image.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = image
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         let wanted = format!("{stem}{}", args.mask_suffix);
         let Some(mask) = masks
             .iter()
             .find(|m| m.file_stem().is_some_and(|s| s.to_string_lossy() == wanted))
         else {
-            problems.push(format!("{}: no mask named {wanted}.* in {}", image.display(), masks_dir.display()));
+            problems.push(format!(
+                "{}: no mask named {wanted}.* in {}",
+                image.display(),
+                masks_dir.display()
+            ));
             continue;
         };
         match entry(image, mask, class, &args) {
             Ok((e, measured)) => {
-                println!("{}\t{}\t{}\t{}", e.img_name, measured.count, measured.size, measured.location);
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    e.img_name, measured.count, measured.size, measured.location
+                );
                 entries.push(e);
             }
             Err(err) => problems.push(format!("{err:#}")),
@@ -135,21 +152,35 @@ pub fn run(args: PromptsArgs) -> Result<()> {
         }
     );
     if !problems.is_empty() {
-        bail!("{} of {} images could not be annotated (listed above)", problems.len(), images.len());
+        bail!(
+            "{} of {} images could not be annotated (listed above)",
+            problems.len(),
+            images.len()
+        );
     }
     Ok(())
 }
 
-fn entry(image: &Path, mask: &Path, class: &str, args: &PromptsArgs) -> Result<(EntryOut, vlsm::prompts::MaskAttributes)> {
+fn entry(
+    image: &Path,
+    mask: &Path,
+    class: &str,
+    args: &PromptsArgs,
+) -> Result<(EntryOut, vlsm::prompts::MaskAttributes)> {
     let bytes = std::fs::read(mask).with_context(|| mask.display().to_string())?;
     let grey = preprocess::decode_image(&bytes)
         .with_context(|| mask.display().to_string())?
         .to_luma8();
     let (w, h) = grey.dimensions();
-    let (iw, ih) = preprocess::dimensions(&std::fs::read(image).with_context(|| image.display().to_string())?)
-        .with_context(|| image.display().to_string())?;
+    let (iw, ih) =
+        preprocess::dimensions(&std::fs::read(image).with_context(|| image.display().to_string())?)
+            .with_context(|| image.display().to_string())?;
     if (iw, ih) != (w, h) {
-        bail!("mask {} is {w}×{h} but image {} is {iw}×{ih}", mask.display(), image.display());
+        bail!(
+            "mask {} is {w}×{h} but image {} is {iw}×{ih}",
+            mask.display(),
+            image.display()
+        );
     }
     let measured = mask_attributes(grey.as_raw(), w as usize, h as usize);
     let prompts = if measured.count == 0 {
@@ -173,14 +204,25 @@ fn entry(image: &Path, mask: &Path, class: &str, args: &PromptsArgs) -> Result<(
         };
         study_prompts(&attributes, &args.descriptions)
     };
-    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
     let entry = EntryOut {
         bbox: foreground_box(grey.as_raw(), w, h),
         cat: 0,
-        segment_id: image.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+        segment_id: image
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
         img_name: name(image),
         mask_name: name(mask),
-        sentences: [Sentence { idx: 0, sent_id: 0, sent: String::new() }],
+        sentences: [Sentence {
+            idx: 0,
+            sent_id: 0,
+            sent: String::new(),
+        }],
         prompts,
         sentences_num: 1,
     };
@@ -209,8 +251,9 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
-                && p.extension()
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
+                && p.extension().is_some_and(|e| {
+                    IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
+                })
         })
         .collect();
     files.sort();

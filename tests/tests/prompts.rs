@@ -29,7 +29,10 @@ fn mask_attributes_equal_medvlsm() {
             case["location"].as_str().unwrap(),
         );
         if (a.count, a.size.as_str(), a.location.as_str()) != expected {
-            mismatches.push(format!("{}: ours {a:?}, medvlsm {expected:?}", case["name"]));
+            mismatches.push(format!(
+                "{}: ours {a:?}, medvlsm {expected:?}",
+                case["name"]
+            ));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));

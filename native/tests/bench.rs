@@ -1,0 +1,538 @@
+//! `vlsm bench`, `vlsm bench merge`, `vlsm report` and `vlsm prompts` end to end, on the real
+//! Kvasir sample in ../shared/data/samples/kvasir with the tiny fixture CLIPSeg.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_clean_error, fixture, stderr, stdout, vlsm};
+use serde_json::Value;
+
+fn kvasir() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/samples/kvasir");
+    assert!(
+        p.join("anns/test.json").is_file(),
+        "{} is missing: these tests need the project's shared/ folder beside the checkout",
+        p.display()
+    );
+    p
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// `<root>/kvasir`: the sample's images and masks, with its 5 official entries repeated
+/// `copies` times (so a run lasts long enough to be killed part-way).
+fn dataset(root: &Path, copies: usize) -> PathBuf {
+    let dir = root.join("kvasir");
+    copy_dir(&kvasir(), &dir);
+    let entries: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(kvasir().join("anns/test.json")).unwrap()).unwrap();
+    let repeated: Vec<Value> = (0..copies).flat_map(|_| entries.clone()).collect();
+    std::fs::write(
+        dir.join("anns/test.json"),
+        serde_json::to_vec(&repeated).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}
+
+fn bench_args<'a>(root: &'a str, model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "bench",
+        "--data",
+        root,
+        "--datasets",
+        "kvasir",
+        "--weights",
+        model,
+        "--prompts",
+        "p1,p6,p7",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_rows_and_shards_merge_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset(&root, 6); // 30 entries × (p1 + p6 + 5 members of p7) = 210 rows
+    let root_s = root.to_str().unwrap();
+    let model = fixture("clipseg_refined");
+    let model_s = model.to_str().unwrap();
+
+    // An uninterrupted run.
+    let whole = tmp.path().join("whole");
+    let out = vlsm(
+        &bench_args(root_s, model_s, whole.to_str().unwrap(), &[]),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let whole_csv = std::fs::read(whole.join("results.csv")).unwrap();
+    assert_eq!(lines(&whole.join("results.csv")), 211, "header + 210 rows");
+    assert!(
+        stderr(&out).contains("30 images encoded 30 times"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The same run, killed (SIGKILL) part-way, then a half-written row left at the end.
+    let killed = tmp.path().join("killed");
+    let results = killed.join("results.csv");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vlsm"))
+        .args(bench_args(root_s, model_s, killed.to_str().unwrap(), &[]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while lines(&results) < 30 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = lines(&results) - 1;
+    assert!(
+        (29..210).contains(&kept),
+        "the kill should land mid-run ({kept} rows written)"
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(killed.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(config["finished"], false);
+    let mut bytes = std::fs::read(&results).unwrap();
+    let next_row = whole_csv
+        .split(|&b| b == b'\n')
+        .nth(kept + 1)
+        .unwrap()
+        .to_vec();
+    bytes.extend_from_slice(&next_row[..next_row.len() / 2]);
+    std::fs::write(&results, &bytes).unwrap();
+
+    let out = vlsm(
+        &bench_args(root_s, model_s, killed.to_str().unwrap(), &[]),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("dropped a half-written row"), "{err}");
+    assert!(
+        err.contains(&format!("resuming: {kept} rows already in"))
+            && err.contains(&format!("{} to do", 210 - kept)),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&results).unwrap(),
+        whole_csv,
+        "resumed results equal the uninterrupted run's, row for row"
+    );
+    // Rerunning a finished run recomputes nothing.
+    let out = vlsm(
+        &bench_args(root_s, model_s, killed.to_str().unwrap(), &[]),
+        &[],
+    );
+    assert!(
+        out.status.success() && stderr(&out).contains("bench: 0 rows"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&results).unwrap(), whole_csv);
+    // Resuming with other options is refused.
+    let out = vlsm(
+        &bench_args(
+            root_s,
+            model_s,
+            killed.to_str().unwrap(),
+            &["--threshold", "0.4"],
+        ),
+        &[],
+    );
+    assert_clean_error(&out, "threshold 0.5 vs 0.4");
+
+    // Two shards, merged, equal the unsharded run.
+    let mut shard_dirs = Vec::new();
+    for k in 1..=2 {
+        let dir = tmp.path().join(format!("shard{k}"));
+        let shard = format!("{k}/2");
+        let out = vlsm(
+            &bench_args(root_s, model_s, dir.to_str().unwrap(), &["--shard", &shard]),
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let rows = lines(&dir.join("results.csv")) - 1;
+        assert!((70..140).contains(&rows), "shard {k} has {rows} rows");
+        shard_dirs.push(dir.to_str().unwrap().to_string());
+    }
+    let merged = tmp.path().join("merged");
+    let out = vlsm(
+        &[
+            "bench",
+            "merge",
+            &shard_dirs[0],
+            &shard_dirs[1],
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(merged.join("results.csv")).unwrap(),
+        whole_csv
+    );
+    // Refusals: a missing shard, the same shard twice, a shard made with other options.
+    let out = vlsm(
+        &[
+            "bench",
+            "merge",
+            &shard_dirs[0],
+            "--out",
+            tmp.path().join("m2").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "shard 2/2 missing");
+    let out = vlsm(
+        &[
+            "bench",
+            "merge",
+            &shard_dirs[0],
+            &shard_dirs[0],
+            "--out",
+            tmp.path().join("m3").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "are both shard 1/2");
+    let other = tmp.path().join("other2");
+    let out = vlsm(
+        &bench_args(
+            root_s,
+            model_s,
+            other.to_str().unwrap(),
+            &["--shard", "2/2", "--nsd-tolerance", "1"],
+        ),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = vlsm(
+        &[
+            "bench",
+            "merge",
+            &shard_dirs[0],
+            other.to_str().unwrap(),
+            "--out",
+            tmp.path().join("m4").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "NSD tolerance 2 vs 1");
+
+    // The report of the resumed run: tables, JSON, plots.
+    let out = vlsm(&["report", killed.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = std::fs::read_to_string(killed.join("report.md")).unwrap();
+    assert!(md.contains("| dataset | p1 | p6 | p7 |"), "{md}");
+    assert!(
+        md.contains("| clipseg_refined | kvasir | p7 | 30 |"),
+        "{md}"
+    );
+    assert!(md.contains("List-valued prompts"), "{md}");
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(killed.join("report.json")).unwrap()).unwrap();
+    let cells = json["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 3);
+    let p7 = cells.iter().find(|c| c["prompt_id"] == "p7").unwrap();
+    assert_eq!(p7["members"].as_array().unwrap().len(), 5);
+    let dice = p7["dice"]["mean"].as_f64().unwrap();
+    let (lo, hi) = (
+        p7["dice"]["ci_low"].as_f64().unwrap(),
+        p7["dice"]["ci_high"].as_f64().unwrap(),
+    );
+    assert!(lo <= dice && dice <= hi && (0.0..=1.0).contains(&dice));
+    let png = image::open(killed.join("dice_vs_prompt.png")).unwrap();
+    assert!(png.width() >= 400);
+    let svg = std::fs::read_to_string(killed.join("dice_vs_prompt.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("kvasir") && svg.contains("clipseg_refined"));
+}
+
+#[test]
+fn report_means_equal_the_rows() {
+    // The report's per-prompt mean Dice is the mean over images of the per-image member
+    // means, recomputed here from results.csv.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset(&root, 1);
+    let out_dir = tmp.path().join("out");
+    let model = fixture("clipseg_simple");
+    let out = vlsm(
+        &bench_args(
+            root.to_str().unwrap(),
+            model.to_str().unwrap(),
+            out_dir.to_str().unwrap(),
+            &[],
+        ),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = vlsm(
+        &[
+            "report",
+            out_dir.join("results.csv").to_str().unwrap(),
+            "--resolution",
+            "model",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(out_dir.join("results.csv")).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mut per_image: std::collections::BTreeMap<(String, String), Vec<f64>> = Default::default();
+    for r in reader.records() {
+        let r = r.unwrap();
+        per_image
+            .entry((r[col("prompt_id")].to_string(), r[col("entry")].to_string()))
+            .or_default()
+            .push(r[col("dice_model")].parse().unwrap());
+    }
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["resolution"], "model");
+    for p in ["p1", "p6", "p7"] {
+        let means: Vec<f64> = per_image
+            .iter()
+            .filter(|((id, _), _)| id == p)
+            .map(|(_, v)| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        assert_eq!(means.len(), 5);
+        let expected = means.iter().sum::<f64>() / 5.0;
+        let cell = json["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["prompt_id"] == p)
+            .unwrap();
+        let got = cell["dice"]["mean"].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() < 1e-12,
+            "{p}: report {got}, rows {expected}"
+        );
+    }
+}
+
+#[test]
+fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let dir = dataset(&root, 1);
+    let mut entries: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("anns/test.json")).unwrap()).unwrap();
+    // Entry 1: a missing image; entry 2: a mask of another size; entry 3: no p6;
+    // entry 5: not an entry at all.
+    entries[1]["img_name"] = "missing.jpg".into();
+    let small = image::GrayImage::new(10, 10);
+    small.save(dir.join("masks/small.png")).unwrap();
+    entries[2]["mask_name"] = "small.png".into();
+    entries[3]["prompts"].as_object_mut().unwrap().remove("p6");
+    entries.push(serde_json::json!({"img_name": 3}));
+    std::fs::write(
+        dir.join("anns/test.json"),
+        serde_json::to_vec(&entries).unwrap(),
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("out");
+    let model = fixture("clipseg_simple");
+    let args = bench_args(
+        root.to_str().unwrap(),
+        model.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+        &[],
+    );
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("with errors"), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(out_dir.join("results.csv")).unwrap();
+    let errors: Vec<&str> = csv.lines().filter(|l| !l.ends_with(',')).skip(1).collect();
+    let text = errors.join("\n");
+    assert!(text.contains("missing.jpg not found"), "{text}");
+    assert!(text.contains("is 10×10 but image"), "{text}");
+    assert!(text.contains("entry 3 has no p6"), "{text}");
+    assert!(text.contains("entry 5:"), "{text}");
+    // 7 rows each for the missing image and the wrong-size mask, 1 for the missing p6,
+    // 1 for the unreadable entry.
+    assert_eq!(errors.len(), 16, "{text}");
+    // Entry 3's other prompts and entries 0 and 4 are scored.
+    assert_eq!(csv.lines().count() - 1 - errors.len(), 7 * 3 - 1);
+    let out = vlsm(&["report", out_dir.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("rows with errors: 16") && md.contains("## Errors"),
+        "{md}"
+    );
+
+    // After fixing the data, --retry-errors recomputes exactly the failed rows.
+    entries[1]["img_name"] = entries[0]["img_name"].clone();
+    std::fs::write(
+        dir.join("anns/test.json"),
+        serde_json::to_vec(&entries).unwrap(),
+    )
+    .unwrap();
+    let mut retry = args.clone();
+    retry.push("--retry-errors");
+    let out = vlsm(&retry, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("retrying 16 rows"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("bench: 16 rows"), "{}", stderr(&out));
+
+    // Bad invocations: one line each.
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "nope",
+            "--weights",
+            model.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "no dataset `nope`");
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            "/nonexistent",
+            "--weights",
+            model.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "not a folder");
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--weights",
+            "/nonexistent",
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "not a model directory");
+    let out = vlsm(
+        &["bench", "--data", root.to_str().unwrap(), "--shard", "3/2"],
+        &[],
+    );
+    assert_clean_error(&out, "1 ≤ K ≤ N");
+    let out = vlsm(&["report", tmp.path().join("none").to_str().unwrap()], &[]);
+    assert_clean_error(&out, "no results file");
+}
+
+#[test]
+fn prompts_reproduce_the_official_kvasir_size_count_and_location_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mine");
+    copy_dir(&kvasir().join("images"), &dir.join("images"));
+    copy_dir(&kvasir().join("masks"), &dir.join("masks"));
+    let out = vlsm(
+        &[
+            "prompts",
+            dir.to_str().unwrap(),
+            "--class",
+            "polyp",
+            "--description",
+            "a growth",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("left out: shape (give --shape), colour (give --color)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).starts_with("image\tcount\tsize\tlocation"));
+    let ours: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("anns/test.json")).unwrap()).unwrap();
+    let official: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(kvasir().join("anns/test.json")).unwrap()).unwrap();
+    let text = |e: &Value, p: &str| e["prompts"][p].as_str().unwrap().to_string();
+    let mut matched = 0;
+    for o in &official {
+        let mine = ours
+            .iter()
+            .find(|e| e["img_name"] == o["img_name"])
+            .unwrap();
+        // Official: p4 = "{size} {color} {shape} polyp", p3 = "{color} {shape} polyp",
+        // p5 = "{number} " + p4, p6 = p5 + ", located in {location} of the image".
+        let size = text(o, "p4")
+            .strip_suffix(&format!(" {}", text(o, "p3")))
+            .unwrap()
+            .to_string();
+        let number = text(o, "p5")
+            .strip_suffix(&format!(" {}", text(o, "p4")))
+            .unwrap()
+            .to_string();
+        let location = text(o, "p6")
+            .split(", located in ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(" of the image")
+            .to_string();
+        // Ours, without shape and colour: p4 = "{size} polyp", p5 = "{number} {size} polyp".
+        let our_size = text(mine, "p4").strip_suffix(" polyp").unwrap().to_string();
+        let our_number = text(mine, "p5")
+            .strip_suffix(&format!(" {}", text(mine, "p4")))
+            .unwrap()
+            .to_string();
+        let our_location = text(mine, "p6")
+            .split(", located in ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(" of the image")
+            .to_string();
+        if (size, number, location) == (our_size, our_number, our_location) {
+            matched += 1;
+        }
+        assert_eq!(mine["prompts"]["p7"][0], "polyp which is a growth");
+    }
+    eprintln!(
+        "vlsm prompts: {matched} of {} Kvasir entries have the official size/count/location words",
+        official.len()
+    );
+    assert_eq!(matched, official.len());
+    // Not overwritten without --force; a missing class is refused.
+    let out = vlsm(&["prompts", dir.to_str().unwrap(), "--class", "polyp"], &[]);
+    assert_clean_error(&out, "pass --force");
+    let out = vlsm(
+        &["prompts", dir.to_str().unwrap(), "--class", " ", "--force"],
+        &[],
+    );
+    assert_clean_error(&out, "--class is empty");
+}
