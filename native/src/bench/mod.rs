@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use vlsm::burn::tensor::Tensor;
 use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
@@ -315,7 +316,7 @@ fn bench(args: RunArgs) -> Result<()> {
     config.write(&args.out)?;
     let wall = started.elapsed().as_secs_f64();
     eprintln!(
-        "bench: {} rows in {wall:.1} s ({:.2} rows/s; {} images encoded {} times{}), {} with errors; encode {:.1} s, decode {:.1} s, metrics {:.1} s, read {:.1} s, write{} {:.2} s; {} of {total} rows in {}",
+        "bench: {} rows in {wall:.1} s ({:.2} rows/s; {} images encoded {} times{}), {} with errors; encode {:.1} s, decode {:.1} s, metrics {:.1} s, read {:.1} s, write{} {:.3} s; {} of {total} rows in {}",
         stats.rows,
         stats.rows as f64 / wall.max(1e-9),
         stats.images,
@@ -683,9 +684,24 @@ impl Evaluator<'_> {
             .filter_map(|r| r.text.as_ref().ok().map(String::as_str))
             .collect();
         let logits = self.logits(&sample.image, &texts)?;
-        let mut logits = logits.into_iter();
-        let mut out = Vec::with_capacity(rows.len());
         let t = Instant::now();
+        // Scores of every prompt, in parallel: HD95/NSD at the original size cost about as
+        // much as decoding a prompt.
+        let (threshold, tolerance) = (self.threshold, self.nsd_tolerance);
+        let scored: Vec<Result<(Scores, Scores, f64)>> = logits
+            .par_iter()
+            .map(|l| {
+                let pred_model = l.mask(threshold);
+                let pred = l.mask_at(threshold, w, h);
+                let at_model = Scores::of(&pred_model, &truth_model, size, size, tolerance)?;
+                let at_image = Scores::of(&pred, &sample.truth, w as usize, h as usize, tolerance)?;
+                let foreground =
+                    pred.iter().filter(|&&v| v != 0).count() as f64 / pred.len() as f64;
+                Ok((at_image, at_model, foreground))
+            })
+            .collect();
+        let mut scored = scored.into_iter();
+        let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut r = base(row);
             r.width = Some(w);
@@ -695,17 +711,7 @@ impl Evaluator<'_> {
                 out.push(r);
                 continue;
             }
-            let l = logits.next().expect("one logits per prompt");
-            let pred_model = l.mask(self.threshold);
-            let pred = l.mask_at(self.threshold, w, h);
-            let at_model = Scores::of(&pred_model, &truth_model, size, size, self.nsd_tolerance)?;
-            let at_image = Scores::of(
-                &pred,
-                &sample.truth,
-                w as usize,
-                h as usize,
-                self.nsd_tolerance,
-            )?;
+            let (at_image, at_model, foreground) = scored.next().expect("one score per prompt")?;
             r.dice = Some(at_image.dice);
             r.iou = Some(at_image.iou);
             r.hd95 = Some(at_image.hd95);
@@ -714,8 +720,7 @@ impl Evaluator<'_> {
             r.iou_model = Some(at_model.iou);
             r.hd95_model = Some(at_model.hd95);
             r.nsd_model = Some(at_model.nsd);
-            r.foreground =
-                Some(pred.iter().filter(|&&v| v != 0).count() as f64 / pred.len() as f64);
+            r.foreground = Some(foreground);
             out.push(r);
         }
         self.stats.metrics_s += t.elapsed().as_secs_f64();
