@@ -536,3 +536,99 @@ fn prompts_reproduce_the_official_kvasir_size_count_and_location_words() {
     );
     assert_clean_error(&out, "--class is empty");
 }
+
+#[test]
+fn two_models_all_datasets_test_and_train_lists_and_seeded_list_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset(&root, 1);
+    // A test-only study dataset: its "test" is test.json + train.json.
+    let etis = root.join("etis_polyp");
+    copy_dir(&kvasir(), &etis);
+    let entries: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(kvasir().join("anns/test.json")).unwrap()).unwrap();
+    std::fs::write(
+        etis.join("anns/test.json"),
+        serde_json::to_vec(&entries[..2]).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        etis.join("anns/train.json"),
+        serde_json::to_vec(&entries[2..3]).unwrap(),
+    )
+    .unwrap();
+    // A folder without anns/ is not a dataset.
+    std::fs::create_dir_all(root.join("notes")).unwrap();
+    let endpoint = common::serve_hub(vec![(
+        "tiny/clipseg".into(),
+        common::copy_model("clipseg_refined", tmp.path()),
+    )]);
+    let home = tmp.path().join("hf-home");
+    let out_dir = tmp.path().join("out");
+    let simple = fixture("clipseg_simple");
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--weights",
+            simple.to_str().unwrap(),
+            "--model",
+            "tiny/clipseg",
+            "--prompts",
+            "p1,p8",
+            "--list-prompts",
+            "random",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", home.to_str().unwrap()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(out_dir.join("results.csv")).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    // 2 models × (5 kvasir + 3 etis entries) × (p1 + one member of p8).
+    assert_eq!(rows.len(), 2 * 8 * 2);
+    let models: std::collections::BTreeSet<&str> = rows.iter().map(|r| &r[0]).collect();
+    assert_eq!(
+        models.into_iter().collect::<Vec<_>>(),
+        ["clipseg_simple", "tiny/clipseg"]
+    );
+    // The study's dataset comes first, with its test and train lists.
+    assert_eq!(&rows[0][1], "etis_polyp");
+    let splits: std::collections::BTreeSet<(&str, &str)> =
+        rows.iter().map(|r| (&r[1], &r[2])).collect();
+    assert_eq!(
+        splits.into_iter().collect::<Vec<_>>(),
+        [
+            ("etis_polyp", "test"),
+            ("etis_polyp", "train"),
+            ("kvasir", "test")
+        ]
+    );
+    // The seeded choice: the same member for both models, not always the first.
+    let members: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .filter(|r| &r[4] == "p8")
+        .map(|r| (&r[1], &r[3], &r[5]))
+        .collect();
+    let (first, second) = members.split_at(members.len() / 2);
+    assert_eq!(first, second);
+    assert!(first.iter().any(|m| m.2 != "0"), "{first:?}");
+    let out = vlsm(
+        &["report", out_dir.to_str().unwrap(), "--prompt", "p8"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("| model | etis_polyp | kvasir |"), "{md}");
+    assert!(md.contains("### tiny/clipseg"), "{md}");
+    let out = vlsm(
+        &["report", out_dir.to_str().unwrap(), "--prompt", "p5"],
+        &[],
+    );
+    assert_clean_error(&out, "--prompt p5: the results have p1, p8");
+}
