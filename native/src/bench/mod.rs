@@ -647,18 +647,7 @@ impl Evaluator<'_> {
                 .as_ref()
                 .map(|e| e.mask_name.clone())
                 .unwrap_or_default(),
-            width: None,
-            height: None,
-            dice: None,
-            iou: None,
-            hd95: None,
-            nsd: None,
-            dice_model: None,
-            iou_model: None,
-            hd95_model: None,
-            nsd_model: None,
-            foreground: None,
-            error: String::new(),
+            ..Row::empty()
         };
         let failed = |row: &PlannedRow, error: String| Row { error, ..base(row) };
         let entry = match &item.source {

@@ -77,7 +77,7 @@ impl Row {
 /// The header line, from the field names.
 pub fn header() -> String {
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.serialize(Row::placeholder()).expect("a row serialises");
+    w.serialize(Row::empty()).expect("a row serialises");
     let bytes = w.into_inner().expect("in memory");
     String::from_utf8(bytes)
         .expect("utf-8")
@@ -88,7 +88,8 @@ pub fn header() -> String {
 }
 
 impl Row {
-    fn placeholder() -> Self {
+    /// A row with every field empty, to fill in.
+    pub fn empty() -> Self {
         Row {
             model: String::new(),
             dataset: String::new(),
@@ -346,7 +347,7 @@ mod tests {
             prompt: "a \"quoted\", comma prompt".into(),
             dice: Some(dice),
             hd95: Some(f64::NAN),
-            ..Row::placeholder()
+            ..Row::empty()
         }
     }
 
