@@ -17,7 +17,10 @@ pub mod render;
 pub mod segmenter;
 pub mod share;
 pub mod stats;
+pub mod synthetic;
 pub mod tokenize;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod weights;
 
 pub use burn;

@@ -9,7 +9,9 @@ mod prompts;
 mod report;
 mod segment;
 mod share;
+mod synthetic;
 mod timing;
+mod train;
 
 use std::process::ExitCode;
 
@@ -44,6 +46,12 @@ enum Command {
     /// Write medvlsm-style P0–P9 annotations (anns/<split>.json) for your own images and
     /// masks: size, count and location measured from each mask as medvlsm does.
     Prompts(prompts::PromptsArgs),
+    /// Fine-tune CLIPSeg's decoder on medvlsm-layout data (the study's recipe); exports a
+    /// Hugging Face model directory.
+    Train(train::TrainArgs),
+    /// Write a small synthetic dataset (bright ellipses) in medvlsm's layout, to try
+    /// training and benchmarking without real data.
+    Synthetic(synthetic::SyntheticArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +96,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Report(args) => report::run(args),
         Command::Prompts(args) => prompts::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Synthetic(args) => synthetic::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

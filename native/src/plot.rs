@@ -188,3 +188,102 @@ fn find_ttf(dir: &Path, depth: usize) -> Option<PathBuf> {
         .filter(|p| p.is_dir())
         .find_map(|p| find_ttf(p, depth - 1))
 }
+
+/// `training.png` and `.svg` in `out`: train and validation loss, and validation Dice, per
+/// epoch.
+pub fn training_curves(log: &[vlsm::train::EpochLog], out: &Path) -> Result<Vec<PathBuf>> {
+    if log.is_empty() {
+        return Ok(Vec::new());
+    }
+    load_font()?;
+    let size = (900u32, 360u32);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        draw_training(log, &root)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing the SVG plot: {e}"))?;
+    }
+    let svg_path = out.join("training.svg");
+    crate::segment::write_atomic(&svg_path, svg.as_bytes())?;
+    let mut pixels = vec![0u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        draw_training(log, &root)?;
+        root.present()
+            .map_err(|e| anyhow!("drawing the PNG plot: {e}"))?;
+    }
+    let image = image::RgbImage::from_raw(size.0, size.1, pixels).context("plot buffer size")?;
+    let png_path = out.join("training.png");
+    crate::segment::write_atomic(&png_path, &vlsm::render::encode_png(&image)?)?;
+    Ok(vec![png_path, svg_path])
+}
+
+fn draw_training<DB: DrawingBackend>(
+    log: &[vlsm::train::EpochLog],
+    root: &DrawingArea<DB, Shift>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the plot: {e:?}");
+    root.fill(&WHITE).map_err(fail)?;
+    let panels = root.split_evenly((1, 2));
+    let last = log.last().map_or(1, |e| e.epoch).max(1) as f64;
+    let top = log
+        .iter()
+        .flat_map(|e| [e.train_loss, e.val_loss])
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
+    // (label, colour, value, panel)
+    type Series = (
+        &'static str,
+        RGBColor,
+        fn(&vlsm::train::EpochLog) -> f64,
+        usize,
+    );
+    let series: [Series; 3] = [
+        ("train loss", COLORS[0], |e| e.train_loss, 0),
+        ("val loss", COLORS[1], |e| e.val_loss, 0),
+        ("val Dice", COLORS[2], |e| e.val_dice, 1),
+    ];
+    for (index, (panel, caption)) in panels.iter().zip(["loss", "validation Dice"]).enumerate() {
+        let y_top = if index == 0 { top } else { 1.0 };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(caption, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(28)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0f64..last, 0f64..y_top)
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .draw()
+            .map_err(fail)?;
+        for (label, color, value, panel_index) in &series {
+            if *panel_index != index {
+                continue;
+            }
+            let color = *color;
+            let points: Vec<(f64, f64)> = log.iter().map(|e| (e.epoch as f64, value(e))).collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(fail)?
+                .label(*label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(fail)?;
+    }
+    Ok(())
+}

@@ -87,7 +87,9 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    fn load(w: &Weights, cfg: &ClipSegConfig, device: &Device) -> Result<Self> {
+    /// Builds the decoder from the `decoder.*` tensors of a checkpoint (or of a fine-tuning
+    /// checkpoint holding only those).
+    pub fn load(w: &Weights, cfg: &ClipSegConfig, device: &Device) -> Result<Self> {
         let (r, n) = (cfg.reduce_dim, cfg.extract_layers.len());
         let v = &cfg.vision_config;
         // transformers copies the vision config and overrides sizes; the MLP is always ReLU.
@@ -118,6 +120,139 @@ impl Decoder {
                 .collect::<Result<_>>()?,
             head: DecoderHead::load(w, cfg, device)?,
             conditional_layer: cfg.conditional_layer,
+        })
+    }
+
+    /// The decoder's tensors under their Hugging Face names and layouts (`decoder.*`), the
+    /// inverse of loading: what a fine-tuned model is exported as.
+    pub fn export(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = Vec::new();
+        export_linear(&mut out, "decoder.film_mul", &self.film_mul)?;
+        export_linear(&mut out, "decoder.film_add", &self.film_add)?;
+        for (i, reduce) in self.reduces.iter().enumerate() {
+            export_linear(&mut out, &format!("decoder.reduces.{i}"), reduce)?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("decoder.layers.{i}");
+            let attn = &layer.self_attn;
+            for (name, l) in [
+                ("q_proj", &attn.q_proj),
+                ("k_proj", &attn.k_proj),
+                ("v_proj", &attn.v_proj),
+                ("out_proj", &attn.out_proj),
+            ] {
+                export_linear(&mut out, &format!("{p}.self_attn.{name}"), l)?;
+            }
+            export_norm(&mut out, &format!("{p}.layer_norm1"), &layer.layer_norm1)?;
+            export_linear(&mut out, &format!("{p}.mlp.fc1"), &layer.mlp.fc1)?;
+            export_linear(&mut out, &format!("{p}.mlp.fc2"), &layer.mlp.fc2)?;
+            export_norm(&mut out, &format!("{p}.layer_norm2"), &layer.layer_norm2)?;
+        }
+        let key = "decoder.transposed_convolution";
+        let head = &self.head;
+        match (&head.conv, &head.up2) {
+            (Some(conv), Some(up2)) => {
+                out.push((
+                    format!("{key}.0.weight"),
+                    conv.weight.dims().to_vec(),
+                    values(conv.weight.val())?,
+                ));
+                let bias = conv
+                    .bias
+                    .as_ref()
+                    .ok_or_else(|| Error::Weights("the head's conv has no bias".into()))?;
+                out.push((
+                    format!("{key}.0.bias"),
+                    bias.dims().to_vec(),
+                    values(bias.val())?,
+                ));
+                export_conv_transpose(&mut out, &format!("{key}.2"), &head.up1)?;
+                export_conv_transpose(&mut out, &format!("{key}.4"), up2)?;
+            }
+            _ => export_conv_transpose(&mut out, key, &head.up1)?,
+        }
+        Ok(out)
+    }
+
+    /// Projects the vision taps (deepest first) to the decoder's width.
+    pub fn reduce(&self, taps: &[Tensor<3>]) -> ImageFeatures {
+        ImageFeatures {
+            reduced: taps
+                .iter()
+                .zip(&self.reduces)
+                .map(|(tap, reduce)| reduce.forward(tap.clone()))
+                .collect(),
+        }
+    }
+
+    /// Logits `[P, S, S]`, see [`Self::decode_traced`].
+    pub fn decode(
+        &self,
+        image: &ImageFeatures,
+        conditioning: Tensor<2>,
+        grid: usize,
+    ) -> Result<Tensor<3>> {
+        Ok(self.decode_traced(image, conditioning, grid)?.logits)
+    }
+
+    /// Logits (with intermediates) for reduced taps and FiLM conditioning vectors: one image
+    /// with every prompt, or image `i` with prompt `i`; `grid` is the token grid's side.
+    pub fn decode_traced(
+        &self,
+        image: &ImageFeatures,
+        conditioning: Tensor<2>,
+        grid: usize,
+    ) -> Result<DecoderTrace> {
+        let b = image.batch_size();
+        let [p, _] = conditioning.dims();
+        if b != 1 && b != p {
+            return Err(Error::Input(format!(
+                "{b} images cannot pair with {p} prompts"
+            )));
+        }
+        let dec = self;
+        // FiLM vectors broadcast over tokens: [P, 1, R].
+        let mul = dec
+            .film_mul
+            .forward(conditioning.clone())
+            .unsqueeze_dim::<3>(1);
+        let add = dec.film_add.forward(conditioning).unsqueeze_dim::<3>(1);
+        let mut x: Option<Tensor<3>> = None;
+        let mut film_output = None;
+        let mut layer_outputs = Vec::with_capacity(dec.layers.len());
+        for (i, (reduced, layer)) in image.reduced.iter().zip(&dec.layers).enumerate() {
+            let mut h = match x {
+                Some(prev) => reduced.clone() + prev,
+                None => reduced.clone(),
+            };
+            if i == dec.conditional_layer {
+                h = mul.clone() * h + add.clone();
+                film_output = Some(h.clone());
+            }
+            let out = layer.forward_post_norm(h);
+            layer_outputs.push(out.clone());
+            x = Some(out);
+        }
+        let x = x.expect("the decoder has at least one layer");
+        let [n, tokens, r] = x.dims();
+        let g = grid;
+        debug_assert_eq!(tokens, 1 + g * g);
+        let feature_map = x
+            .narrow(1, 1, tokens - 1)
+            .swap_dims(1, 2)
+            .reshape([n, r, g, g]);
+        // A conditional layer after step 0 leaves early steps unbatched: broadcast now.
+        let feature_map = if n == 1 && p > 1 {
+            feature_map.repeat_dim(0, p)
+        } else {
+            feature_map
+        };
+        let logits = self.head.forward(feature_map.clone());
+        Ok(DecoderTrace {
+            film_output: film_output.expect("conditional_layer is validated"),
+            layer_outputs,
+            feature_map,
+            logits,
         })
     }
 }
@@ -219,17 +354,24 @@ impl ClipSeg {
 
     /// Runs the vision tower on `[B, 3, S, S]` pixels and reduces the tapped states.
     pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {
+        Ok(self.decoder.reduce(&self.vision_taps(pixels)?))
+    }
+
+    /// The vision hidden states the decoder reads, deepest first, each `[B, 1 + g², H]`:
+    /// what the frozen encoder contributes (training caches these).
+    pub fn vision_taps(&self, pixels: Tensor<4>) -> Result<Vec<Tensor<3>>> {
         let states = self.vision.hidden_states(pixels)?;
-        let taps = self
+        Ok(self
             .extract_layers
             .iter()
             .rev()
-            .map(|&i| states[i + 1].clone());
-        let reduced = taps
-            .zip(&self.decoder.reduces)
-            .map(|(tap, reduce)| reduce.forward(tap))
-            .collect();
-        Ok(ImageFeatures { reduced })
+            .map(|&i| states[i + 1].clone())
+            .collect())
+    }
+
+    /// Side of the decoder's token grid.
+    pub fn grid(&self) -> usize {
+        self.input_size() / self.vision.patch_size
     }
 
     /// The FiLM conditioning vectors `[P, projection_dim]` for tokenized prompts.
@@ -249,57 +391,7 @@ impl ClipSeg {
         image: &ImageFeatures,
         conditioning: Tensor<2>,
     ) -> Result<DecoderTrace> {
-        let b = image.batch_size();
-        let [p, _] = conditioning.dims();
-        if b != 1 && b != p {
-            return Err(Error::Input(format!(
-                "{b} images cannot pair with {p} prompts"
-            )));
-        }
-        let dec = &self.decoder;
-        // FiLM vectors broadcast over tokens: [P, 1, R].
-        let mul = dec
-            .film_mul
-            .forward(conditioning.clone())
-            .unsqueeze_dim::<3>(1);
-        let add = dec.film_add.forward(conditioning).unsqueeze_dim::<3>(1);
-        let mut x: Option<Tensor<3>> = None;
-        let mut film_output = None;
-        let mut layer_outputs = Vec::with_capacity(dec.layers.len());
-        for (i, (reduced, layer)) in image.reduced.iter().zip(&dec.layers).enumerate() {
-            let mut h = match x {
-                Some(prev) => reduced.clone() + prev,
-                None => reduced.clone(),
-            };
-            if i == dec.conditional_layer {
-                h = mul.clone() * h + add.clone();
-                film_output = Some(h.clone());
-            }
-            let out = layer.forward_post_norm(h);
-            layer_outputs.push(out.clone());
-            x = Some(out);
-        }
-        let x = x.expect("the decoder has at least one layer");
-        let [n, tokens, r] = x.dims();
-        let g = self.input_size() / self.vision.patch_size;
-        debug_assert_eq!(tokens, 1 + g * g);
-        let feature_map = x
-            .narrow(1, 1, tokens - 1)
-            .swap_dims(1, 2)
-            .reshape([n, r, g, g]);
-        // A conditional layer after step 0 leaves early steps unbatched: broadcast now.
-        let feature_map = if n == 1 && p > 1 {
-            feature_map.repeat_dim(0, p)
-        } else {
-            feature_map
-        };
-        let logits = dec.head.forward(feature_map.clone());
-        Ok(DecoderTrace {
-            film_output: film_output.expect("conditional_layer is validated"),
-            layer_outputs,
-            feature_map,
-            logits,
-        })
+        self.decoder.decode_traced(image, conditioning, self.grid())
     }
 
     /// transformers' forward: image `i` with prompt `i`, `[B, 3, S, S]` → `[B, S, S]`.
@@ -325,4 +417,64 @@ impl ClipSeg {
 pub fn pixels_tensor(images: &[Vec<f32>], size: usize, device: &Device) -> Tensor<4> {
     let data: Vec<f32> = images.iter().flatten().copied().collect();
     Tensor::from_data(TensorData::new(data, [images.len(), 3, size, size]), device)
+}
+
+/// A tensor by Hugging Face name: (key, shape, f32 values).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Weights(format!("reading a tensor: {e:?}")))
+}
+
+/// burn's `Linear` weight is `[in, out]`; PyTorch's `[out, in]`.
+fn export_linear(out: &mut Vec<NamedTensor>, prefix: &str, l: &Linear) -> Result<()> {
+    let [d_in, d_out] = l.weight.dims();
+    let w = crate::weights::transpose(&values(l.weight.val())?, d_in, d_out);
+    out.push((format!("{prefix}.weight"), vec![d_out, d_in], w));
+    if let Some(b) = &l.bias {
+        out.push((format!("{prefix}.bias"), vec![d_out], values(b.val())?));
+    }
+    Ok(())
+}
+
+fn export_norm(out: &mut Vec<NamedTensor>, prefix: &str, n: &burn::nn::LayerNorm) -> Result<()> {
+    out.push((
+        format!("{prefix}.weight"),
+        n.gamma.dims().to_vec(),
+        values(n.gamma.val())?,
+    ));
+    let beta = n
+        .beta
+        .as_ref()
+        .ok_or_else(|| Error::Weights(format!("{prefix} has no bias")))?;
+    out.push((
+        format!("{prefix}.bias"),
+        beta.dims().to_vec(),
+        values(beta.val())?,
+    ));
+    Ok(())
+}
+
+/// Stored `[in, out·k·k]`, the memory of PyTorch's `[in, out, k, k]`.
+fn export_conv_transpose(
+    out: &mut Vec<NamedTensor>,
+    prefix: &str,
+    c: &PatchConvTranspose,
+) -> Result<()> {
+    let [c_in, _] = c.weight.dims();
+    let k = c.kernel;
+    out.push((
+        format!("{prefix}.weight"),
+        vec![c_in, c.out_channels, k, k],
+        values(c.weight.val())?,
+    ));
+    out.push((
+        format!("{prefix}.bias"),
+        vec![c.out_channels],
+        values(c.bias.val())?,
+    ));
+    Ok(())
 }

@@ -1,0 +1,559 @@
+//! Fine-tuning CLIPSeg's decoder with the study's recipe (reference §4): the CLIP towers stay
+//! frozen (as HF's `no_grad` makes them in medvlsm), so their outputs — the vision taps of each
+//! image and the FiLM conditioning of each prompt — are computed once and cached, and only
+//! the decoder (reduces, FiLM, transformer layers, head) trains on the cache.
+//!
+//! Loss: soft Dice on sigmoid probabilities, MONAI's `DiceLoss` (smooth 1e-5, per sample, mean
+//! over the batch) — what medvlsm's `DiceCELoss(lambda_ce=0.2)` reduces to under MONAI 1.1.0,
+//! whose CE term on one channel is identically 0. `Loss::DiceBce` adds λ·BCE-with-logits
+//! (what newer MONAI versions would compute), a different loss. AdamW (weight decay 1e-3),
+//! gradient clipping by the global norm (PyTorch's `clip_grad_norm_`, Lightning's
+//! `gradient_clip_val`), ReduceLROnPlateau on the validation loss, early stopping on the
+//! validation Dice.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData, activation};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::clipseg::Decoder;
+use crate::stats::SplitMix64;
+
+/// MONAI's `smooth_nr` and `smooth_dr` defaults.
+const SMOOTH: f64 = 1e-5;
+
+/// Soft Dice loss of logits `[B, S, S]` against binary targets: per sample
+/// `1 − (2Σpg + 1e-5) / (Σp + Σg + 1e-5)` with `p = sigmoid(logit)`, then the batch mean.
+pub fn soft_dice_loss(logits: Tensor<3>, targets: Tensor<3>) -> Tensor<1> {
+    let [b, h, w] = logits.dims();
+    let p = activation::sigmoid(logits).reshape([b, h * w]);
+    let g = targets.reshape([b, h * w]);
+    let intersection = (p.clone() * g.clone()).sum_dim(1);
+    let denominator = p.sum_dim(1) + g.sum_dim(1);
+    let dice = (intersection * 2.0 + SMOOTH) / (denominator + SMOOTH);
+    (dice.neg() + 1.0).mean().reshape([1])
+}
+
+/// Binary cross-entropy with logits, mean over pixels and batch (numerically stable form
+/// `max(x,0) − x·g + log(1 + e^{−|x|})`).
+pub fn bce_with_logits(logits: Tensor<3>, targets: Tensor<3>) -> Tensor<1> {
+    let loss = activation::relu(logits.clone()) - logits.clone() * targets
+        + (logits.abs().neg().exp() + 1.0).log();
+    loss.mean().reshape([1])
+}
+
+/// The training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Loss {
+    /// Soft Dice: the study's effective loss.
+    Dice,
+    /// Soft Dice + `bce_weight` × BCE-with-logits.
+    DiceBce { bce_weight: f64 },
+}
+
+impl Loss {
+    pub fn compute(&self, logits: Tensor<3>, targets: Tensor<3>) -> Tensor<1> {
+        match self {
+            Loss::Dice => soft_dice_loss(logits, targets),
+            Loss::DiceBce { bce_weight } => {
+                soft_dice_loss(logits.clone(), targets.clone())
+                    + bce_with_logits(logits, targets) * *bce_weight
+            }
+        }
+    }
+}
+
+/// One training sample from the frozen encoders: the vision taps of its image (deepest
+/// first, each `[1, 1 + g², H]`), the conditioning of its prompt `[1, D]`, and its mask at the
+/// model's resolution `[1, S, S]` (0/1).
+#[derive(Debug, Clone)]
+pub struct CachedSample {
+    pub taps: Vec<Tensor<3>>,
+    pub conditioning: Tensor<2>,
+    pub target: Tensor<3>,
+}
+
+/// A batch of cached samples, concatenated, on `device`.
+fn batch(samples: &[&CachedSample], device: &Device) -> (Vec<Tensor<3>>, Tensor<2>, Tensor<3>) {
+    let taps = (0..samples[0].taps.len())
+        .map(|t| {
+            Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0).to_device(device)
+        })
+        .collect();
+    let conditioning =
+        Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0).to_device(device);
+    let target =
+        Tensor::cat(samples.iter().map(|s| s.target.clone()).collect(), 0).to_device(device);
+    (taps, conditioning, target)
+}
+
+/// Makes every parameter of a decoder on an autodiff device trainable, with a fixed id (its
+/// order in the module), so a saved optimizer state finds its parameters again after the
+/// decoder is rebuilt from a checkpoint.
+pub fn trainable(decoder: Decoder) -> Decoder {
+    struct Numbering(u64);
+    impl ModuleMapper for Numbering {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            self.0 += 1;
+            Param::initialized(
+                ParamId::from(self.0),
+                param.val().detach().autodiff().require_grad(),
+            )
+        }
+    }
+    decoder.map(&mut Numbering(0))
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before.
+pub fn clip_global_norm(decoder: &Decoder, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct SumSquares<'a> {
+        grads: &'a GradientsParams,
+        sum: f64,
+    }
+    impl ModuleVisitor for SumSquares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.sum += f64::from(g.powi_scalar(2).sum().into_scalar::<f32>());
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f32,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut sum = SumSquares { grads, sum: 0.0 };
+    decoder.visit(&mut sum);
+    let norm = sum.sum.sqrt();
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        decoder.visit(&mut Scale {
+            grads,
+            factor: factor as f32,
+        });
+    }
+    norm
+}
+
+/// The recipe's knobs; `Default` is the study's CLIPSeg recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub min_epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub grad_clip_norm: f64,
+    /// ReduceLROnPlateau on the validation loss.
+    pub plateau_factor: f64,
+    pub plateau_patience: usize,
+    /// Early stopping on the validation Dice (min improvement 1e-4).
+    pub early_stopping_patience: usize,
+    pub seed: u64,
+    pub loss: Loss,
+    /// Threshold of the validation Dice.
+    pub threshold: f32,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            epochs: 1000,
+            min_epochs: 10,
+            batch_size: 128,
+            lr: 2e-3,
+            weight_decay: 1e-3,
+            grad_clip_norm: 0.5,
+            plateau_factor: 0.1,
+            plateau_patience: 5,
+            early_stopping_patience: 20,
+            seed: 42,
+            loss: Loss::Dice,
+            threshold: 0.5,
+        }
+    }
+}
+
+impl Recipe {
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Input(format!("training config: {what}")));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be a positive number");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be ≥ 0");
+        }
+        if !(self.grad_clip_norm.is_finite() && self.grad_clip_norm > 0.0) {
+            return bad("grad_clip_norm must be a positive number");
+        }
+        if !(self.plateau_factor > 0.0 && self.plateau_factor < 1.0) {
+            return bad("plateau_factor must be in (0, 1)");
+        }
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1");
+        }
+        if let Loss::DiceBce { bce_weight } = self.loss
+            && !(bce_weight.is_finite() && bce_weight >= 0.0)
+        {
+            return bad("bce_weight must be ≥ 0");
+        }
+        Ok(())
+    }
+}
+
+/// Where the schedule stands: everything besides weights and optimizer moments that a
+/// resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub lr: f64,
+    pub best_val_loss: f64,
+    pub epochs_without_loss_gain: usize,
+    pub best_val_dice: f64,
+    pub best_epoch: usize,
+    pub epochs_without_dice_gain: usize,
+    pub rng: u64,
+    pub stopped_early: bool,
+}
+
+impl Progress {
+    pub fn start(recipe: &Recipe) -> Self {
+        Self {
+            epoch: 0,
+            lr: recipe.lr,
+            best_val_loss: f64::INFINITY,
+            epochs_without_loss_gain: 0,
+            best_val_dice: f64::NEG_INFINITY,
+            best_epoch: 0,
+            epochs_without_dice_gain: 0,
+            rng: recipe.seed,
+            stopped_early: false,
+        }
+    }
+
+    pub fn done(&self, recipe: &Recipe) -> bool {
+        self.stopped_early || self.epoch >= recipe.epochs
+    }
+}
+
+/// One epoch's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_dice: f64,
+    /// The learning rate the epoch trained with.
+    pub lr: f64,
+    pub improved: bool,
+}
+
+/// The decoder in training, with its optimizer.
+pub struct DecoderTrainer {
+    /// On the autodiff device.
+    pub decoder: Decoder,
+    pub optimizer: ModuleOptimizer,
+    pub recipe: Recipe,
+    pub progress: Progress,
+    pub grid: usize,
+    device: Device,
+}
+
+impl DecoderTrainer {
+    /// `decoder` on any device; `device` the (non-autodiff) device to train on.
+    pub fn new(decoder: Decoder, recipe: Recipe, grid: usize, device: &Device) -> Result<Self> {
+        recipe.check()?;
+        let ad = device.clone().autodiff();
+        let decoder = trainable(decoder.fork(&ad));
+        let optimizer = AdamWConfig::new()
+            .with_weight_decay(recipe.weight_decay as f32)
+            .with_epsilon(1e-8)
+            .init();
+        Ok(Self {
+            decoder,
+            optimizer,
+            progress: Progress::start(&recipe),
+            recipe,
+            grid,
+            device: ad,
+        })
+    }
+
+    /// One epoch over `train` (shuffled with the run's generator), then validation; updates
+    /// the schedule. Returns the epoch's numbers.
+    pub fn epoch(
+        &mut self,
+        train: &[CachedSample],
+        val: &[CachedSample],
+        mut on_step: impl FnMut(usize, usize, f64),
+    ) -> Result<EpochLog> {
+        if train.is_empty() || val.is_empty() {
+            return Err(Error::Input(
+                "training needs at least one training and one validation sample".into(),
+            ));
+        }
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        let mut rng = SplitMix64(self.progress.rng);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        self.progress.rng = rng.0;
+        let lr = self.progress.lr;
+        let steps = order.len().div_ceil(self.recipe.batch_size);
+        let mut total = 0.0;
+        for (step, chunk) in order.chunks(self.recipe.batch_size).enumerate() {
+            let samples: Vec<&CachedSample> = chunk.iter().map(|&i| &train[i]).collect();
+            let (taps, conditioning, target) = batch(&samples, &self.device);
+            let features = self.decoder.reduce(&taps);
+            let logits = self.decoder.decode(&features, conditioning, self.grid)?;
+            let loss = self.recipe.loss.compute(logits, target);
+            let value = f64::from(loss.clone().into_scalar::<f32>());
+            if !value.is_finite() {
+                return Err(Error::Input(format!(
+                    "the loss became {value} at epoch {} step {step}: lower the learning rate",
+                    self.progress.epoch + 1
+                )));
+            }
+            total += value * chunk.len() as f64;
+            let mut grads = GradientsParams::from_grads(loss.backward(), &self.decoder);
+            clip_global_norm(&self.decoder, &mut grads, self.recipe.grad_clip_norm);
+            // Modules are cheap handles: the clone shares the tensors the step replaces.
+            self.decoder = self.optimizer.step(lr, self.decoder.clone(), grads);
+            on_step(step + 1, steps, value);
+        }
+        let train_loss = total / train.len() as f64;
+        let (val_loss, val_dice) = self.evaluate(val)?;
+        let p = &mut self.progress;
+        p.epoch += 1;
+        // ReduceLROnPlateau (mode min, threshold 1e-4 relative, as PyTorch's defaults).
+        if val_loss < p.best_val_loss * (1.0 - 1e-4) {
+            p.best_val_loss = val_loss;
+            p.epochs_without_loss_gain = 0;
+        } else {
+            p.epochs_without_loss_gain += 1;
+            if p.epochs_without_loss_gain > self.recipe.plateau_patience {
+                p.lr *= self.recipe.plateau_factor;
+                p.epochs_without_loss_gain = 0;
+            }
+        }
+        // Early stopping and "best" on the validation Dice (min_delta 1e-4, Lightning's).
+        let improved = val_dice > p.best_val_dice + 1e-4 || p.best_val_dice == f64::NEG_INFINITY;
+        if improved {
+            p.best_val_dice = val_dice;
+            p.best_epoch = p.epoch;
+            p.epochs_without_dice_gain = 0;
+        } else {
+            p.epochs_without_dice_gain += 1;
+            if p.epochs_without_dice_gain >= self.recipe.early_stopping_patience
+                && p.epoch >= self.recipe.min_epochs
+            {
+                p.stopped_early = true;
+            }
+        }
+        Ok(EpochLog {
+            epoch: p.epoch,
+            train_loss,
+            val_loss,
+            val_dice,
+            lr,
+            improved,
+        })
+    }
+
+    /// Mean loss and mean per-image Dice (threshold at model resolution, empty/empty = 1)
+    /// over `samples`, without gradients.
+    pub fn evaluate(&self, samples: &[CachedSample]) -> Result<(f64, f64)> {
+        let decoder = self.decoder.valid();
+        let device = self.device.clone().inner();
+        let (mut loss_sum, mut dice_sum) = (0.0, 0.0);
+        for chunk in samples.chunks(self.recipe.batch_size) {
+            let refs: Vec<&CachedSample> = chunk.iter().collect();
+            let (taps, conditioning, target) = batch(&refs, &device);
+            let features = decoder.reduce(&taps);
+            let logits = decoder.decode(&features, conditioning, self.grid)?;
+            let loss = self.recipe.loss.compute(logits.clone(), target.clone());
+            loss_sum += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;
+            dice_sum += batch_dice(logits, target, self.recipe.threshold)?
+                .iter()
+                .sum::<f64>();
+        }
+        Ok((
+            loss_sum / samples.len() as f64,
+            dice_sum / samples.len() as f64,
+        ))
+    }
+
+    /// The trained decoder, without autodiff.
+    pub fn decoder(&self) -> Decoder {
+        self.decoder.valid()
+    }
+}
+
+/// Per-sample Dice of thresholded logits against 0/1 targets.
+pub fn batch_dice(logits: Tensor<3>, targets: Tensor<3>, threshold: f32) -> Result<Vec<f64>> {
+    let [b, h, w] = logits.dims();
+    let read = |t: Tensor<3>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::Input(format!("reading a tensor: {e:?}")))
+    };
+    let logits = read(logits)?;
+    let targets = read(targets)?;
+    let n = h * w;
+    Ok((0..b)
+        .map(|i| {
+            let pred: Vec<u8> = logits[i * n..(i + 1) * n]
+                .iter()
+                .map(|&l| u8::from(1.0 / (1.0 + (-l).exp()) > threshold))
+                .collect();
+            let truth: Vec<u8> = targets[i * n..(i + 1) * n]
+                .iter()
+                .map(|&t| u8::from(t > 0.5))
+                .collect();
+            crate::metrics::dice(&pred, &truth).unwrap_or(0.0)
+        })
+        .collect())
+}
+
+/// A 0/1 mask `[1, S, S]` as a training target.
+pub fn target_tensor(mask: &[u8], size: usize, device: &Device) -> Tensor<3> {
+    let values: Vec<f32> = mask.iter().map(|&m| f32::from(u8::from(m != 0))).collect();
+    Tensor::from_data(TensorData::new(values, [1, size, size]), device)
+}
+
+/// Writes a Hugging Face CLIPSeg directory: `source`'s config, tokenizer and preprocessing
+/// files, and its weights with every `decoder.*` tensor replaced by `decoder`'s (the frozen
+/// towers are copied as they are), as `model.safetensors` (f32, or f16 with `fp16`).
+pub fn export_model(
+    source: &std::path::Path,
+    decoder: &Decoder,
+    out: &std::path::Path,
+    fp16: bool,
+) -> Result<()> {
+    let files = crate::files::DirFiles::read(source)?;
+    let weights = files.weights()?;
+    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = decoder
+        .export()?
+        .into_iter()
+        .map(|(k, shape, v)| (k, (shape, v)))
+        .collect();
+    let mut tensors = Vec::new();
+    let mut replaced = 0;
+    for key in weights.keys() {
+        let shape = weights.shape(key).expect("listed key").to_vec();
+        match trained.get(key) {
+            Some((trained_shape, values)) => {
+                if *trained_shape != shape {
+                    return Err(Error::Weights(format!(
+                        "{key}: the trained decoder has shape {trained_shape:?}, the base checkpoint {shape:?}"
+                    )));
+                }
+                tensors.push((key.to_string(), shape, values.clone()));
+                replaced += 1;
+            }
+            None => tensors.push((
+                key.to_string(),
+                shape.clone(),
+                weights.read_f32(key, &shape)?,
+            )),
+        }
+    }
+    if replaced != trained.len() {
+        return Err(Error::Weights(format!(
+            "the base checkpoint has {replaced} of the decoder's {} tensors",
+            trained.len()
+        )));
+    }
+    let bytes = crate::weights::write_safetensors(&tensors, fp16)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    for (name, content) in files.side_files() {
+        write_synced(&out.join(name), content)?;
+    }
+    write_synced(&out.join("model.safetensors"), &bytes)
+}
+
+/// Writes a file through a temporary name, synced, then renamed into place.
+pub fn write_synced(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dice_loss_by_hand() {
+        let device = Device::flex();
+        // Logits ±20 make p ≈ 0/1: a perfect prediction has loss ≈ 0, the inverse ≈ 1.
+        let logits = Tensor::<3>::from_data(
+            TensorData::new(vec![20.0, -20.0, 20.0, -20.0], [1, 2, 2]),
+            &device,
+        );
+        let target = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0, 0.0, 1.0, 0.0], [1, 2, 2]),
+            &device,
+        );
+        let good = soft_dice_loss(logits.clone(), target.clone()).into_scalar::<f32>();
+        let bad = soft_dice_loss(logits.neg(), target).into_scalar::<f32>();
+        assert!(good < 1e-6 && (bad - 1.0).abs() < 1e-5, "{good} {bad}");
+        // p = 0.5 everywhere, g = [1,0,0,0]: 1 − (2·0.5 + ε)/(2 + 1 + ε).
+        let zero = Tensor::<3>::zeros([1, 2, 2], &device);
+        let g = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0, 0.0, 0.0, 0.0], [1, 2, 2]),
+            &device,
+        );
+        let l = soft_dice_loss(zero.clone(), g.clone()).into_scalar::<f32>();
+        let expected = 1.0 - (1.0 + 1e-5) / (3.0 + 1e-5);
+        assert!((f64::from(l) - expected).abs() < 1e-6);
+        // BCE of logit 0 is ln 2.
+        let bce = bce_with_logits(zero, g).into_scalar::<f32>();
+        assert!((f64::from(bce) - std::f64::consts::LN_2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_recipes_are_refused() {
+        assert!(Recipe::default().check().is_ok());
+        for r in [
+            Recipe {
+                batch_size: 0,
+                ..Recipe::default()
+            },
+            Recipe {
+                lr: -1.0,
+                ..Recipe::default()
+            },
+            Recipe {
+                plateau_factor: 1.5,
+                ..Recipe::default()
+            },
+            Recipe {
+                loss: Loss::DiceBce {
+                    bce_weight: f64::NAN,
+                },
+                ..Recipe::default()
+            },
+        ] {
+            assert!(r.check().is_err(), "{r:?}");
+        }
+    }
+}

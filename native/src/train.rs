@@ -1,0 +1,456 @@
+//! `vlsm train`: fine-tune CLIPSeg's decoder on medvlsm-layout datasets with the study's
+//! recipe (see `vlsm::train`). The frozen encoders run once per image and prompt; epochs then
+//! train the decoder on the cached activations. Checkpoints survive a kill (`--resume`), and
+//! the best model is exported as a Hugging Face CLIPSeg directory (`RUN/model/`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use vlsm::burn::tensor::{Device, Tensor};
+use vlsm::dataset::{self, ListPrompts, PromptValue};
+use vlsm::model::clipseg::{Decoder, pixels_tensor};
+use vlsm::train::{
+    CachedSample, DecoderTrainer, EpochLog, Loss, Progress, Recipe, export_model, target_tensor,
+    write_synced,
+};
+use vlsm::{Segmenter, preprocess};
+
+use crate::backend::{self, Backend};
+use crate::hub;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The base model: a local Hugging Face CLIPSeg directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    weights: Option<PathBuf>,
+    /// The base model from the Hugging Face hub (cached).
+    #[arg(long, value_name = "HF_ID")]
+    model: Option<String>,
+    /// The folder holding `<dataset>/anns/{train,val}.json`, `images/`, `masks/`.
+    #[arg(long, value_name = "ROOT")]
+    data: PathBuf,
+    /// Comma-separated datasets, pooled.
+    #[arg(long)]
+    datasets: String,
+    /// The prompt id (p0…p9), or `random`: a prompt among p1..pN per sample (as medvlsm's
+    /// pooled runs).
+    #[arg(long, default_value = "p1")]
+    prompt: String,
+    /// Run folder: config.toml, metrics.csv, training.png/.svg, checkpoint/, model/.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// `dice` (the study's effective loss) or `dice-bce` (Dice + 0.2·BCE-with-logits).
+    #[arg(long)]
+    loss: Option<String>,
+    /// A TOML file overriding any recipe field (epochs, min_epochs, batch_size, lr,
+    /// weight_decay, grad_clip_norm, plateau_factor, plateau_patience,
+    /// early_stopping_patience, seed, threshold, [loss]); command-line options win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Also write the exported model's weights as float16 (`model-fp16/`, for the browser).
+    #[arg(long)]
+    fp16: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+}
+
+/// What a run was started with (`RUN/config.toml`); `--resume` refuses a different one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RunConfig {
+    base: String,
+    data: String,
+    datasets: Vec<String>,
+    prompt: String,
+    recipe: Recipe,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut recipe: Recipe = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
+        }
+        None => Recipe::default(),
+    };
+    if let Some(e) = args.epochs {
+        recipe.epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        recipe.batch_size = b;
+    }
+    if let Some(lr) = args.lr {
+        recipe.lr = lr;
+    }
+    match args.loss.as_deref() {
+        None => {}
+        Some("dice") => recipe.loss = Loss::Dice,
+        Some("dice-bce") => recipe.loss = Loss::DiceBce { bce_weight: 0.2 },
+        Some(other) => bail!("--loss {other}: expected dice or dice-bce"),
+    }
+    recipe.check()?;
+    let datasets: Vec<String> = args
+        .datasets
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if datasets.is_empty() {
+        bail!("--datasets is empty");
+    }
+    for d in &datasets {
+        dataset::check_relative(d)?;
+        if !args.data.join(d).join("anns").is_dir() {
+            bail!("no dataset `{d}` under {}", args.data.display());
+        }
+    }
+    if args.prompt != "random" && dataset::prompt_number(&args.prompt) == u32::MAX {
+        bail!("--prompt {}: expected p0…p9 or random", args.prompt);
+    }
+    let base = match (&args.weights, &args.model) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(id)) => hub::fetch(id)?,
+        (None, None) => hub::fetch(hub::DEFAULT_MODEL)?,
+    };
+    let config = RunConfig {
+        base: base.display().to_string(),
+        data: args.data.display().to_string(),
+        datasets: datasets.clone(),
+        prompt: args.prompt.clone(),
+        recipe: recipe.clone(),
+    };
+    let checkpoint_dir = args.out.join("checkpoint");
+    if args.resume {
+        let text = std::fs::read_to_string(args.out.join("config.toml"))
+            .with_context(|| format!("--resume: {} has no config.toml", args.out.display()))?;
+        let old: RunConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}/config.toml: {}", args.out.display(), e.message()))?;
+        if old != config {
+            bail!(
+                "--resume: {} was started with other options; use them, or another --out",
+                args.out.display()
+            );
+        }
+    } else if args.out.join("config.toml").exists() {
+        bail!(
+            "{} holds a run: pass --resume to continue it, or use another --out",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&checkpoint_dir)
+        .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
+    write_synced(
+        &args.out.join("config.toml"),
+        toml::to_string_pretty(&config)?.as_bytes(),
+    )?;
+
+    let device = backend::device(args.backend)?;
+    let segmenter = Segmenter::from_dir(&base, &device)
+        .with_context(|| format!("loading {}", base.display()))?;
+    let choice = ListPrompts::Random { seed: recipe.seed };
+    let cache_started = std::time::Instant::now();
+    let train = cache_split(
+        &segmenter,
+        &args.data,
+        &datasets,
+        "train",
+        &args.prompt,
+        choice,
+    )?;
+    let val = cache_split(
+        &segmenter,
+        &args.data,
+        &datasets,
+        "val",
+        &args.prompt,
+        choice,
+    )?;
+    eprintln!(
+        "cached the frozen encoders' outputs: {} training and {} validation samples in {:.1} s",
+        train.len(),
+        val.len(),
+        cache_started.elapsed().as_secs_f64()
+    );
+
+    let grid = segmenter.model.grid();
+    let mut trainer = DecoderTrainer::new(
+        segmenter.model.decoder.clone(),
+        recipe.clone(),
+        grid,
+        &device,
+    )?;
+    let mut log: Vec<EpochLog> = Vec::new();
+    if args.resume {
+        let last = checkpoint::find(&checkpoint_dir, "last")
+            .with_context(|| format!("--resume: no checkpoint in {}", checkpoint_dir.display()))?;
+        let (decoder, progress, optimizer, epochs) = checkpoint::read(&last, &segmenter, &device)?;
+        trainer = DecoderTrainer::new(decoder, recipe.clone(), grid, &device)?;
+        trainer.progress = progress;
+        trainer.optimizer = trainer
+            .optimizer
+            .clone()
+            .from_bytes(vlsm::burn::tensor::Bytes::from_bytes_vec(optimizer))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: the optimizer state is unreadable: {e:?}",
+                    last.display()
+                )
+            })?;
+        log = epochs;
+        eprintln!(
+            "resuming after epoch {} (lr {:e})",
+            trainer.progress.epoch, trainer.progress.lr
+        );
+    }
+    let started = std::time::Instant::now();
+    let mut trained = 0usize;
+    while !trainer.progress.done(&recipe) {
+        let bar = ProgressBar::new(train.len().div_ceil(recipe.batch_size) as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} epoch {msg} {wide_bar} {pos}/{len} steps {per_sec} ETA {eta}",
+            )
+            .expect("a valid template"),
+        );
+        bar.set_message(format!("{}", trainer.progress.epoch + 1));
+        let epoch = trainer.epoch(&train, &val, |_, _, _| bar.inc(1))?;
+        bar.finish_and_clear();
+        trained += train.len();
+        log.push(epoch);
+        eprintln!(
+            "epoch {:>4}  train loss {:.4}  val loss {:.4}  val Dice {:.4}  lr {:e}{}",
+            epoch.epoch,
+            epoch.train_loss,
+            epoch.val_loss,
+            epoch.val_dice,
+            epoch.lr,
+            if epoch.improved { "  (best)" } else { "" }
+        );
+        // Best first: a kill between the two writes leaves "last" one epoch behind, which a
+        // resume redoes exactly.
+        if epoch.improved {
+            checkpoint::write(&checkpoint_dir, "best", &trainer, &log)?;
+        }
+        checkpoint::write(&checkpoint_dir, "last", &trainer, &log)?;
+        write_metrics(&args.out, &log)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if trained > 0 {
+        eprintln!(
+            "trained {trained} samples in {elapsed:.1} s: {:.1} samples/s{}",
+            trained as f64 / elapsed,
+            if trainer.progress.stopped_early {
+                " (stopped early)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Err(e) = crate::plot::training_curves(&log, &args.out) {
+        eprintln!("warning: no training plot: {e:#}");
+    }
+    // Export the best decoder as a Hugging Face model directory.
+    let best = checkpoint::find(&checkpoint_dir, "best").context("no best checkpoint")?;
+    let (decoder, progress, _, _) = checkpoint::read(&best, &segmenter, &device)?;
+    let model_dir = args.out.join("model");
+    export_model(&base, &decoder, &model_dir, false)?;
+    if args.fp16 {
+        export_model(&base, &decoder, &args.out.join("model-fp16"), true)?;
+    }
+    println!(
+        "best val Dice {:.4} at epoch {} → {}",
+        progress.best_val_dice,
+        progress.best_epoch,
+        model_dir.display()
+    );
+    Ok(())
+}
+
+fn write_metrics(out: &Path, log: &[EpochLog]) -> Result<()> {
+    let mut csv = String::from("epoch,train_loss,val_loss,val_dice,lr\n");
+    for e in log {
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            e.epoch, e.train_loss, e.val_loss, e.val_dice, e.lr
+        ));
+    }
+    write_synced(&out.join("metrics.csv"), csv.as_bytes())?;
+    Ok(())
+}
+
+/// Runs the frozen encoders over a split of the pooled datasets: one sample per entry.
+fn cache_split(
+    segmenter: &Segmenter,
+    root: &Path,
+    datasets: &[String],
+    split: &str,
+    prompt: &str,
+    choice: ListPrompts,
+) -> Result<Vec<CachedSample>> {
+    let size = segmenter.input_size();
+    let device = &segmenter.device;
+    let mut samples = Vec::new();
+    let mut conditioning: HashMap<String, Tensor<2>> = HashMap::new();
+    for name in datasets {
+        let path = root.join(name).join("anns").join(format!("{split}.json"));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (entries, bad) =
+            dataset::parse_annotations_indexed(&bytes, &path.display().to_string())?;
+        if let Some(b) = bad.first() {
+            bail!("{} entry {}: {}", path.display(), b.index, b.message);
+        }
+        let dir = root.join(name);
+        let ids = dataset::prompt_ids(
+            name,
+            &entries.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        );
+        for (index, entry) in entries {
+            let key = format!("{name}/{split}/{index}");
+            // The prompt id: fixed, or (`random`) one of p1..pN, drawn once per sample.
+            let id = if prompt == "random" {
+                let pool: Vec<String> = ids.iter().filter(|i| *i != "p0").cloned().collect();
+                if pool.is_empty() {
+                    bail!("{}: no prompts besides p0 to draw from", path.display());
+                }
+                let pick = ListPrompts::Random { seed: 0 }
+                    .members(&PromptValue::List(pool.clone()), &format!("{key}/random"));
+                pool[pick[0]].clone()
+            } else {
+                prompt.to_string()
+            };
+            let value = entry
+                .prompts
+                .get(&id)
+                .with_context(|| format!("{} entry {index} has no {id}", path.display()))?;
+            let members = choice.members(value, &format!("{key}/{id}"));
+            let text = value
+                .texts()
+                .get(members.first().copied().unwrap_or(0))
+                .cloned()
+                .with_context(|| {
+                    format!("{} entry {index}: {id} is an empty list", path.display())
+                })?;
+            let image_path = dataset::locate(&dir.join("images"), split, &entry.img_name)?;
+            let mask_path = dataset::locate(&dir.join("masks"), split, &entry.mask_name)?;
+            let image = preprocess::decode_rgb(
+                &std::fs::read(&image_path).with_context(|| image_path.display().to_string())?,
+            )
+            .with_context(|| image_path.display().to_string())?;
+            let (mw, mh, mask) = preprocess::decode_mask(
+                &std::fs::read(&mask_path).with_context(|| mask_path.display().to_string())?,
+            )
+            .with_context(|| mask_path.display().to_string())?;
+            if (mw, mh) != image.dimensions() {
+                bail!(
+                    "mask {} is {mw}×{mh} but image {} is {}×{}",
+                    mask_path.display(),
+                    image_path.display(),
+                    image.width(),
+                    image.height()
+                );
+            }
+            let pixels = preprocess::pixel_values(&image, &segmenter.pipeline.preprocess)?;
+            let taps = segmenter
+                .model
+                .vision_taps(pixels_tensor(&[pixels], size, device))?;
+            let cond = match conditioning.get(&text) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = segmenter.embed_prompts(&[text.as_str()])?.conditioning;
+                    conditioning.insert(text.clone(), c.clone());
+                    c
+                }
+            };
+            let target_mask =
+                preprocess::resize_nearest(&mask, mw as usize, mh as usize, size, size);
+            samples.push(CachedSample {
+                taps,
+                conditioning: cond,
+                target: target_tensor(&target_mask, size, device),
+            });
+        }
+    }
+    if samples.is_empty() {
+        bail!(
+            "the {split} split of {} has no entries",
+            datasets.join(", ")
+        );
+    }
+    Ok(samples)
+}
+
+/// `RUN/checkpoint/{last,best}/`: the decoder (HF names), the optimizer state, the schedule
+/// and the epoch log, written into a fresh folder that then replaces the old one.
+mod checkpoint {
+    use super::*;
+
+    pub fn write(dir: &Path, name: &str, trainer: &DecoderTrainer, log: &[EpochLog]) -> Result<()> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let tensors = trainer.decoder().export()?;
+        write_synced(
+            &tmp.join("decoder.safetensors"),
+            &vlsm::weights::write_safetensors(&tensors, false)?,
+        )?;
+        let optimizer = trainer
+            .optimizer
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
+        write_synced(&tmp.join("optimizer.bpk"), &optimizer)?;
+        write_synced(
+            &tmp.join("progress.json"),
+            &serde_json::to_vec_pretty(&trainer.progress)?,
+        )?;
+        write_synced(&tmp.join("epochs.json"), &serde_json::to_vec_pretty(log)?)?;
+        // Swap folders: `name` is always either the old or the new complete checkpoint
+        // (`name.old` holds the old one for the instant between the renames).
+        let target = dir.join(name);
+        let old = dir.join(format!("{name}.old"));
+        let _ = std::fs::remove_dir_all(&old);
+        if target.exists() {
+            std::fs::rename(&target, &old)?;
+        }
+        std::fs::rename(&tmp, &target)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// The complete checkpoint folder `name` (or its `.old` copy after a kill mid-swap).
+    pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+        [dir.join(name), dir.join(format!("{name}.old"))]
+            .into_iter()
+            .find(|p| p.join("progress.json").is_file())
+    }
+
+    pub fn read(
+        dir: &Path,
+        segmenter: &Segmenter,
+        device: &Device,
+    ) -> Result<(Decoder, Progress, Vec<u8>, Vec<EpochLog>)> {
+        let bytes = std::fs::read(dir.join("decoder.safetensors"))
+            .with_context(|| dir.display().to_string())?;
+        let weights = vlsm::Weights::from_safetensors(&bytes, "decoder.safetensors")?;
+        let decoder = Decoder::load(&weights, &segmenter.pipeline.config, device)?;
+        let progress: Progress = serde_json::from_slice(&std::fs::read(dir.join("progress.json"))?)
+            .with_context(|| format!("{}/progress.json", dir.display()))?;
+        let optimizer = std::fs::read(dir.join("optimizer.bpk"))
+            .with_context(|| format!("{}/optimizer.bpk", dir.display()))?;
+        let log: Vec<EpochLog> = serde_json::from_slice(&std::fs::read(dir.join("epochs.json"))?)
+            .with_context(|| format!("{}/epochs.json", dir.display()))?;
+        Ok((decoder, progress, optimizer, log))
+    }
+}
