@@ -62,6 +62,10 @@ pub struct TrainArgs {
     /// Also write the exported model's weights as float16 (`model-fp16/`, for the browser).
     #[arg(long)]
     fp16: bool,
+    /// Run the frozen encoders again for every epoch instead of caching their outputs once
+    /// (same results, much slower: for measuring what the cache saves).
+    #[arg(long)]
+    no_cache: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
 }
@@ -150,19 +154,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.out.display()
         );
     }
-    std::fs::create_dir_all(&checkpoint_dir)
-        .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
-    write_synced(
-        &args.out.join("config.toml"),
-        toml::to_string_pretty(&config)?.as_bytes(),
-    )?;
-
     let device = backend::device(args.backend)?;
     let segmenter = Segmenter::from_dir(&base, &device)
         .with_context(|| format!("loading {}", base.display()))?;
     let choice = ListPrompts::Random { seed: recipe.seed };
     let cache_started = std::time::Instant::now();
-    let train = cache_split(
+    let mut train = cache_split(
         &segmenter,
         &args.data,
         &datasets,
@@ -170,7 +167,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &args.prompt,
         choice,
     )?;
-    let val = cache_split(
+    let mut val = cache_split(
         &segmenter,
         &args.data,
         &datasets,
@@ -185,6 +182,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cache_started.elapsed().as_secs_f64()
     );
 
+    // The data are usable: the run folder starts here.
+    std::fs::create_dir_all(&checkpoint_dir)
+        .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
+    write_synced(
+        &args.out.join("config.toml"),
+        toml::to_string_pretty(&config)?.as_bytes(),
+    )?;
     let grid = segmenter.model.grid();
     let mut trainer = DecoderTrainer::new(
         segmenter.model.decoder.clone(),
@@ -226,6 +230,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .expect("a valid template"),
         );
         bar.set_message(format!("{}", trainer.progress.epoch + 1));
+        if args.no_cache {
+            train = cache_split(
+                &segmenter,
+                &args.data,
+                &datasets,
+                "train",
+                &args.prompt,
+                choice,
+            )?;
+            val = cache_split(
+                &segmenter,
+                &args.data,
+                &datasets,
+                "val",
+                &args.prompt,
+                choice,
+            )?;
+        }
         let epoch = trainer.epoch(&train, &val, |_, _, _| bar.inc(1))?;
         bar.finish_and_clear();
         trained += train.len();

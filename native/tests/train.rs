@@ -1,0 +1,309 @@
+//! `vlsm train` end to end on the synthetic ellipse dataset (`vlsm synthetic`) with the tiny
+//! fixture CLIPSeg, on the CPU: learning, export, kill + resume, bad configs.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_clean_error, fixture, stderr, stdout, vlsm};
+
+fn synthetic(root: &Path) {
+    let out = vlsm(
+        &[
+            "synthetic",
+            root.to_str().unwrap(),
+            "--train",
+            "64",
+            "--val",
+            "16",
+            "--test",
+            "8",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn metrics(run: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let run = tmp.path().join("run");
+    let model = fixture("clipseg_refined");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--prompt",
+            "p1",
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            "200",
+            "--batch-size",
+            "16",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = metrics(&run);
+    let first = log[0][3];
+    let best = log.iter().map(|r| r[3]).fold(0.0, f64::max);
+    eprintln!(
+        "val Dice: epoch 1 {first:.4}, best {best:.4} after {} epochs",
+        log.len()
+    );
+    assert!(
+        first < 0.5,
+        "the untrained decoder should not solve the task ({first})"
+    );
+    assert!(best >= 0.8, "val Dice reached only {best}");
+    assert!(
+        stdout(&out).contains(&format!("best val Dice {best:.4}")),
+        "{}",
+        stdout(&out)
+    );
+    for file in [
+        "config.toml",
+        "training.png",
+        "training.svg",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/vocab.json",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    // The exported model, benchmarked on the validation split at model resolution, scores
+    // exactly the best validation Dice the training measured.
+    let bench = tmp.path().join("bench");
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--weights",
+            run.join("model").to_str().unwrap(),
+            "--prompts",
+            "p1",
+            "--split",
+            "val",
+            "--out",
+            bench.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(bench.join("results.csv")).unwrap();
+    let col = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "dice_model")
+        .unwrap();
+    let dice: Vec<f64> = reader
+        .records()
+        .map(|r| r.unwrap()[col].parse().unwrap())
+        .collect();
+    assert_eq!(dice.len(), 16);
+    let mean = dice.iter().sum::<f64>() / 16.0;
+    assert!(
+        (mean - best).abs() < 1e-6,
+        "exported model: {mean}, training: {best}"
+    );
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let model = fixture("clipseg_simple");
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--prompt",
+            "p2",
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            "40",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.005",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = tmp.path().join("whole");
+    let a = args(&whole);
+    let out = vlsm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = tmp.path().join("killed");
+    let a = args(&killed);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vlsm"))
+        .args(&a)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while metrics(&killed).len() < 8 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = metrics(&killed).len();
+    assert!(
+        (8..40).contains(&done),
+        "the kill should land mid-run ({done} epochs)"
+    );
+    // Without --resume the folder is refused; with other options too.
+    let out = vlsm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_clean_error(&out, "pass --resume");
+    let mut other: Vec<&str> = a.iter().map(String::as_str).collect();
+    other.extend(["--resume", "--loss", "dice-bce"]);
+    let out = vlsm(&other, &[]);
+    assert_clean_error(&out, "other options");
+    let mut resume: Vec<&str> = a.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    let out = vlsm(&resume, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming after epoch"),
+        "{}",
+        stderr(&out)
+    );
+    for file in [
+        "checkpoint/last/decoder.safetensors",
+        "checkpoint/best/decoder.safetensors",
+        "metrics.csv",
+        "model/model.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(whole.join(file)).unwrap(),
+            std::fs::read(killed.join(file)).unwrap(),
+            "{file}: the resumed run differs from the uninterrupted one"
+        );
+    }
+}
+
+#[test]
+fn bad_training_setups_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let model = fixture("clipseg_simple");
+    let run = tmp.path().join("run");
+    let base = |extra: &[&str]| -> std::process::Output {
+        let mut a = vec![
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        vlsm(&a, &[])
+    };
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(&config, "batch_sise = 4\n").unwrap();
+    assert_clean_error(
+        &base(&["--config", config.to_str().unwrap()]),
+        "unknown field `batch_sise`",
+    );
+    std::fs::write(&config, "lr = \"fast\"\n").unwrap();
+    assert_clean_error(
+        &base(&["--config", config.to_str().unwrap()]),
+        "invalid type",
+    );
+    assert_clean_error(
+        &base(&["--batch-size", "0"]),
+        "batch_size must be at least 1",
+    );
+    assert_clean_error(&base(&["--loss", "focal"]), "expected dice or dice-bce");
+    assert_clean_error(&base(&["--prompt", "p12x"]), "expected p0…p9 or random");
+    assert_clean_error(&base(&["--prompt", "p5"]), "has no p5");
+    assert_clean_error(&base(&["--resume"]), "has no config.toml");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "nope",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "no dataset `nope`");
+    // A good config file is used, and the effective recipe saved with the run.
+    std::fs::write(
+        &config,
+        "seed = 7\nmin_epochs = 1\n[loss]\nkind = \"dice_bce\"\nbce_weight = 0.5\n",
+    )
+    .unwrap();
+    let run2 = tmp.path().join("run2");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--out",
+            run2.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved = std::fs::read_to_string(run2.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("seed = 7")
+            && saved.contains("bce_weight = 0.5")
+            && saved.contains("epochs = 2"),
+        "{saved}"
+    );
+}
