@@ -75,24 +75,84 @@ pub struct CachedSample {
     pub target: Tensor<3>,
 }
 
-/// A batch of cached samples, concatenated, on `device`.
-fn batch(samples: &[&CachedSample], device: &Device) -> (Vec<Tensor<3>>, Tensor<2>, Tensor<3>) {
-    let taps = (0..samples[0].taps.len())
-        .map(|t| {
-            Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0).to_device(device)
-        })
-        .collect();
-    let conditioning =
-        Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0).to_device(device);
-    let target =
-        Tensor::cat(samples.iter().map(|s| s.target.clone()).collect(), 0).to_device(device);
-    (taps, conditioning, target)
+/// One sample for full fine-tuning: the preprocessed image `[1, 3, S, S]`, the tokenized
+/// prompt and the mask at the model's resolution `[1, S, S]`.
+#[derive(Debug, Clone)]
+pub struct ImageSample {
+    pub pixels: Tensor<4>,
+    pub prompt: crate::tokenize::TokenizedPrompt,
+    pub target: Tensor<3>,
 }
 
-/// Makes every parameter of a decoder on an autodiff device trainable, with a fixed id (its
+/// What can be trained: a module that turns a batch of its samples into logits.
+pub trait TrainingModel: Module + Clone + Sized {
+    type Sample;
+    /// Logits `[B, S, S]` for a batch, computed on `device`.
+    fn logits(&self, batch: &[&Self::Sample], device: &Device) -> Result<Tensor<3>>;
+    fn target(sample: &Self::Sample) -> Tensor<3>;
+    /// Parameters to keep fixed, after [`trainable`].
+    fn keep_fixed(self) -> Self {
+        self
+    }
+}
+
+/// The decoder alone, trained on cached encoder outputs (the study's setup).
+#[derive(Module, Debug)]
+pub struct DecoderModel {
+    pub decoder: Decoder,
+    /// Side of the token grid.
+    pub grid: usize,
+}
+
+impl TrainingModel for DecoderModel {
+    type Sample = CachedSample;
+
+    fn logits(&self, samples: &[&CachedSample], device: &Device) -> Result<Tensor<3>> {
+        let taps: Vec<Tensor<3>> = (0..samples[0].taps.len())
+            .map(|t| {
+                Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0)
+                    .to_device(device)
+            })
+            .collect();
+        let conditioning = Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0)
+            .to_device(device);
+        let features = self.decoder.reduce(&taps);
+        self.decoder.decode(&features, conditioning, self.grid)
+    }
+
+    fn target(sample: &CachedSample) -> Tensor<3> {
+        sample.target.clone()
+    }
+}
+
+/// The whole model (full fine-tuning): the towers train too, except the vision position
+/// table, which was resampled from the checkpoint's grid at load and so could not be
+/// exported back exactly.
+impl TrainingModel for crate::model::ClipSeg {
+    type Sample = ImageSample;
+
+    fn logits(&self, samples: &[&ImageSample], device: &Device) -> Result<Tensor<3>> {
+        let pixels =
+            Tensor::cat(samples.iter().map(|s| s.pixels.clone()).collect(), 0).to_device(device);
+        let prompts: Vec<_> = samples.iter().map(|s| s.prompt.clone()).collect();
+        self.forward(pixels, &prompts, device)
+    }
+
+    fn target(sample: &ImageSample) -> Tensor<3> {
+        sample.target.clone()
+    }
+
+    fn keep_fixed(mut self) -> Self {
+        let table = &self.vision.position_embedding;
+        self.vision.position_embedding = Param::initialized(table.id, table.val().detach());
+        self
+    }
+}
+
+/// Makes every parameter of a module on an autodiff device trainable, with a fixed id (its
 /// order in the module), so a saved optimizer state finds its parameters again after the
-/// decoder is rebuilt from a checkpoint.
-pub fn trainable(decoder: Decoder) -> Decoder {
+/// module is rebuilt from a checkpoint.
+pub fn trainable<M: Module>(module: M) -> M {
     struct Numbering(u64);
     impl ModuleMapper for Numbering {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -103,12 +163,12 @@ pub fn trainable(decoder: Decoder) -> Decoder {
             )
         }
     }
-    decoder.map(&mut Numbering(0))
+    module.map(&mut Numbering(0))
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before.
-pub fn clip_global_norm(decoder: &Decoder, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         sum: f64,
@@ -132,11 +192,11 @@ pub fn clip_global_norm(decoder: &Decoder, grads: &mut GradientsParams, max_norm
         }
     }
     let mut sum = SumSquares { grads, sum: 0.0 };
-    decoder.visit(&mut sum);
+    module.visit(&mut sum);
     let norm = sum.sum.sqrt();
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
-        decoder.visit(&mut Scale {
+        module.visit(&mut Scale {
             grads,
             factor: factor as f32,
         });
@@ -262,33 +322,31 @@ pub struct EpochLog {
     pub improved: bool,
 }
 
-/// The decoder in training, with its optimizer.
-pub struct DecoderTrainer {
+/// A model in training, with its optimizer and schedule.
+pub struct Trainer<M: TrainingModel> {
     /// On the autodiff device.
-    pub decoder: Decoder,
+    pub model: M,
     pub optimizer: ModuleOptimizer,
     pub recipe: Recipe,
     pub progress: Progress,
-    pub grid: usize,
     device: Device,
 }
 
-impl DecoderTrainer {
-    /// `decoder` on any device; `device` the (non-autodiff) device to train on.
-    pub fn new(decoder: Decoder, recipe: Recipe, grid: usize, device: &Device) -> Result<Self> {
+impl<M: TrainingModel> Trainer<M> {
+    /// `model` on any device; `device` the (non-autodiff) device to train on.
+    pub fn new(model: M, recipe: Recipe, device: &Device) -> Result<Self> {
         recipe.check()?;
         let ad = device.clone().autodiff();
-        let decoder = trainable(decoder.fork(&ad));
+        let model = trainable(model.fork(&ad)).keep_fixed();
         let optimizer = AdamWConfig::new()
             .with_weight_decay(recipe.weight_decay as f32)
             .with_epsilon(1e-8)
             .init();
         Ok(Self {
-            decoder,
+            model,
             optimizer,
             progress: Progress::start(&recipe),
             recipe,
-            grid,
             device: ad,
         })
     }
@@ -297,8 +355,8 @@ impl DecoderTrainer {
     /// the schedule. Returns the epoch's numbers.
     pub fn epoch(
         &mut self,
-        train: &[CachedSample],
-        val: &[CachedSample],
+        train: &[M::Sample],
+        val: &[M::Sample],
         mut on_step: impl FnMut(usize, usize, f64),
     ) -> Result<EpochLog> {
         if train.is_empty() || val.is_empty() {
@@ -316,10 +374,9 @@ impl DecoderTrainer {
         let steps = order.len().div_ceil(self.recipe.batch_size);
         let mut total = 0.0;
         for (step, chunk) in order.chunks(self.recipe.batch_size).enumerate() {
-            let samples: Vec<&CachedSample> = chunk.iter().map(|&i| &train[i]).collect();
-            let (taps, conditioning, target) = batch(&samples, &self.device);
-            let features = self.decoder.reduce(&taps);
-            let logits = self.decoder.decode(&features, conditioning, self.grid)?;
+            let samples: Vec<&M::Sample> = chunk.iter().map(|&i| &train[i]).collect();
+            let logits = self.model.logits(&samples, &self.device)?;
+            let target = targets::<M>(&samples, &self.device);
             let loss = self.recipe.loss.compute(logits, target);
             let value = f64::from(loss.clone().into_scalar::<f32>());
             if !value.is_finite() {
@@ -329,10 +386,10 @@ impl DecoderTrainer {
                 )));
             }
             total += value * chunk.len() as f64;
-            let mut grads = GradientsParams::from_grads(loss.backward(), &self.decoder);
-            clip_global_norm(&self.decoder, &mut grads, self.recipe.grad_clip_norm);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            clip_global_norm(&self.model, &mut grads, self.recipe.grad_clip_norm);
             // Modules are cheap handles: the clone shares the tensors the step replaces.
-            self.decoder = self.optimizer.step(lr, self.decoder.clone(), grads);
+            self.model = self.optimizer.step(lr, self.model.clone(), grads);
             on_step(step + 1, steps, value);
         }
         let train_loss = total / train.len() as f64;
@@ -376,15 +433,14 @@ impl DecoderTrainer {
 
     /// Mean loss and mean per-image Dice (threshold at model resolution, empty/empty = 1)
     /// over `samples`, without gradients.
-    pub fn evaluate(&self, samples: &[CachedSample]) -> Result<(f64, f64)> {
-        let decoder = self.decoder.valid();
+    pub fn evaluate(&self, samples: &[M::Sample]) -> Result<(f64, f64)> {
+        let model = self.model.valid();
         let device = self.device.clone().inner();
         let (mut loss_sum, mut dice_sum) = (0.0, 0.0);
         for chunk in samples.chunks(self.recipe.batch_size) {
-            let refs: Vec<&CachedSample> = chunk.iter().collect();
-            let (taps, conditioning, target) = batch(&refs, &device);
-            let features = decoder.reduce(&taps);
-            let logits = decoder.decode(&features, conditioning, self.grid)?;
+            let refs: Vec<&M::Sample> = chunk.iter().collect();
+            let logits = model.logits(&refs, &device)?;
+            let target = targets::<M>(&refs, &device);
             let loss = self.recipe.loss.compute(logits.clone(), target.clone());
             loss_sum += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;
             dice_sum += batch_dice(logits, target, self.recipe.threshold)?
@@ -397,10 +453,14 @@ impl DecoderTrainer {
         ))
     }
 
-    /// The trained decoder, without autodiff.
-    pub fn decoder(&self) -> Decoder {
-        self.decoder.valid()
+    /// The trained model, without autodiff.
+    pub fn trained(&self) -> M {
+        self.model.valid()
     }
+}
+
+fn targets<M: TrainingModel>(samples: &[&M::Sample], device: &Device) -> Tensor<3> {
+    Tensor::cat(samples.iter().map(|s| M::target(s)).collect(), 0).to_device(device)
 }
 
 /// Per-sample Dice of thresholded logits against 0/1 targets.
@@ -437,18 +497,17 @@ pub fn target_tensor(mask: &[u8], size: usize, device: &Device) -> Tensor<3> {
 }
 
 /// Writes a Hugging Face CLIPSeg directory: `source`'s config, tokenizer and preprocessing
-/// files, and its weights with every `decoder.*` tensor replaced by `decoder`'s (the frozen
-/// towers are copied as they are), as `model.safetensors` (f32, or f16 with `fp16`).
+/// files, and its weights with the `trained` tensors (HF names, e.g. every `decoder.*`)
+/// replaced, the rest copied as they are, as `model.safetensors` (f32, or f16 with `fp16`).
 pub fn export_model(
     source: &std::path::Path,
-    decoder: &Decoder,
+    trained: Vec<crate::model::layers::NamedTensor>,
     out: &std::path::Path,
     fp16: bool,
 ) -> Result<()> {
     let files = crate::files::DirFiles::read(source)?;
     let weights = files.weights()?;
-    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = decoder
-        .export()?
+    let trained: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = trained
         .into_iter()
         .map(|(k, shape, v)| (k, (shape, v)))
         .collect();
@@ -460,7 +519,7 @@ pub fn export_model(
             Some((trained_shape, values)) => {
                 if *trained_shape != shape {
                     return Err(Error::Weights(format!(
-                        "{key}: the trained decoder has shape {trained_shape:?}, the base checkpoint {shape:?}"
+                        "{key}: the trained tensor has shape {trained_shape:?}, the base checkpoint {shape:?}"
                     )));
                 }
                 tensors.push((key.to_string(), shape, values.clone()));
@@ -475,7 +534,7 @@ pub fn export_model(
     }
     if replaced != trained.len() {
         return Err(Error::Weights(format!(
-            "the base checkpoint has {replaced} of the decoder's {} tensors",
+            "the base checkpoint has {replaced} of the {} trained tensors",
             trained.len()
         )));
     }

@@ -11,10 +11,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use vlsm::burn::tensor::{Device, Tensor};
 use vlsm::dataset::{self, ListPrompts, PromptValue};
+use vlsm::model::ClipSeg;
 use vlsm::model::clipseg::{Decoder, pixels_tensor};
+use vlsm::model::layers::NamedTensor;
 use vlsm::train::{
-    CachedSample, DecoderTrainer, EpochLog, Loss, Progress, Recipe, export_model, target_tensor,
-    write_synced,
+    CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Progress, Recipe, Trainer,
+    TrainingModel, export_model, target_tensor, write_synced,
 };
 use vlsm::{Segmenter, preprocess};
 
@@ -62,6 +64,10 @@ pub struct TrainArgs {
     /// Also write the exported model's weights as float16 (`model-fp16/`, for the browser).
     #[arg(long)]
     fp16: bool,
+    /// Full fine-tuning: train the CLIP towers too (all but the vision position table),
+    /// running them in every step. The study trains only the decoder.
+    #[arg(long, conflicts_with = "no_cache")]
+    full: bool,
     /// Run the frozen encoders again for every epoch instead of caching their outputs once
     /// (same results, much slower: for measuring what the cache saves).
     #[arg(long)]
@@ -136,7 +142,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         prompt: args.prompt.clone(),
         recipe: recipe.clone(),
     };
-    let checkpoint_dir = args.out.join("checkpoint");
     if args.resume {
         let text = std::fs::read_to_string(args.out.join("config.toml"))
             .with_context(|| format!("--resume: {} has no config.toml", args.out.display()))?;
@@ -157,51 +162,106 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = backend::device(args.backend)?;
     let segmenter = Segmenter::from_dir(&base, &device)
         .with_context(|| format!("loading {}", base.display()))?;
-    let choice = ListPrompts::Random { seed: recipe.seed };
-    let cache_started = std::time::Instant::now();
-    let mut train = cache_split(
-        &segmenter,
-        &args.data,
-        &datasets,
-        "train",
-        &args.prompt,
-        choice,
-    )?;
-    let mut val = cache_split(
-        &segmenter,
-        &args.data,
-        &datasets,
-        "val",
-        &args.prompt,
-        choice,
-    )?;
-    eprintln!(
-        "cached the frozen encoders' outputs: {} training and {} validation samples in {:.1} s",
-        train.len(),
-        val.len(),
-        cache_started.elapsed().as_secs_f64()
-    );
+    let data = Data {
+        root: &args.data,
+        datasets: &datasets,
+        prompt: &args.prompt,
+        choice: ListPrompts::Random { seed: recipe.seed },
+    };
+    let run = Run {
+        args: &args,
+        base: &base,
+        config: &config,
+        recipe: &recipe,
+        segmenter: &segmenter,
+        device: &device,
+    };
+    if args.full {
+        let started = std::time::Instant::now();
+        let train = image_samples(&segmenter, &data, "train")?;
+        let val = image_samples(&segmenter, &data, "val")?;
+        eprintln!(
+            "full fine-tuning: {} training and {} validation samples read in {:.1} s",
+            train.len(),
+            val.len(),
+            started.elapsed().as_secs_f64()
+        );
+        fit(&run, segmenter.model.clone(), train, val, None)
+    } else {
+        let started = std::time::Instant::now();
+        let train = cached_samples(&segmenter, &data, "train")?;
+        let val = cached_samples(&segmenter, &data, "val")?;
+        eprintln!(
+            "cached the frozen encoders' outputs: {} training and {} validation samples in {:.1} s",
+            train.len(),
+            val.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let refresh = || -> Result<(Vec<CachedSample>, Vec<CachedSample>)> {
+            Ok((
+                cached_samples(&segmenter, &data, "train")?,
+                cached_samples(&segmenter, &data, "val")?,
+            ))
+        };
+        let model = DecoderModel {
+            decoder: segmenter.model.decoder.clone(),
+            grid: segmenter.model.grid(),
+        };
+        fit(
+            &run,
+            model,
+            train,
+            val,
+            args.no_cache.then_some(&refresh as &dyn Fn() -> _),
+        )
+    }
+}
 
+/// What one `vlsm train` invocation works with.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    base: &'a Path,
+    config: &'a RunConfig,
+    recipe: &'a Recipe,
+    segmenter: &'a Segmenter,
+    device: &'a Device,
+}
+
+/// Where samples come from.
+struct Data<'a> {
+    root: &'a Path,
+    datasets: &'a [String],
+    prompt: &'a str,
+    choice: ListPrompts,
+}
+
+type Refresh<'a, S> = &'a dyn Fn() -> Result<(Vec<S>, Vec<S>)>;
+
+/// Trains `model` (resuming when asked), writing checkpoints and the log each epoch, then
+/// exports the best model. `refresh` (for `--no-cache`) rebuilds the samples every epoch.
+fn fit<M: Trained>(
+    run: &Run,
+    model: M,
+    mut train: Vec<M::Sample>,
+    mut val: Vec<M::Sample>,
+    refresh: Option<Refresh<M::Sample>>,
+) -> Result<()> {
+    let (args, recipe) = (run.args, run.recipe);
+    let checkpoint_dir = args.out.join("checkpoint");
     // The data are usable: the run folder starts here.
     std::fs::create_dir_all(&checkpoint_dir)
         .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
     write_synced(
         &args.out.join("config.toml"),
-        toml::to_string_pretty(&config)?.as_bytes(),
+        toml::to_string_pretty(run.config)?.as_bytes(),
     )?;
-    let grid = segmenter.model.grid();
-    let mut trainer = DecoderTrainer::new(
-        segmenter.model.decoder.clone(),
-        recipe.clone(),
-        grid,
-        &device,
-    )?;
+    let mut trainer = Trainer::new(model, recipe.clone(), run.device)?;
     let mut log: Vec<EpochLog> = Vec::new();
     if args.resume {
         let last = checkpoint::find(&checkpoint_dir, "last")
             .with_context(|| format!("--resume: no checkpoint in {}", checkpoint_dir.display()))?;
-        let (decoder, progress, optimizer, epochs) = checkpoint::read(&last, &segmenter, &device)?;
-        trainer = DecoderTrainer::new(decoder, recipe.clone(), grid, &device)?;
+        let (model, progress, optimizer, epochs) = checkpoint::read::<M>(&last, run)?;
+        trainer = Trainer::new(model, recipe.clone(), run.device)?;
         trainer.progress = progress;
         trainer.optimizer = trainer
             .optimizer
@@ -221,7 +281,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let mut trained = 0usize;
-    while !trainer.progress.done(&recipe) {
+    while !trainer.progress.done(recipe) {
+        if let Some(refresh) = refresh {
+            (train, val) = refresh()?;
+        }
         let bar = ProgressBar::new(train.len().div_ceil(recipe.batch_size) as u64);
         bar.set_style(
             ProgressStyle::with_template(
@@ -230,24 +293,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .expect("a valid template"),
         );
         bar.set_message(format!("{}", trainer.progress.epoch + 1));
-        if args.no_cache {
-            train = cache_split(
-                &segmenter,
-                &args.data,
-                &datasets,
-                "train",
-                &args.prompt,
-                choice,
-            )?;
-            val = cache_split(
-                &segmenter,
-                &args.data,
-                &datasets,
-                "val",
-                &args.prompt,
-                choice,
-            )?;
-        }
         let epoch = trainer.epoch(&train, &val, |_, _, _| bar.inc(1))?;
         bar.finish_and_clear();
         trained += train.len();
@@ -264,9 +309,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Best first: a kill between the two writes leaves "last" one epoch behind, which a
         // resume redoes exactly.
         if epoch.improved {
-            checkpoint::write(&checkpoint_dir, "best", &trainer, &log)?;
+            checkpoint::write(&checkpoint_dir, "best", &trainer, &log, run)?;
         }
-        checkpoint::write(&checkpoint_dir, "last", &trainer, &log)?;
+        checkpoint::write(&checkpoint_dir, "last", &trainer, &log, run)?;
         write_metrics(&args.out, &log)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -284,13 +329,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Err(e) = crate::plot::training_curves(&log, &args.out) {
         eprintln!("warning: no training plot: {e:#}");
     }
-    // Export the best decoder as a Hugging Face model directory.
+    // Export the best model as a Hugging Face model directory.
     let best = checkpoint::find(&checkpoint_dir, "best").context("no best checkpoint")?;
-    let (decoder, progress, _, _) = checkpoint::read(&best, &segmenter, &device)?;
+    let (model, progress, _, _) = checkpoint::read::<M>(&best, run)?;
     let model_dir = args.out.join("model");
-    export_model(&base, &decoder, &model_dir, false)?;
+    export_model(run.base, model.export()?, &model_dir, false)?;
     if args.fp16 {
-        export_model(&base, &decoder, &args.out.join("model-fp16"), true)?;
+        export_model(
+            run.base,
+            model.export()?,
+            &args.out.join("model-fp16"),
+            true,
+        )?;
     }
     println!(
         "best val Dice {:.4} at epoch {} → {}",
@@ -299,6 +349,53 @@ pub fn run(args: TrainArgs) -> Result<()> {
         model_dir.display()
     );
     Ok(())
+}
+
+/// A trainable model that can be saved in and rebuilt from a checkpoint folder.
+trait Trained: TrainingModel {
+    /// Its trained tensors, under Hugging Face names.
+    fn export(&self) -> Result<Vec<NamedTensor>>;
+    fn save(&self, dir: &Path, run: &Run) -> Result<()>;
+    fn load(dir: &Path, run: &Run) -> Result<Self>;
+}
+
+impl Trained for DecoderModel {
+    fn export(&self) -> Result<Vec<NamedTensor>> {
+        Ok(self.decoder.export()?)
+    }
+
+    /// Only the decoder: `decoder.safetensors`.
+    fn save(&self, dir: &Path, _: &Run) -> Result<()> {
+        let bytes = vlsm::weights::write_safetensors(&self.decoder.export()?, false)?;
+        Ok(write_synced(&dir.join("decoder.safetensors"), &bytes)?)
+    }
+
+    fn load(dir: &Path, run: &Run) -> Result<Self> {
+        let bytes = std::fs::read(dir.join("decoder.safetensors"))
+            .with_context(|| format!("{}/decoder.safetensors", dir.display()))?;
+        let weights = vlsm::Weights::from_safetensors(&bytes, "decoder.safetensors")?;
+        Ok(DecoderModel {
+            decoder: Decoder::load(&weights, &run.segmenter.pipeline.config, run.device)?,
+            grid: run.segmenter.model.grid(),
+        })
+    }
+}
+
+impl Trained for ClipSeg {
+    fn export(&self) -> Result<Vec<NamedTensor>> {
+        Ok(ClipSeg::export(self)?)
+    }
+
+    /// The whole model, as a Hugging Face directory.
+    fn save(&self, dir: &Path, run: &Run) -> Result<()> {
+        Ok(export_model(run.base, ClipSeg::export(self)?, dir, false)?)
+    }
+
+    fn load(dir: &Path, run: &Run) -> Result<Self> {
+        Ok(Segmenter::from_dir(dir, run.device)
+            .with_context(|| dir.display().to_string())?
+            .model)
+    }
 }
 
 fn write_metrics(out: &Path, log: &[EpochLog]) -> Result<()> {
@@ -313,28 +410,30 @@ fn write_metrics(out: &Path, log: &[EpochLog]) -> Result<()> {
     Ok(())
 }
 
-/// Runs the frozen encoders over a split of the pooled datasets: one sample per entry.
-fn cache_split(
-    segmenter: &Segmenter,
-    root: &Path,
-    datasets: &[String],
-    split: &str,
-    prompt: &str,
-    choice: ListPrompts,
-) -> Result<Vec<CachedSample>> {
+/// One entry, read and preprocessed: pixels `[3, S, S]`, its prompt, its mask at `S`×`S`.
+struct Loaded {
+    pixels: Vec<f32>,
+    text: String,
+    mask: Vec<u8>,
+}
+
+/// Reads a split of the pooled datasets: one sample per entry.
+fn load_split(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<Loaded>> {
     let size = segmenter.input_size();
-    let device = &segmenter.device;
     let mut samples = Vec::new();
-    let mut conditioning: HashMap<String, Tensor<2>> = HashMap::new();
-    for name in datasets {
-        let path = root.join(name).join("anns").join(format!("{split}.json"));
+    for name in data.datasets {
+        let path = data
+            .root
+            .join(name)
+            .join("anns")
+            .join(format!("{split}.json"));
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let (entries, bad) =
             dataset::parse_annotations_indexed(&bytes, &path.display().to_string())?;
         if let Some(b) = bad.first() {
             bail!("{} entry {}: {}", path.display(), b.index, b.message);
         }
-        let dir = root.join(name);
+        let dir = data.root.join(name);
         let ids = dataset::prompt_ids(
             name,
             &entries.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
@@ -342,22 +441,23 @@ fn cache_split(
         for (index, entry) in entries {
             let key = format!("{name}/{split}/{index}");
             // The prompt id: fixed, or (`random`) one of p1..pN, drawn once per sample.
-            let id = if prompt == "random" {
+            let id = if data.prompt == "random" {
                 let pool: Vec<String> = ids.iter().filter(|i| *i != "p0").cloned().collect();
                 if pool.is_empty() {
                     bail!("{}: no prompts besides p0 to draw from", path.display());
                 }
-                let pick = ListPrompts::Random { seed: 0 }
+                let pick = data
+                    .choice
                     .members(&PromptValue::List(pool.clone()), &format!("{key}/random"));
                 pool[pick[0]].clone()
             } else {
-                prompt.to_string()
+                data.prompt.to_string()
             };
             let value = entry
                 .prompts
                 .get(&id)
                 .with_context(|| format!("{} entry {index} has no {id}", path.display()))?;
-            let members = choice.members(value, &format!("{key}/{id}"));
+            let members = data.choice.members(value, &format!("{key}/{id}"));
             let text = value
                 .texts()
                 .get(members.first().copied().unwrap_or(0))
@@ -367,14 +467,11 @@ fn cache_split(
                 })?;
             let image_path = dataset::locate(&dir.join("images"), split, &entry.img_name)?;
             let mask_path = dataset::locate(&dir.join("masks"), split, &entry.mask_name)?;
-            let image = preprocess::decode_rgb(
-                &std::fs::read(&image_path).with_context(|| image_path.display().to_string())?,
-            )
-            .with_context(|| image_path.display().to_string())?;
-            let (mw, mh, mask) = preprocess::decode_mask(
-                &std::fs::read(&mask_path).with_context(|| mask_path.display().to_string())?,
-            )
-            .with_context(|| mask_path.display().to_string())?;
+            let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
+            let image = preprocess::decode_rgb(&read(&image_path)?)
+                .with_context(|| image_path.display().to_string())?;
+            let (mw, mh, mask) = preprocess::decode_mask(&read(&mask_path)?)
+                .with_context(|| mask_path.display().to_string())?;
             if (mw, mh) != image.dimensions() {
                 bail!(
                     "mask {} is {mw}×{mh} but image {} is {}×{}",
@@ -384,60 +481,92 @@ fn cache_split(
                     image.height()
                 );
             }
-            let pixels = preprocess::pixel_values(&image, &segmenter.pipeline.preprocess)?;
-            let taps = segmenter
-                .model
-                .vision_taps(pixels_tensor(&[pixels], size, device))?;
-            let cond = match conditioning.get(&text) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = segmenter.embed_prompts(&[text.as_str()])?.conditioning;
-                    conditioning.insert(text.clone(), c.clone());
-                    c
-                }
-            };
-            let target_mask =
-                preprocess::resize_nearest(&mask, mw as usize, mh as usize, size, size);
-            samples.push(CachedSample {
-                taps,
-                conditioning: cond,
-                target: target_tensor(&target_mask, size, device),
+            samples.push(Loaded {
+                pixels: preprocess::pixel_values(&image, &segmenter.pipeline.preprocess)?,
+                text,
+                mask: preprocess::resize_nearest(&mask, mw as usize, mh as usize, size, size),
             });
         }
     }
     if samples.is_empty() {
         bail!(
             "the {split} split of {} has no entries",
-            datasets.join(", ")
+            data.datasets.join(", ")
         );
     }
     Ok(samples)
 }
 
-/// `RUN/checkpoint/{last,best}/`: the decoder (HF names), the optimizer state, the schedule
+/// A split with the frozen encoders already run: vision taps and prompt conditioning.
+fn cached_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<CachedSample>> {
+    let size = segmenter.input_size();
+    let device = &segmenter.device;
+    let mut conditioning: HashMap<String, Tensor<2>> = HashMap::new();
+    let mut samples = Vec::new();
+    for l in load_split(segmenter, data, split)? {
+        let taps = segmenter
+            .model
+            .vision_taps(pixels_tensor(&[l.pixels], size, device))?;
+        let cond = match conditioning.get(&l.text) {
+            Some(c) => c.clone(),
+            None => {
+                let c = segmenter.embed_prompts(&[l.text.as_str()])?.conditioning;
+                conditioning.insert(l.text.clone(), c.clone());
+                c
+            }
+        };
+        samples.push(CachedSample {
+            taps,
+            conditioning: cond,
+            target: target_tensor(&l.mask, size, device),
+        });
+    }
+    Ok(samples)
+}
+
+/// A split for full fine-tuning: pixels and tokens, the encoders run in every step.
+fn image_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<ImageSample>> {
+    let size = segmenter.input_size();
+    let device = &segmenter.device;
+    load_split(segmenter, data, split)?
+        .into_iter()
+        .map(|l| {
+            Ok(ImageSample {
+                pixels: pixels_tensor(&[l.pixels], size, device),
+                prompt: segmenter.pipeline.tokenizer.encode(&l.text)?,
+                target: target_tensor(&l.mask, size, device),
+            })
+        })
+        .collect()
+}
+
+/// `RUN/checkpoint/{last,best}/`: the model's weights, the optimizer state, the schedule
 /// and the epoch log, written into a fresh folder that then replaces the old one.
 mod checkpoint {
     use super::*;
 
-    pub fn write(dir: &Path, name: &str, trainer: &DecoderTrainer, log: &[EpochLog]) -> Result<()> {
+    pub fn write<M: Trained>(
+        dir: &Path,
+        name: &str,
+        trainer: &Trainer<M>,
+        log: &[EpochLog],
+        run: &Run,
+    ) -> Result<()> {
         let tmp = dir.join(format!("{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let tensors = trainer.decoder().export()?;
-        write_synced(
-            &tmp.join("decoder.safetensors"),
-            &vlsm::weights::write_safetensors(&tensors, false)?,
-        )?;
+        trainer.trained().save(&tmp, run)?;
         let optimizer = trainer
             .optimizer
             .into_bytes()
             .map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
         write_synced(&tmp.join("optimizer.bpk"), &optimizer)?;
+        write_synced(&tmp.join("epochs.json"), &serde_json::to_vec_pretty(log)?)?;
+        // Last: its presence marks a complete checkpoint.
         write_synced(
             &tmp.join("progress.json"),
             &serde_json::to_vec_pretty(&trainer.progress)?,
         )?;
-        write_synced(&tmp.join("epochs.json"), &serde_json::to_vec_pretty(log)?)?;
         // Swap folders: `name` is always either the old or the new complete checkpoint
         // (`name.old` holds the old one for the instant between the renames).
         let target = dir.join(name);
@@ -458,21 +587,17 @@ mod checkpoint {
             .find(|p| p.join("progress.json").is_file())
     }
 
-    pub fn read(
+    pub fn read<M: Trained>(
         dir: &Path,
-        segmenter: &Segmenter,
-        device: &Device,
-    ) -> Result<(Decoder, Progress, Vec<u8>, Vec<EpochLog>)> {
-        let bytes = std::fs::read(dir.join("decoder.safetensors"))
-            .with_context(|| dir.display().to_string())?;
-        let weights = vlsm::Weights::from_safetensors(&bytes, "decoder.safetensors")?;
-        let decoder = Decoder::load(&weights, &segmenter.pipeline.config, device)?;
+        run: &Run,
+    ) -> Result<(M, Progress, Vec<u8>, Vec<EpochLog>)> {
+        let model = M::load(dir, run)?;
         let progress: Progress = serde_json::from_slice(&std::fs::read(dir.join("progress.json"))?)
             .with_context(|| format!("{}/progress.json", dir.display()))?;
         let optimizer = std::fs::read(dir.join("optimizer.bpk"))
             .with_context(|| format!("{}/optimizer.bpk", dir.display()))?;
         let log: Vec<EpochLog> = serde_json::from_slice(&std::fs::read(dir.join("epochs.json"))?)
             .with_context(|| format!("{}/epochs.json", dir.display()))?;
-        Ok((decoder, progress, optimizer, log))
+        Ok((model, progress, optimizer, log))
     }
 }

@@ -307,3 +307,60 @@ fn bad_training_setups_are_one_line_errors() {
         "{saved}"
     );
 }
+
+#[test]
+fn full_fine_tuning_trains_the_towers_and_keeps_the_position_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let run = tmp.path().join("run");
+    let model = fixture("clipseg_refined");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--prompt",
+            "p1",
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            "12",
+            "--batch-size",
+            "16",
+            "--full",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = metrics(&run);
+    assert_eq!(log.len(), 12);
+    assert!(
+        log[11][3] > log[0][3] + 0.02,
+        "val Dice {} → {}",
+        log[0][3],
+        log[11][3]
+    );
+    let base = std::fs::read(model.join("model.safetensors")).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base).unwrap();
+    let tuned = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let tuned = safetensors::SafeTensors::deserialize(&tuned).unwrap();
+    let same = |key: &str| base.tensor(key).unwrap().data() == tuned.tensor(key).unwrap().data();
+    for key in [
+        "clip.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "clip.vision_model.embeddings.patch_embedding.weight",
+        "clip.text_model.encoder.layers.0.mlp.fc1.weight",
+        "clip.text_projection.weight",
+        "decoder.film_mul.weight",
+    ] {
+        assert!(!same(key), "{key} did not train");
+    }
+    assert!(same(
+        "clip.vision_model.embeddings.position_embedding.weight"
+    ));
+    assert_eq!(base.names().len(), tuned.names().len());
+}

@@ -64,7 +64,7 @@ fn soft_dice_loss_and_gradient_equal_monai() {
 }
 
 #[test]
-fn exporting_an_untrained_decoder_gives_back_the_checkpoint() {
+fn exporting_an_untrained_model_gives_back_the_checkpoint() {
     for name in ["clipseg_refined", "clipseg_simple"] {
         let dir = fixture(name);
         let segmenter = Segmenter::from_dir(&dir, &Device::flex()).unwrap();

@@ -15,7 +15,10 @@ use burn::tensor::{Device, Tensor, TensorData, activation};
 use crate::config::ClipSegConfig;
 use crate::error::{Error, Result};
 use crate::model::clip::{TextTransformer, VisionTransformer};
-use crate::model::layers::{LayerShape, PatchConvTranspose, TransformerLayer, linear};
+use crate::model::layers::{
+    LayerShape, NamedTensor, PatchConvTranspose, TransformerLayer, export_conv_transpose,
+    export_linear, linear, values,
+};
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
 
@@ -133,20 +136,7 @@ impl Decoder {
             export_linear(&mut out, &format!("decoder.reduces.{i}"), reduce)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("decoder.layers.{i}");
-            let attn = &layer.self_attn;
-            for (name, l) in [
-                ("q_proj", &attn.q_proj),
-                ("k_proj", &attn.k_proj),
-                ("v_proj", &attn.v_proj),
-                ("out_proj", &attn.out_proj),
-            ] {
-                export_linear(&mut out, &format!("{p}.self_attn.{name}"), l)?;
-            }
-            export_norm(&mut out, &format!("{p}.layer_norm1"), &layer.layer_norm1)?;
-            export_linear(&mut out, &format!("{p}.mlp.fc1"), &layer.mlp.fc1)?;
-            export_linear(&mut out, &format!("{p}.mlp.fc2"), &layer.mlp.fc2)?;
-            export_norm(&mut out, &format!("{p}.layer_norm2"), &layer.layer_norm2)?;
+            layer.export(&format!("decoder.layers.{i}"), &mut out)?;
         }
         let key = "decoder.transposed_convolution";
         let head = &self.head;
@@ -348,6 +338,17 @@ impl ClipSeg {
         Ok(model)
     }
 
+    /// Every tensor the model holds, under Hugging Face names and layouts, except the
+    /// vision position table (resampled for the input size at load, so not the checkpoint's;
+    /// full fine-tuning keeps it frozen).
+    pub fn export(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = self.vision.export("clip.vision_model")?;
+        out.extend(self.text.export("clip.text_model")?);
+        export_linear(&mut out, "clip.text_projection", &self.text_projection)?;
+        out.extend(self.decoder.export()?);
+        Ok(out)
+    }
+
     pub fn input_size(&self) -> usize {
         self.vision.input_size
     }
@@ -417,64 +418,4 @@ impl ClipSeg {
 pub fn pixels_tensor(images: &[Vec<f32>], size: usize, device: &Device) -> Tensor<4> {
     let data: Vec<f32> = images.iter().flatten().copied().collect();
     Tensor::from_data(TensorData::new(data, [images.len(), 3, size, size]), device)
-}
-
-/// A tensor by Hugging Face name: (key, shape, f32 values).
-pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
-
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| Error::Weights(format!("reading a tensor: {e:?}")))
-}
-
-/// burn's `Linear` weight is `[in, out]`; PyTorch's `[out, in]`.
-fn export_linear(out: &mut Vec<NamedTensor>, prefix: &str, l: &Linear) -> Result<()> {
-    let [d_in, d_out] = l.weight.dims();
-    let w = crate::weights::transpose(&values(l.weight.val())?, d_in, d_out);
-    out.push((format!("{prefix}.weight"), vec![d_out, d_in], w));
-    if let Some(b) = &l.bias {
-        out.push((format!("{prefix}.bias"), vec![d_out], values(b.val())?));
-    }
-    Ok(())
-}
-
-fn export_norm(out: &mut Vec<NamedTensor>, prefix: &str, n: &burn::nn::LayerNorm) -> Result<()> {
-    out.push((
-        format!("{prefix}.weight"),
-        n.gamma.dims().to_vec(),
-        values(n.gamma.val())?,
-    ));
-    let beta = n
-        .beta
-        .as_ref()
-        .ok_or_else(|| Error::Weights(format!("{prefix} has no bias")))?;
-    out.push((
-        format!("{prefix}.bias"),
-        beta.dims().to_vec(),
-        values(beta.val())?,
-    ));
-    Ok(())
-}
-
-/// Stored `[in, out·k·k]`, the memory of PyTorch's `[in, out, k, k]`.
-fn export_conv_transpose(
-    out: &mut Vec<NamedTensor>,
-    prefix: &str,
-    c: &PatchConvTranspose,
-) -> Result<()> {
-    let [c_in, _] = c.weight.dims();
-    let k = c.kernel;
-    out.push((
-        format!("{prefix}.weight"),
-        vec![c_in, c.out_channels, k, k],
-        values(c.weight.val())?,
-    ));
-    out.push((
-        format!("{prefix}.bias"),
-        vec![c.out_channels],
-        values(c.bias.val())?,
-    ));
-    Ok(())
 }

@@ -8,7 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData, activation};
 
 use crate::config::Activation;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::Weights;
 
 /// `nn.Linear(d_in, d_out, bias)` at `{prefix}.weight` / `{prefix}.bias`.
@@ -177,6 +177,23 @@ impl TransformerLayer {
     }
 
     /// Pre-norm: `x + attn(ln1(x))`, then `x + mlp(ln2(x))` (the CLIP towers).
+    /// The layer's tensors under `prefix` (Hugging Face names and layouts).
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        let attn = &self.self_attn;
+        for (name, l) in [
+            ("q_proj", &attn.q_proj),
+            ("k_proj", &attn.k_proj),
+            ("v_proj", &attn.v_proj),
+            ("out_proj", &attn.out_proj),
+        ] {
+            export_linear(out, &format!("{prefix}.self_attn.{name}"), l)?;
+        }
+        export_norm(out, &format!("{prefix}.layer_norm1"), &self.layer_norm1)?;
+        export_linear(out, &format!("{prefix}.mlp.fc1"), &self.mlp.fc1)?;
+        export_linear(out, &format!("{prefix}.mlp.fc2"), &self.mlp.fc2)?;
+        export_norm(out, &format!("{prefix}.layer_norm2"), &self.layer_norm2)
+    }
+
     pub fn forward_pre_norm(
         &self,
         x: Tensor<3>,
@@ -246,4 +263,64 @@ impl PatchConvTranspose {
             .reshape([b, c_out, h * k, w * k]);
         image + self.bias.val().reshape([1, c_out, 1, 1])
     }
+}
+
+/// A tensor by Hugging Face name: (key, shape, f32 values).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+pub fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Weights(format!("reading a tensor: {e:?}")))
+}
+
+/// burn's `Linear` weight is `[in, out]`; PyTorch's `[out, in]`.
+pub fn export_linear(out: &mut Vec<NamedTensor>, prefix: &str, l: &Linear) -> Result<()> {
+    let [d_in, d_out] = l.weight.dims();
+    let w = crate::weights::transpose(&values(l.weight.val())?, d_in, d_out);
+    out.push((format!("{prefix}.weight"), vec![d_out, d_in], w));
+    if let Some(b) = &l.bias {
+        out.push((format!("{prefix}.bias"), vec![d_out], values(b.val())?));
+    }
+    Ok(())
+}
+
+pub fn export_norm(out: &mut Vec<NamedTensor>, prefix: &str, n: &LayerNorm) -> Result<()> {
+    out.push((
+        format!("{prefix}.weight"),
+        n.gamma.dims().to_vec(),
+        values(n.gamma.val())?,
+    ));
+    let beta = n
+        .beta
+        .as_ref()
+        .ok_or_else(|| Error::Weights(format!("{prefix} has no bias")))?;
+    out.push((
+        format!("{prefix}.bias"),
+        beta.dims().to_vec(),
+        values(beta.val())?,
+    ));
+    Ok(())
+}
+
+/// Stored `[in, out·k·k]`, the memory of PyTorch's `[in, out, k, k]`.
+pub fn export_conv_transpose(
+    out: &mut Vec<NamedTensor>,
+    prefix: &str,
+    c: &PatchConvTranspose,
+) -> Result<()> {
+    let [c_in, _] = c.weight.dims();
+    let k = c.kernel;
+    out.push((
+        format!("{prefix}.weight"),
+        vec![c_in, c.out_channels, k, k],
+        values(c.weight.val())?,
+    ));
+    out.push((
+        format!("{prefix}.bias"),
+        vec![c.out_channels],
+        values(c.bias.val())?,
+    ));
+    Ok(())
 }

@@ -9,7 +9,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::model::layers::{LayerShape, TransformerLayer, layer_norm};
+use crate::model::layers::{
+    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, values,
+};
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
 
@@ -28,6 +30,32 @@ pub struct TextTransformer {
 }
 
 impl TextTransformer {
+    /// The tower's tensors under `prefix` (Hugging Face names and layouts).
+    pub fn export(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
+        let emb = format!("{prefix}.embeddings");
+        let mut out = vec![
+            (
+                format!("{emb}.token_embedding.weight"),
+                self.token_embedding.dims().to_vec(),
+                values(self.token_embedding.val())?,
+            ),
+            (
+                format!("{emb}.position_embedding.weight"),
+                self.position_embedding.dims().to_vec(),
+                values(self.position_embedding.val())?,
+            ),
+        ];
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.export(&format!("{prefix}.encoder.layers.{i}"), &mut out)?;
+        }
+        export_norm(
+            &mut out,
+            &format!("{prefix}.final_layer_norm"),
+            &self.final_layer_norm,
+        )?;
+        Ok(out)
+    }
+
     pub fn load(w: &Weights, prefix: &str, cfg: &TextConfig, device: &Device) -> Result<Self> {
         let d = cfg.hidden_size;
         let shape = LayerShape {

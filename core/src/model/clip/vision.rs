@@ -9,7 +9,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::model::layers::{LayerShape, TransformerLayer, layer_norm};
+use crate::model::layers::{
+    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, values,
+};
 use crate::weights::Weights;
 
 #[derive(Module, Debug)]
@@ -99,6 +101,36 @@ impl VisionTransformer {
     }
 
     /// Tokens after `pre_layrnorm` (`hidden_states[0]`): `[B, C, S, S]` → `[B, 1 + g², D]`.
+    /// The tower's tensors under `prefix`, except the (resampled) position table.
+    pub fn export(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
+        let emb = format!("{prefix}.embeddings");
+        let mut out = Vec::new();
+        let d = self.class_embedding.dims()[0];
+        out.push((
+            format!("{emb}.class_embedding"),
+            vec![d],
+            values(self.class_embedding.val())?,
+        ));
+        // Stored as a Linear `[c·p·p, d]`; PyTorch's conv weight is `[d, c, p, p]`.
+        let (c, p) = (self.num_channels, self.patch_size);
+        let k = c * p * p;
+        let conv = crate::weights::transpose(&values(self.patch_embedding.weight.val())?, k, d);
+        out.push((
+            format!("{emb}.patch_embedding.weight"),
+            vec![d, c, p, p],
+            conv,
+        ));
+        export_norm(
+            &mut out,
+            &format!("{prefix}.pre_layrnorm"),
+            &self.pre_layrnorm,
+        )?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.export(&format!("{prefix}.encoder.layers.{i}"), &mut out)?;
+        }
+        Ok(out)
+    }
+
     pub fn embed(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
         let [b, c, h, w] = pixels.dims();
         let s = self.input_size;
