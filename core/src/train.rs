@@ -144,7 +144,8 @@ impl TrainingModel for crate::model::ClipSeg {
 
     fn keep_fixed(mut self) -> Self {
         let table = &self.vision.position_embedding;
-        self.vision.position_embedding = Param::initialized(table.id, table.val().detach());
+        self.vision.position_embedding =
+            Param::initialized(table.id, table.val().detach().set_require_grad(false));
         self
     }
 }

@@ -94,3 +94,83 @@ fn exporting_an_untrained_model_gives_back_the_checkpoint() {
         }
     }
 }
+
+/// Two training steps in a row equal one step, a save (weights + optimizer state) and a
+/// rebuild from what was saved, then the second step: what `--resume` relies on.
+#[test]
+fn saving_and_rebuilding_between_steps_changes_nothing() {
+    use vlsm::model::ClipSeg;
+    use vlsm::train::{ImageSample, Recipe, Trainer, target_tensor};
+    let dir = fixture("clipseg_simple");
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&dir, &device).unwrap();
+    let size = segmenter.input_size();
+    let samples: Vec<ImageSample> = (0..4)
+        .map(|i| {
+            let (image, mask) = vlsm::synthetic::ellipse_sample(i, size as u32);
+            let pixels =
+                vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
+            ImageSample {
+                pixels: vlsm::model::clipseg::pixels_tensor(&[pixels], size, &device),
+                prompt: segmenter
+                    .pipeline
+                    .tokenizer
+                    .encode("bright ellipse")
+                    .unwrap(),
+                target: target_tensor(mask.as_raw(), size, &device),
+            }
+        })
+        .collect();
+    let recipe = Recipe {
+        batch_size: 4,
+        ..Recipe::default()
+    };
+    let mut straight = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
+    let saved_weights = straight.trained().export().unwrap();
+    let saved_optimizer = straight.optimizer.into_bytes().unwrap();
+    let saved_progress = straight.progress.clone();
+    let saved_model = straight.trained();
+    straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
+
+    // Rebuild: the base checkpoint with the saved tensors, a fresh trainer, the saved state.
+    let dir2 = tempfile::tempdir().unwrap();
+    vlsm::train::export_model(&dir, saved_weights, dir2.path(), false).unwrap();
+    let rebuilt: ClipSeg = Segmenter::from_dir(dir2.path(), &device).unwrap().model;
+    // Full fine-tuning keeps the (resampled) vision position table fixed.
+    let table = |m: &ClipSeg| {
+        m.vision
+            .position_embedding
+            .val()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(table(&saved_model), table(&segmenter.model));
+    let mut resumed = Trainer::new(rebuilt, recipe, &device).unwrap();
+    resumed.progress = saved_progress;
+    resumed.optimizer = resumed
+        .optimizer
+        .clone()
+        .from_bytes(saved_optimizer)
+        .unwrap();
+    resumed.epoch(&samples, &samples, |_, _, _| {}).unwrap();
+    let a = straight.trained().export().unwrap();
+    let b = resumed.trained().export().unwrap();
+    let mut worst = (0.0f32, String::new());
+    for ((ka, _, va), (_, _, vb)) in a.iter().zip(&b) {
+        let d = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        if d > worst.0 {
+            worst = (d, ka.clone());
+        }
+    }
+    assert_eq!(
+        worst.0, 0.0,
+        "largest difference {} in {}",
+        worst.0, worst.1
+    );
+}
