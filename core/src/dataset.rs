@@ -241,6 +241,36 @@ pub fn locate(dir: &std::path::Path, split: &str, name: &str) -> Result<std::pat
     )))
 }
 
+/// An entry's image and binarised mask (> 127) from `<dataset_dir>/images` and `/masks`,
+/// checked to have the same size; errors name the files.
+#[cfg(feature = "std")]
+pub fn read_sample(
+    dataset_dir: &std::path::Path,
+    split: &str,
+    entry: &Entry,
+) -> Result<(image::RgbImage, Vec<u8>)> {
+    let image_path = locate(&dataset_dir.join("images"), split, &entry.img_name)
+        .map_err(|e| Error::Input(format!("image: {e}")))?;
+    let mask_path = locate(&dataset_dir.join("masks"), split, &entry.mask_name)
+        .map_err(|e| Error::Input(format!("mask: {e}")))?;
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+    let named = |p: &std::path::Path, e: Error| Error::Input(format!("{}: {e}", p.display()));
+    let image =
+        crate::preprocess::decode_rgb(&read(&image_path)?).map_err(|e| named(&image_path, e))?;
+    let (w, h, mask) =
+        crate::preprocess::decode_mask(&read(&mask_path)?).map_err(|e| named(&mask_path, e))?;
+    if (w, h) != image.dimensions() {
+        return Err(Error::Input(format!(
+            "mask {} is {w}×{h} but image {} is {}×{}",
+            mask_path.display(),
+            image_path.display(),
+            image.width(),
+            image.height()
+        )));
+    }
+    Ok((image, mask))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

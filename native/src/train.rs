@@ -465,22 +465,8 @@ fn load_split(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<Loa
                 .with_context(|| {
                     format!("{} entry {index}: {id} is an empty list", path.display())
                 })?;
-            let image_path = dataset::locate(&dir.join("images"), split, &entry.img_name)?;
-            let mask_path = dataset::locate(&dir.join("masks"), split, &entry.mask_name)?;
-            let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
-            let image = preprocess::decode_rgb(&read(&image_path)?)
-                .with_context(|| image_path.display().to_string())?;
-            let (mw, mh, mask) = preprocess::decode_mask(&read(&mask_path)?)
-                .with_context(|| mask_path.display().to_string())?;
-            if (mw, mh) != image.dimensions() {
-                bail!(
-                    "mask {} is {mw}×{mh} but image {} is {}×{}",
-                    mask_path.display(),
-                    image_path.display(),
-                    image.width(),
-                    image.height()
-                );
-            }
+            let (image, mask) = dataset::read_sample(&dir, split, &entry)?;
+            let (mw, mh) = image.dimensions();
             samples.push(Loaded {
                 pixels: preprocess::pixel_values(&image, &segmenter.pipeline.preprocess)?,
                 text,

@@ -717,25 +717,8 @@ impl Evaluator<'_> {
     }
 
     fn load(&self, item: &Item, entry: &Entry) -> Result<Sample> {
-        let dir = self.root.join(&item.dataset);
-        let image_path =
-            dataset::locate(&dir.join("images"), &item.split, &entry.img_name).context("image")?;
-        let mask_path =
-            dataset::locate(&dir.join("masks"), &item.split, &entry.mask_name).context("mask")?;
-        let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
-        let image = preprocess::decode_rgb(&read(&image_path)?)
-            .with_context(|| image_path.display().to_string())?;
-        let (mw, mh, truth) = preprocess::decode_mask(&read(&mask_path)?)
-            .with_context(|| mask_path.display().to_string())?;
-        if (mw, mh) != image.dimensions() {
-            bail!(
-                "mask {} is {mw}×{mh} but image {} is {}×{}",
-                mask_path.display(),
-                image_path.display(),
-                image.width(),
-                image.height()
-            );
-        }
+        let (image, truth) =
+            dataset::read_sample(&self.root.join(&item.dataset), &item.split, entry)?;
         Ok(Sample { image, truth })
     }
 
