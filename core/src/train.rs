@@ -10,10 +10,17 @@
 //! gradient clipping by the global norm (PyTorch's `clip_grad_norm_`, Lightning's
 //! `gradient_clip_val`), ReduceLROnPlateau on the validation loss, early stopping on the
 //! validation Dice.
+//!
+//! Mixed precision (the study trains with Lightning's `16-mixed`): the forward and backward
+//! passes run in float16 or bfloat16 on a half-precision copy of the weights made by
+//! differentiable casts, while the weights, the optimizer moments and the loss stay float32;
+//! float16 gradients are protected from underflow by PyTorch's dynamic loss scaling
+//! (`GradScaler`: scale 2¹⁶, halved and the step skipped on an overflow, doubled after 2000
+//! clean steps).
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData, activation};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -87,8 +94,14 @@ pub struct ImageSample {
 /// What can be trained: a module that turns a batch of its samples into logits.
 pub trait TrainingModel: Module + Clone + Sized {
     type Sample;
-    /// Logits `[B, S, S]` for a batch, computed on `device`.
-    fn logits(&self, batch: &[&Self::Sample], device: &Device) -> Result<Tensor<3>>;
+    /// Logits `[B, S, S]` for a batch, computed on `device` with the sample tensors cast to
+    /// `dtype`, the dtype of the module's weights.
+    fn logits(
+        &self,
+        batch: &[&Self::Sample],
+        device: &Device,
+        dtype: FloatDType,
+    ) -> Result<Tensor<3>>;
     fn target(sample: &Self::Sample) -> Tensor<3>;
     /// Parameters to keep fixed, after [`trainable`].
     fn keep_fixed(self) -> Self {
@@ -107,15 +120,26 @@ pub struct DecoderModel {
 impl TrainingModel for DecoderModel {
     type Sample = CachedSample;
 
-    fn logits(&self, samples: &[&CachedSample], device: &Device) -> Result<Tensor<3>> {
+    fn logits(
+        &self,
+        samples: &[&CachedSample],
+        device: &Device,
+        dtype: FloatDType,
+    ) -> Result<Tensor<3>> {
         let taps: Vec<Tensor<3>> = (0..samples[0].taps.len())
             .map(|t| {
-                Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0)
-                    .to_device(device)
+                cast(
+                    Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0)
+                        .to_device(device),
+                    dtype,
+                )
             })
             .collect();
-        let conditioning = Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0)
-            .to_device(device);
+        let conditioning = cast(
+            Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0)
+                .to_device(device),
+            dtype,
+        );
         let features = self.decoder.reduce(&taps);
         self.decoder.decode(&features, conditioning, self.grid)
     }
@@ -131,9 +155,16 @@ impl TrainingModel for DecoderModel {
 impl TrainingModel for crate::model::ClipSeg {
     type Sample = ImageSample;
 
-    fn logits(&self, samples: &[&ImageSample], device: &Device) -> Result<Tensor<3>> {
-        let pixels =
-            Tensor::cat(samples.iter().map(|s| s.pixels.clone()).collect(), 0).to_device(device);
+    fn logits(
+        &self,
+        samples: &[&ImageSample],
+        device: &Device,
+        dtype: FloatDType,
+    ) -> Result<Tensor<3>> {
+        let pixels = cast(
+            Tensor::cat(samples.iter().map(|s| s.pixels.clone()).collect(), 0).to_device(device),
+            dtype,
+        );
         let prompts: Vec<_> = samples.iter().map(|s| s.prompt.clone()).collect();
         self.forward(pixels, &prompts, device)
     }
@@ -148,6 +179,27 @@ impl TrainingModel for crate::model::ClipSeg {
             Param::initialized(table.id, table.val().detach().set_require_grad(false));
         self
     }
+}
+
+/// `tensor` in `dtype` (no operation when it already is).
+fn cast<const D: usize>(tensor: Tensor<D>, dtype: FloatDType) -> Tensor<D> {
+    if tensor.dtype() == dtype.into() {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
+
+/// The module with every parameter cast to `dtype`. On an autodiff device the casts are
+/// part of the graph, so gradients flow back, in float32, to the parameters of `module`.
+pub fn cast_params<M: Module>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            Param::initialized(param.id, cast(param.val(), self.0))
+        }
+    }
+    module.map(&mut Cast(dtype))
 }
 
 /// Makes every parameter of a module on an autodiff device trainable, with a fixed id (its
@@ -167,9 +219,9 @@ pub fn trainable<M: Module>(module: M) -> M {
     module.map(&mut Numbering(0))
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before.
-pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+/// The global L2 norm of the gradients of `module`'s parameters (PyTorch's
+/// `clip_grad_norm_` norm); infinite or NaN when a gradient overflowed.
+pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         sum: f64,
@@ -177,13 +229,21 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
+                let g = cast(g, FloatDType::F32);
                 self.sum += f64::from(g.powi_scalar(2).sum().into_scalar::<f32>());
             }
         }
     }
+    let mut sum = SumSquares { grads, sum: 0.0 };
+    module.visit(&mut sum);
+    sum.sum.sqrt()
+}
+
+/// Multiplies the gradients of `module`'s parameters by `factor`.
+pub fn scale_gradients<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
     struct Scale<'a> {
         grads: &'a mut GradientsParams,
-        factor: f32,
+        factor: f64,
     }
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -192,18 +252,57 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
             }
         }
     }
-    let mut sum = SumSquares { grads, sum: 0.0 };
-    module.visit(&mut sum);
-    let norm = sum.sum.sqrt();
-    let factor = max_norm / (norm + 1e-6);
-    if factor < 1.0 {
-        module.visit(&mut Scale {
-            grads,
-            factor: factor as f32,
-        });
-    }
-    norm
+    module.visit(&mut Scale { grads, factor });
 }
+
+/// The floating-point type of the forward and backward passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    F32,
+    /// float16 passes with dynamic loss scaling (the study's `16-mixed`).
+    F16,
+    /// bfloat16 passes (float32's range: no loss scaling).
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::F16 => FloatDType::F16,
+            Precision::Bf16 => FloatDType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Input(format!(
+                "precision `{s}`: expected f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+/// PyTorch `GradScaler`'s defaults.
+const INITIAL_LOSS_SCALE: f64 = 65536.0;
+const LOSS_SCALE_GROWTH_INTERVAL: usize = 2000;
 
 /// The recipe's knobs; `Default` is the study's CLIPSeg recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +323,8 @@ pub struct Recipe {
     pub loss: Loss,
     /// Threshold of the validation Dice.
     pub threshold: f32,
+    /// Mixed precision: `f16` (the study's), `bf16`, or `f32` (none, the default).
+    pub precision: Precision,
 }
 
 impl Default for Recipe {
@@ -241,6 +342,7 @@ impl Default for Recipe {
             seed: 42,
             loss: Loss::Dice,
             threshold: 0.5,
+            precision: Precision::F32,
         }
     }
 }
@@ -289,6 +391,15 @@ pub struct Progress {
     pub epochs_without_dice_gain: usize,
     pub rng: u64,
     pub stopped_early: bool,
+    /// float16 training's loss scale, and the clean steps since it last changed.
+    #[serde(default = "initial_loss_scale")]
+    pub loss_scale: f64,
+    #[serde(default)]
+    pub clean_steps: usize,
+}
+
+fn initial_loss_scale() -> f64 {
+    INITIAL_LOSS_SCALE
 }
 
 impl Progress {
@@ -303,6 +414,8 @@ impl Progress {
             epochs_without_dice_gain: 0,
             rng: recipe.seed,
             stopped_early: false,
+            loss_scale: INITIAL_LOSS_SCALE,
+            clean_steps: 0,
         }
     }
 
@@ -321,6 +434,9 @@ pub struct EpochLog {
     /// The learning rate the epoch trained with.
     pub lr: f64,
     pub improved: bool,
+    /// float16 steps skipped because the scaled gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 /// A model in training, with its optimizer and schedule.
@@ -337,6 +453,13 @@ impl<M: TrainingModel> Trainer<M> {
     /// `model` on any device; `device` the (non-autodiff) device to train on.
     pub fn new(model: M, recipe: Recipe, device: &Device) -> Result<Self> {
         recipe.check()?;
+        let dtype = recipe.precision.dtype();
+        if recipe.precision != Precision::F32 && !device.supports_dtype(dtype) {
+            return Err(Error::Input(format!(
+                "this device cannot compute in {}: use precision f32",
+                recipe.precision.name()
+            )));
+        }
         let ad = device.clone().autodiff();
         let model = trainable(model.fork(&ad)).keep_fixed();
         let optimizer = AdamWConfig::new()
@@ -372,25 +495,67 @@ impl<M: TrainingModel> Trainer<M> {
         }
         self.progress.rng = rng.0;
         let lr = self.progress.lr;
+        let precision = self.recipe.precision;
+        let dtype = precision.dtype();
         let steps = order.len().div_ceil(self.recipe.batch_size);
-        let mut total = 0.0;
+        let (mut total, mut skipped_steps) = (0.0, 0);
         for (step, chunk) in order.chunks(self.recipe.batch_size).enumerate() {
             let samples: Vec<&M::Sample> = chunk.iter().map(|&i| &train[i]).collect();
-            let logits = self.model.logits(&samples, &self.device)?;
+            let logits =
+                cast_params(self.model.clone(), dtype).logits(&samples, &self.device, dtype)?;
             let target = targets::<M>(&samples, &self.device);
-            let loss = self.recipe.loss.compute(logits, target);
+            let loss = self
+                .recipe
+                .loss
+                .compute(cast(logits, FloatDType::F32), target);
             let value = f64::from(loss.clone().into_scalar::<f32>());
+            let diverged = |what: &str| {
+                Error::Input(format!(
+                    "the {what} became non-finite at epoch {} step {}{}: lower the learning rate",
+                    self.progress.epoch + 1,
+                    step + 1,
+                    match precision {
+                        Precision::F32 => String::new(),
+                        p => format!(" in {}", p.name()),
+                    }
+                ))
+            };
             if !value.is_finite() {
-                return Err(Error::Input(format!(
-                    "the loss became {value} at epoch {} step {step}: lower the learning rate",
-                    self.progress.epoch + 1
-                )));
+                return Err(diverged("loss"));
             }
             total += value * chunk.len() as f64;
-            let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
-            clip_global_norm(&self.model, &mut grads, self.recipe.grad_clip_norm);
+            // float16: the loss is scaled up before the backward pass so small gradients
+            // survive in half precision, and the gradients scaled back down before clipping.
+            let scale = match precision {
+                Precision::F16 => self.progress.loss_scale,
+                _ => 1.0,
+            };
+            let mut grads = GradientsParams::from_grads((loss * scale).backward(), &self.model);
+            let norm = global_norm(&self.model, &grads) / scale;
+            if !norm.is_finite() {
+                if precision != Precision::F16 {
+                    return Err(diverged("gradient"));
+                }
+                // An overflow: skip the step, halve the scale (GradScaler).
+                self.progress.loss_scale *= 0.5;
+                self.progress.clean_steps = 0;
+                skipped_steps += 1;
+                on_step(step + 1, steps, value);
+                continue;
+            }
+            let clip = (self.recipe.grad_clip_norm / (norm + 1e-6)).min(1.0);
+            if clip / scale != 1.0 {
+                scale_gradients(&self.model, &mut grads, clip / scale);
+            }
             // Modules are cheap handles: the clone shares the tensors the step replaces.
             self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            if precision == Precision::F16 {
+                self.progress.clean_steps += 1;
+                if self.progress.clean_steps == LOSS_SCALE_GROWTH_INTERVAL {
+                    self.progress.loss_scale *= 2.0;
+                    self.progress.clean_steps = 0;
+                }
+            }
             on_step(step + 1, steps, value);
         }
         let train_loss = total / train.len() as f64;
@@ -429,18 +594,21 @@ impl<M: TrainingModel> Trainer<M> {
             val_dice,
             lr,
             improved,
+            skipped_steps,
         })
     }
 
     /// Mean loss and mean per-image Dice (threshold at model resolution, empty/empty = 1)
-    /// over `samples`, without gradients.
+    /// over `samples`, without gradients, in the recipe's precision (as Lightning validates
+    /// under autocast).
     pub fn evaluate(&self, samples: &[M::Sample]) -> Result<(f64, f64)> {
-        let model = self.model.valid();
+        let dtype = self.recipe.precision.dtype();
+        let model = cast_params(self.model.valid(), dtype);
         let device = self.device.clone().inner();
         let (mut loss_sum, mut dice_sum) = (0.0, 0.0);
         for chunk in samples.chunks(self.recipe.batch_size) {
             let refs: Vec<&M::Sample> = chunk.iter().collect();
-            let logits = model.logits(&refs, &device)?;
+            let logits = cast(model.logits(&refs, &device, dtype)?, FloatDType::F32);
             let target = targets::<M>(&refs, &device);
             let loss = self.recipe.loss.compute(logits.clone(), target.clone());
             loss_sum += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;

@@ -53,9 +53,14 @@ pub struct TrainArgs {
     /// `dice` (the study's effective loss) or `dice-bce` (Dice + 0.2·BCE-with-logits).
     #[arg(long)]
     loss: Option<String>,
+    /// Mixed precision: `f16` (the study's `16-mixed`: float16 passes, dynamic loss
+    /// scaling), `bf16`, or `f32` (none, the default). Weights and optimizer stay float32.
+    #[arg(long)]
+    precision: Option<String>,
     /// A TOML file overriding any recipe field (epochs, min_epochs, batch_size, lr,
     /// weight_decay, grad_clip_norm, plateau_factor, plateau_patience,
-    /// early_stopping_patience, seed, threshold, [loss]); command-line options win.
+    /// early_stopping_patience, seed, threshold, precision, [loss]); command-line options
+    /// win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
@@ -110,6 +115,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some("dice") => recipe.loss = Loss::Dice,
         Some("dice-bce") => recipe.loss = Loss::DiceBce { bce_weight: 0.2 },
         Some(other) => bail!("--loss {other}: expected dice or dice-bce"),
+    }
+    if let Some(p) = &args.precision {
+        recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     }
     recipe.check()?;
     let datasets: Vec<String> = args
@@ -298,13 +306,20 @@ fn fit<M: Trained>(
         trained += train.len();
         log.push(epoch);
         eprintln!(
-            "epoch {:>4}  train loss {:.4}  val loss {:.4}  val Dice {:.4}  lr {:e}{}",
+            "epoch {:>4}  train loss {:.4}  val loss {:.4}  val Dice {:.4}  lr {:e}{}{}",
             epoch.epoch,
             epoch.train_loss,
             epoch.val_loss,
             epoch.val_dice,
             epoch.lr,
-            if epoch.improved { "  (best)" } else { "" }
+            if epoch.improved { "  (best)" } else { "" },
+            match epoch.skipped_steps {
+                0 => String::new(),
+                n => format!(
+                    "  ({n} step(s) skipped: float16 overflow, loss scale now {})",
+                    trainer.progress.loss_scale
+                ),
+            }
         );
         // Best first: a kill between the two writes leaves "last" one epoch behind, which a
         // resume redoes exactly.

@@ -1,5 +1,7 @@
 //! The browser page end to end, in Debian's headless Chromium: builds the page with Trunk,
-//! serves it and the tiny fixture model from 127.0.0.1 (tests/e2e/page.mjs, Playwright),
+//! serves it and a model from 127.0.0.1 (tests/e2e/page.mjs, Playwright) — the tiny fixture
+//! model fine-tuned for a few epochs by `vlsm train`, so the page is shown to load a trained
+//! export —
 //! and checks that the page's masks equal the CLI's, that share links reproduce them in a
 //! fresh browser and natively, that WebGPU (SwiftShader) and CPU agree, that the second
 //! visit loads offline from Cache Storage, that bad input gives messages, and that no
@@ -75,11 +77,40 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Fingerprints `vlsm reproduce` prints for a link, with the fixture weights.
-fn native_fingerprints(link: &str, tmp: &Path) -> Vec<String> {
+/// The tiny fixture CLIPSeg, its decoder fine-tuned for a few epochs on the synthetic
+/// ellipses: `vlsm train`'s export (a Hugging Face directory).
+fn trained_model(tmp: &Path) -> PathBuf {
+    let data = tmp.join("ellipses");
+    let out = vlsm(&["synthetic", data.to_str().unwrap(), "--train", "32"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = tmp.join("run");
+    let base = fixture("clipseg_refined");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "8",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    run.join("model")
+}
+
+/// Fingerprints `vlsm reproduce` prints for a link, with `weights`.
+fn native_fingerprints(link: &str, weights: &Path, tmp: &Path) -> Vec<String> {
     let file = tmp.join("link.txt");
     std::fs::write(&file, link).unwrap();
-    let weights = fixture("clipseg_refined");
     let out = vlsm(
         &[
             "reproduce",
@@ -115,7 +146,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let port = free_port();
     let model_url = format!("http://127.0.0.1:{port}/models/m");
     let image = fixture("images/rgb_150x100.png");
-    let weights = fixture("clipseg_refined");
+    let weights = trained_model(tmp.path());
     // A link made by the CLI, to be opened in the page.
     let mut args = vec![
         "share",
@@ -131,7 +162,13 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let out = vlsm(&args, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let cli_link = stdout(&out).trim().to_string();
-    let native = native_fingerprints(&cli_link, tmp.path());
+    let native = native_fingerprints(&cli_link, &weights, tmp.path());
+    // Training changed the masks: the page below must be using the trained weights.
+    assert_ne!(
+        native_fingerprints(&cli_link, &fixture("clipseg_refined"), tmp.path()),
+        native,
+        "the fine-tuned model segments like the base model"
+    );
     // The same, but hashed from other weights than those at the URL.
     let simple = fixture("clipseg_simple");
     let args = vec![
@@ -212,7 +249,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     std::fs::write(shots.join("observed.json"), &out.stdout).unwrap();
     eprintln!(
-        "page ready {} ms, fixture model loaded {} ms after navigation; CPU encode {} ms, \
+        "page ready {} ms, fine-tuned fixture model loaded {} ms after navigation; CPU encode {} ms, \
          2 prompts {} ms; screenshots in {}",
         r["page_ready_ms"],
         r["first_load_ms"],
@@ -281,7 +318,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
 
     // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
     let link = r["share_link"].as_str().unwrap();
-    assert_eq!(native_fingerprints(link, tmp.path()), page);
+    assert_eq!(native_fingerprints(link, &weights, tmp.path()), page);
     assert_eq!(r["link_cpu"]["run"], "done", "{}", r["link_cpu"]);
     assert_eq!(strings(&r["link_cpu"]["fingerprints"]), page);
     assert_eq!(strings(&r["link_prompts"]), PROMPTS);

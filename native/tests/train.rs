@@ -26,6 +26,68 @@ fn synthetic(root: &Path) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// `vlsm train` arguments on the synthetic `ellipses` dataset under `root`, then `extra`.
+fn train_args(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--weights",
+        model.to_str().unwrap(),
+        "--data",
+        root.to_str().unwrap(),
+        "--datasets",
+        "ellipses",
+        "--out",
+        run.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn train(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
+    let args = train_args(model, root, run, extra);
+    vlsm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+}
+
+/// The mean Dice at model resolution of the model in `model_dir` on the validation split
+/// with prompt p1, as `vlsm bench` measures it.
+fn bench_val_dice(root: &Path, model_dir: &Path, out: &Path) -> f64 {
+    let result = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--weights",
+            model_dir.to_str().unwrap(),
+            "--prompts",
+            "p1",
+            "--split",
+            "val",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let mut reader = csv::Reader::from_path(out.join("results.csv")).unwrap();
+    let col = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "dice_model")
+        .unwrap();
+    let dice: Vec<f64> = reader
+        .records()
+        .map(|r| r.unwrap()[col].parse().unwrap())
+        .collect();
+    assert_eq!(dice.len(), 16);
+    dice.iter().sum::<f64>() / 16.0
+}
+
 fn metrics(run: &Path) -> Vec<Vec<f64>> {
     std::fs::read_to_string(run.join("metrics.csv"))
         .unwrap_or_default()
@@ -42,25 +104,11 @@ fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
     synthetic(&root);
     let run = tmp.path().join("run");
     let model = fixture("clipseg_refined");
-    let out = vlsm(
-        &[
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--prompt",
-            "p1",
-            "--out",
-            run.to_str().unwrap(),
-            "--epochs",
-            "200",
-            "--batch-size",
-            "16",
-        ],
-        &[],
+    let out = train(
+        &model,
+        &root,
+        &run,
+        &["--prompt", "p1", "--epochs", "200", "--batch-size", "16"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let log = metrics(&run);
@@ -92,43 +140,68 @@ fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
     }
     // The exported model, benchmarked on the validation split at model resolution, scores
     // exactly the best validation Dice the training measured.
-    let bench = tmp.path().join("bench");
-    let out = vlsm(
-        &[
-            "bench",
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--weights",
-            run.join("model").to_str().unwrap(),
-            "--prompts",
-            "p1",
-            "--split",
-            "val",
-            "--out",
-            bench.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut reader = csv::Reader::from_path(bench.join("results.csv")).unwrap();
-    let col = reader
-        .headers()
-        .unwrap()
-        .iter()
-        .position(|h| h == "dice_model")
-        .unwrap();
-    let dice: Vec<f64> = reader
-        .records()
-        .map(|r| r.unwrap()[col].parse().unwrap())
-        .collect();
-    assert_eq!(dice.len(), 16);
-    let mean = dice.iter().sum::<f64>() / 16.0;
+    let mean = bench_val_dice(&root, &run.join("model"), &tmp.path().join("bench"));
     assert!(
         (mean - best).abs() < 1e-6,
         "exported model: {mean}, training: {best}"
     );
+}
+
+/// Mixed precision (float16 with loss scaling, bfloat16) learns the task as float32 does, and
+/// exports float32 weights that score, in float32, what the half-precision validation
+/// measured, up to rounding.
+#[test]
+fn mixed_precision_training_learns_the_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let model = fixture("clipseg_refined");
+    for precision in ["f16", "bf16"] {
+        let run = tmp.path().join(precision);
+        let out = train(
+            &model,
+            &root,
+            &run,
+            &[
+                "--prompt",
+                "p1",
+                "--epochs",
+                "200",
+                "--batch-size",
+                "16",
+                "--precision",
+                precision,
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(
+            saved.contains(&format!("precision = \"{precision}\"")),
+            "{saved}"
+        );
+        let log = metrics(&run);
+        let best = log.iter().map(|r| r[3]).fold(0.0, f64::max);
+        eprintln!(
+            "{precision}: best val Dice {best:.4} in {} epochs",
+            log.len()
+        );
+        assert!(best >= 0.8, "{precision}: val Dice reached only {best}");
+        let exported = std::fs::read(run.join("model/model.safetensors")).unwrap();
+        let exported = safetensors::SafeTensors::deserialize(&exported).unwrap();
+        assert_eq!(
+            exported.tensor("decoder.film_mul.weight").unwrap().dtype(),
+            safetensors::Dtype::F32
+        );
+        let mean = bench_val_dice(
+            &root,
+            &run.join("model"),
+            &tmp.path().join(format!("b{precision}")),
+        );
+        assert!(
+            (mean - best).abs() < 0.005,
+            "{precision}: exported model {mean}, training {best}"
+        );
+    }
 }
 
 #[test]
@@ -137,29 +210,22 @@ fn a_killed_run_resumes_to_the_same_weights() {
     let root = tmp.path().join("data");
     synthetic(&root);
     let model = fixture("clipseg_simple");
-    let args = |run: &Path| -> Vec<String> {
-        [
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--prompt",
-            "p2",
-            "--out",
-            run.to_str().unwrap(),
-            "--epochs",
-            "40",
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.005",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |run: &Path| {
+        train_args(
+            &model,
+            &root,
+            run,
+            &[
+                "--prompt",
+                "p2",
+                "--epochs",
+                "40",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.005",
+            ],
+        )
     };
     let whole = tmp.path().join("whole");
     let a = args(&whole);
@@ -222,22 +288,10 @@ fn bad_training_setups_are_one_line_errors() {
     synthetic(&root);
     let model = fixture("clipseg_simple");
     let run = tmp.path().join("run");
-    let base = |extra: &[&str]| -> std::process::Output {
-        let mut a = vec![
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--out",
-            run.to_str().unwrap(),
-            "--epochs",
-            "1",
-        ];
+    let base = |extra: &[&str]| {
+        let mut a = vec!["--epochs", "1"];
         a.extend_from_slice(extra);
-        vlsm(&a, &[])
+        train(&model, &root, &run, &a)
     };
     let config = tmp.path().join("bad.toml");
     std::fs::write(&config, "batch_sise = 4\n").unwrap();
@@ -255,54 +309,42 @@ fn bad_training_setups_are_one_line_errors() {
         "batch_size must be at least 1",
     );
     assert_clean_error(&base(&["--loss", "focal"]), "expected dice or dice-bce");
+    assert_clean_error(&base(&["--precision", "f8"]), "expected f32, f16 or bf16");
+    std::fs::write(&config, "precision = \"fp8\"\n").unwrap();
+    assert_clean_error(
+        &base(&["--config", config.to_str().unwrap()]),
+        "unknown variant `fp8`",
+    );
     assert_clean_error(&base(&["--prompt", "p12x"]), "expected p0…p9 or random");
     assert_clean_error(&base(&["--prompt", "p5"]), "has no p5");
     assert_clean_error(&base(&["--resume"]), "has no config.toml");
     let out = vlsm(
-        &[
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "nope",
-            "--out",
-            run.to_str().unwrap(),
-        ],
+        &train_args(&model, &root, &run, &[])
+            .iter()
+            .map(|a| if a == "ellipses" { "nope" } else { a.as_str() })
+            .collect::<Vec<_>>(),
         &[],
     );
     assert_clean_error(&out, "no dataset `nope`");
     // A good config file is used, and the effective recipe saved with the run.
     std::fs::write(
         &config,
-        "seed = 7\nmin_epochs = 1\n[loss]\nkind = \"dice_bce\"\nbce_weight = 0.5\n",
+        "seed = 7\nmin_epochs = 1\nprecision = \"bf16\"\n[loss]\nkind = \"dice_bce\"\nbce_weight = 0.5\n",
     )
     .unwrap();
     let run2 = tmp.path().join("run2");
-    let out = vlsm(
-        &[
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--out",
-            run2.to_str().unwrap(),
-            "--epochs",
-            "2",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
+    let out = train(
+        &model,
+        &root,
+        &run2,
+        &["--epochs", "2", "--config", config.to_str().unwrap()],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let saved = std::fs::read_to_string(run2.join("config.toml")).unwrap();
     assert!(
         saved.contains("seed = 7")
             && saved.contains("bce_weight = 0.5")
+            && saved.contains("precision = \"bf16\"")
             && saved.contains("epochs = 2"),
         "{saved}"
     );
@@ -315,26 +357,19 @@ fn full_fine_tuning_trains_the_towers_and_keeps_the_position_table() {
     synthetic(&root);
     let run = tmp.path().join("run");
     let model = fixture("clipseg_refined");
-    let out = vlsm(
+    let out = train(
+        &model,
+        &root,
+        &run,
         &[
-            "train",
-            "--weights",
-            model.to_str().unwrap(),
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
             "--prompt",
             "p1",
-            "--out",
-            run.to_str().unwrap(),
             "--epochs",
             "12",
             "--batch-size",
             "16",
             "--full",
         ],
-        &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let log = metrics(&run);

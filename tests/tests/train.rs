@@ -97,32 +97,48 @@ fn exporting_an_untrained_model_gives_back_the_checkpoint() {
 
 /// Two training steps in a row equal one step, a save (weights + optimizer state) and a
 /// rebuild from what was saved, then the second step: what `--resume` relies on.
-#[test]
-fn saving_and_rebuilding_between_steps_changes_nothing() {
-    use vlsm::model::ClipSeg;
-    use vlsm::train::{ImageSample, Recipe, Trainer, target_tensor};
-    let dir = fixture("clipseg_simple");
-    let device = Device::flex();
-    let segmenter = Segmenter::from_dir(&dir, &device).unwrap();
+/// `n` synthetic ellipse samples for full fine-tuning of `segmenter`'s model.
+fn image_samples(segmenter: &Segmenter, n: u64) -> Vec<vlsm::train::ImageSample> {
+    use vlsm::train::{ImageSample, target_tensor};
     let size = segmenter.input_size();
-    let samples: Vec<ImageSample> = (0..4)
+    let device = &segmenter.device;
+    (0..n)
         .map(|i| {
             let (image, mask) = vlsm::synthetic::ellipse_sample(i, size as u32);
             let pixels =
                 vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
             ImageSample {
-                pixels: vlsm::model::clipseg::pixels_tensor(&[pixels], size, &device),
+                pixels: vlsm::model::clipseg::pixels_tensor(&[pixels], size, device),
                 prompt: segmenter
                     .pipeline
                     .tokenizer
                     .encode("bright ellipse")
                     .unwrap(),
-                target: target_tensor(mask.as_raw(), size, &device),
+                target: target_tensor(mask.as_raw(), size, device),
             }
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn saving_and_rebuilding_between_steps_changes_nothing() {
+    use vlsm::train::Precision;
+    // float16 also carries the loss scale across the rebuild.
+    for precision in [Precision::F32, Precision::F16] {
+        save_and_rebuild(precision);
+    }
+}
+
+fn save_and_rebuild(precision: vlsm::train::Precision) {
+    use vlsm::model::ClipSeg;
+    use vlsm::train::{Recipe, Trainer};
+    let dir = fixture("clipseg_simple");
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&dir, &device).unwrap();
+    let samples = image_samples(&segmenter, 4);
     let recipe = Recipe {
         batch_size: 4,
+        precision,
         ..Recipe::default()
     };
     let mut straight = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
@@ -170,7 +186,132 @@ fn saving_and_rebuilding_between_steps_changes_nothing() {
     }
     assert_eq!(
         worst.0, 0.0,
-        "largest difference {} in {}",
+        "{precision:?}: largest difference {} in {}",
         worst.0, worst.1
+    );
+}
+
+/// float16 training's dynamic loss scaling, as PyTorch's `GradScaler`: a step whose scaled
+/// gradients overflow is skipped and halves the scale; clean steps update the weights.
+#[test]
+fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
+    use vlsm::train::{Precision, Recipe, Trainer};
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&fixture("clipseg_simple"), &device).unwrap();
+    let samples = image_samples(&segmenter, 40);
+    let recipe = Recipe {
+        batch_size: 1,
+        precision: Precision::F16,
+        ..Recipe::default()
+    };
+    let weights = |t: &Trainer<vlsm::model::ClipSeg>| t.trained().export().unwrap();
+
+    // A scale no float16 gradient survives: every step is skipped, nothing moves.
+    let mut trainer = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    let before = weights(&trainer);
+    trainer.progress.loss_scale = 2f64.powi(120);
+    let log = trainer
+        .epoch(&samples[..2], &samples[..1], |_, _, _| {})
+        .unwrap();
+    assert_eq!(log.skipped_steps, 2);
+    assert_eq!(trainer.progress.loss_scale, 2f64.powi(118));
+    assert_eq!(trainer.progress.clean_steps, 0);
+    assert!(log.train_loss.is_finite(), "{}", log.train_loss);
+    assert!(
+        before == weights(&trainer),
+        "a skipped step changed weights"
+    );
+
+    // A scale that overflows at first: halved until the gradients fit, then steps are taken.
+    let mut trainer = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    trainer.progress.loss_scale = 2f64.powi(40);
+    let log = trainer
+        .epoch(&samples, &samples[..1], |_, _, _| {})
+        .unwrap();
+    let skipped = log.skipped_steps;
+    assert!((1..40).contains(&skipped), "{skipped} of 40 steps skipped");
+    assert_eq!(trainer.progress.loss_scale, 2f64.powi(40 - skipped as i32));
+    assert!(trainer.progress.clean_steps <= 40 - skipped);
+    assert!(before != weights(&trainer), "clean steps changed no weight");
+
+    // float32 training ignores the loss scale.
+    let mut trainer = Trainer::new(
+        segmenter.model.clone(),
+        Recipe {
+            precision: Precision::F32,
+            ..recipe
+        },
+        &device,
+    )
+    .unwrap();
+    trainer.progress.loss_scale = 2f64.powi(120);
+    let log = trainer
+        .epoch(&samples[..2], &samples[..1], |_, _, _| {})
+        .unwrap();
+    assert_eq!(log.skipped_steps, 0);
+    assert_eq!(trainer.progress.loss_scale, 2f64.powi(120));
+}
+
+/// Half-precision passes stay finite where float16 arithmetic would overflow: with large
+/// activations (as a random full-size decoder has, FiLM outputs in the thousands) the
+/// attention scores q·kᵀ exceed float16's 65504, so attention runs in float32.
+#[test]
+fn float16_training_logits_stay_finite_on_large_activations() {
+    use vlsm::burn::module::Module;
+    use vlsm::burn::tensor::FloatDType;
+    use vlsm::train::{CachedSample, DecoderModel, TrainingModel, cast_params, target_tensor};
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
+    let size = segmenter.input_size();
+    let (image, mask) = vlsm::synthetic::ellipse_sample(0, size as u32);
+    let pixels = vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
+    let taps = segmenter
+        .model
+        .vision_taps(vlsm::model::clipseg::pixels_tensor(
+            &[pixels],
+            size,
+            &device,
+        ))
+        .unwrap();
+    let sample = CachedSample {
+        taps: taps.into_iter().map(|t| t * 1000.0).collect(),
+        conditioning: segmenter
+            .embed_prompts(&["bright ellipse"])
+            .unwrap()
+            .conditioning,
+        target: target_tensor(mask.as_raw(), size, &device),
+    };
+    let ad = device.autodiff();
+    let model = vlsm::train::trainable(
+        DecoderModel {
+            decoder: segmenter.model.decoder.clone(),
+            grid: segmenter.model.grid(),
+        }
+        .fork(&ad),
+    );
+    let values = |t: Tensor<3>| -> Vec<f32> {
+        t.cast(FloatDType::F32)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let full = values(model.logits(&[&sample], &ad, FloatDType::F32).unwrap());
+    let half = values(
+        cast_params(model, FloatDType::F16)
+            .logits(&[&sample], &ad, FloatDType::F16)
+            .unwrap(),
+    );
+    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = full
+        .iter()
+        .zip(&half)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    assert!(
+        worst <= 1e-2 * scale,
+        "float16 logits off by {worst} (float32 logits up to {scale})"
     );
 }

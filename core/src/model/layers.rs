@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor, TensorData, activation};
+use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData, activation};
 
 use crate::config::Activation;
 use crate::error::{Error, Result};
@@ -98,7 +98,15 @@ impl SelfAttention {
             softcap: None,
             is_causal: causal,
         };
-        let out = attention(q, k, v, key_mask, None, options);
+        let dtype = q.dtype();
+        let out = if dtype == DType::F32 {
+            attention(q, k, v, key_mask, None, options)
+        } else {
+            // Half precision (mixed-precision training): scores and softmax in float32, as
+            // autocast runs softmax; q·kᵀ of large activations overflows float16.
+            let wide = |t: Tensor<4>| t.cast(FloatDType::F32);
+            attention(wide(q), wide(k), wide(v), key_mask, None, options).cast(dtype)
+        };
         self.out_proj
             .forward(out.swap_dims(1, 2).reshape([b, l, d]))
     }
