@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow};
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::report::Report;
@@ -29,28 +30,95 @@ pub fn dice_vs_prompt(report: &Report, out: &Path) -> Result<Vec<PathBuf>> {
     let columns = report.datasets.len().min(3);
     let rows = report.datasets.len().div_ceil(columns);
     let size = (PANEL.0 * columns as u32, PANEL.1 * rows as u32 + 40);
+    render(
+        &DiceVsPrompt {
+            report,
+            rows,
+            columns,
+        },
+        size,
+        out,
+        "dice_vs_prompt",
+    )
+}
 
-    let svg_path = out.join("dice_vs_prompt.svg");
+/// Something drawn on any plotters backend (so once for the SVG, once for the PNG).
+trait Figure {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static;
+}
+
+/// Writes `{stem}.png` and `{stem}.svg` of `figure` into `out`; returns their paths.
+fn render(figure: &impl Figure, size: (u32, u32), out: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        draw(report, &root, rows, columns)?;
+        figure.draw(&root)?;
         root.present()
             .map_err(|e| anyhow!("drawing the SVG plot: {e}"))?;
     }
+    let svg_path = out.join(format!("{stem}.svg"));
     crate::segment::write_atomic(&svg_path, svg.as_bytes())?;
-
-    let png_path = out.join("dice_vs_prompt.png");
     let mut pixels = vec![0u8; (size.0 * size.1 * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
-        draw(report, &root, rows, columns)?;
+        figure.draw(&root)?;
         root.present()
             .map_err(|e| anyhow!("drawing the PNG plot: {e}"))?;
     }
     let image = image::RgbImage::from_raw(size.0, size.1, pixels).context("plot buffer size")?;
+    let png_path = out.join(format!("{stem}.png"));
     crate::segment::write_atomic(&png_path, &vlsm::render::encode_png(&image)?)?;
     Ok(vec![png_path, svg_path])
+}
+
+/// A line series with its legend entry.
+fn draw_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+    label: &str,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))
+        .map_err(|e| anyhow!("drawing the plot: {e:?}"))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| anyhow!("drawing the plot: {e:?}"))
+}
+
+struct DiceVsPrompt<'a> {
+    report: &'a Report,
+    rows: usize,
+    columns: usize,
+}
+
+impl Figure for DiceVsPrompt<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        draw(self.report, root, self.rows, self.columns)
+    }
 }
 
 fn draw<DB: DrawingBackend>(
@@ -109,26 +177,14 @@ where
                     (c.dice.n > 0).then_some((i as f64, c.dice.mean * 100.0))
                 })
                 .collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(fail)?
-                .label(model.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
+            draw_line(&mut chart, points.clone(), color, model)?;
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(fail)?;
         }
         // The legend once, in the first panel.
         if index == 0 {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK.mix(0.3))
-                .label_font(("sans-serif", 12))
-                .draw()
-                .map_err(fail)?;
+            draw_legend(&mut chart)?;
         }
     }
     Ok(())
@@ -196,27 +252,18 @@ pub fn training_curves(log: &[vlsm::train::EpochLog], out: &Path) -> Result<Vec<
         return Ok(Vec::new());
     }
     load_font()?;
-    let size = (900u32, 360u32);
-    let mut svg = String::new();
+    render(&TrainingCurves(log), (900, 360), out, "training")
+}
+
+struct TrainingCurves<'a>(&'a [vlsm::train::EpochLog]);
+
+impl Figure for TrainingCurves<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
     {
-        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        draw_training(log, &root)?;
-        root.present()
-            .map_err(|e| anyhow!("drawing the SVG plot: {e}"))?;
+        draw_training(self.0, root)
     }
-    let svg_path = out.join("training.svg");
-    crate::segment::write_atomic(&svg_path, svg.as_bytes())?;
-    let mut pixels = vec![0u8; (size.0 * size.1 * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
-        draw_training(log, &root)?;
-        root.present()
-            .map_err(|e| anyhow!("drawing the PNG plot: {e}"))?;
-    }
-    let image = image::RgbImage::from_raw(size.0, size.1, pixels).context("plot buffer size")?;
-    let png_path = out.join("training.png");
-    crate::segment::write_atomic(&png_path, &vlsm::render::encode_png(&image)?)?;
-    Ok(vec![png_path, svg_path])
 }
 
 fn draw_training<DB: DrawingBackend>(
@@ -267,23 +314,10 @@ where
             if *panel_index != index {
                 continue;
             }
-            let color = *color;
             let points: Vec<(f64, f64)> = log.iter().map(|e| (e.epoch as f64, value(e))).collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(fail)?
-                .label(*label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
+            draw_line(&mut chart, points, *color, label)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 12))
-            .draw()
-            .map_err(fail)?;
+        draw_legend(&mut chart)?;
     }
     Ok(())
 }
