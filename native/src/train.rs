@@ -120,21 +120,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     }
     recipe.check()?;
-    let datasets: Vec<String> = args
-        .datasets
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if datasets.is_empty() {
-        bail!("--datasets is empty");
-    }
-    for d in &datasets {
-        dataset::check_relative(d)?;
-        if !args.data.join(d).join("anns").is_dir() {
-            bail!("no dataset `{d}` under {}", args.data.display());
-        }
-    }
+    let datasets = crate::bench::named_datasets(&args.data, &args.datasets)?;
     if args.prompt != "random" && dataset::prompt_number(&args.prompt) == u32::MAX {
         bail!("--prompt {}: expected p0…p9 or random", args.prompt);
     }

@@ -366,29 +366,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 fn select_datasets(root: &Path, spec: &str, split: &str) -> Result<Vec<String>> {
     let has_anns = |name: &str| root.join(name).join("anns").is_dir();
     if spec.trim() != "all" {
-        let names: Vec<String> = spec
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        if names.is_empty() {
-            bail!("--datasets is empty");
-        }
-        for name in &names {
-            dataset::check_relative(name)?;
-            if !has_anns(name) {
-                bail!(
-                    "no dataset `{name}` under {} ({} is not a folder)",
-                    root.display(),
-                    root.join(name).join("anns").display()
-                );
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        return Ok(names
-            .into_iter()
-            .filter(|n| seen.insert(n.clone()))
-            .collect());
+        return named_datasets(root, spec);
     }
     let mut found: Vec<String> = std::fs::read_dir(root)
         .with_context(|| format!("reading {}", root.display()))?
@@ -407,6 +385,35 @@ fn select_datasets(root: &Path, spec: &str, split: &str) -> Result<Vec<String>> 
         );
     }
     Ok(found)
+}
+
+/// The datasets a comma-separated `--datasets` names (each a folder with `anns/` under
+/// `root`), without repeats.
+pub fn named_datasets(root: &Path, spec: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = spec
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if names.is_empty() {
+        bail!("--datasets is empty");
+    }
+    for name in &names {
+        dataset::check_relative(name)?;
+        let anns = root.join(name).join("anns");
+        if !anns.is_dir() {
+            bail!(
+                "no dataset `{name}` under {} ({} is not a folder)",
+                root.display(),
+                anns.display()
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(names
+        .into_iter()
+        .filter(|n| seen.insert(n.clone()))
+        .collect())
 }
 
 fn parse_prompt_list(list: &str) -> Result<Vec<String>> {
