@@ -277,6 +277,18 @@ impl Precision {
         }
     }
 
+    /// An error when `device` has no arithmetic in this precision.
+    pub fn check(self, device: &Device) -> Result<()> {
+        if self == Precision::F32 || device.supports_dtype(self.dtype()) {
+            Ok(())
+        } else {
+            Err(Error::Input(format!(
+                "this device cannot compute in {}: use precision f32",
+                self.name()
+            )))
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -453,13 +465,7 @@ impl<M: TrainingModel> Trainer<M> {
     /// `model` on any device; `device` the (non-autodiff) device to train on.
     pub fn new(model: M, recipe: Recipe, device: &Device) -> Result<Self> {
         recipe.check()?;
-        let dtype = recipe.precision.dtype();
-        if recipe.precision != Precision::F32 && !device.supports_dtype(dtype) {
-            return Err(Error::Input(format!(
-                "this device cannot compute in {}: use precision f32",
-                recipe.precision.name()
-            )));
-        }
+        recipe.precision.check(device)?;
         let ad = device.clone().autodiff();
         let model = trainable(model.fork(&ad)).keep_fixed();
         let optimizer = AdamWConfig::new()

@@ -154,6 +154,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let device = backend::device(args.backend)?;
+    recipe.precision.check(&device)?;
     let segmenter = Segmenter::from_dir(&base, &device)
         .with_context(|| format!("loading {}", base.display()))?;
     let data = Data {
