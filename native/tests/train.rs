@@ -267,15 +267,19 @@ fn a_killed_run_resumes_to_the_same_weights() {
         "{}",
         stderr(&out)
     );
+    let metrics_whole = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
+    let metrics_killed = std::fs::read_to_string(killed.join("metrics.csv")).unwrap();
+    assert_eq!(
+        metrics_whole, metrics_killed,
+        "metrics.csv: the resumed run differs from the uninterrupted one"
+    );
     for file in [
         "checkpoint/last/decoder.safetensors",
         "checkpoint/best/decoder.safetensors",
-        "metrics.csv",
         "model/model.safetensors",
     ] {
-        assert_eq!(
-            std::fs::read(whole.join(file)).unwrap(),
-            std::fs::read(killed.join(file)).unwrap(),
+        assert!(
+            std::fs::read(whole.join(file)).unwrap() == std::fs::read(killed.join(file)).unwrap(),
             "{file}: the resumed run differs from the uninterrupted one"
         );
     }
