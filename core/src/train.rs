@@ -72,41 +72,65 @@ impl Loss {
     }
 }
 
+/// The prompts a sample can be shown: groups (prompt ids) of alternatives (the members of a
+/// list-valued prompt). Every epoch draws a group uniformly, then a member — medvlsm's
+/// `random` prompt and list prompts, which it redraws at every `__getitem__`. One group of
+/// one prompt is a fixed prompt.
+pub type PromptChoices<T> = Vec<Vec<T>>;
+
+/// Which prompt of its [`PromptChoices`] a sample is shown: (group, member).
+pub type Draw = (usize, usize);
+
 /// One training sample from the frozen encoders: the vision taps of its image (deepest
-/// first, each `[1, 1 + g², H]`), the conditioning of its prompt `[1, D]`, and its mask at the
-/// model's resolution `[1, S, S]` (0/1).
+/// first, each `[1, 1 + g², H]`), the conditioning of each of its prompts (`[1, D]`), and its
+/// mask at the model's resolution `[1, S, S]` (0/1).
 #[derive(Debug, Clone)]
 pub struct CachedSample {
     pub taps: Vec<Tensor<3>>,
-    pub conditioning: Tensor<2>,
+    pub conditioning: PromptChoices<Tensor<2>>,
     pub target: Tensor<3>,
 }
 
-/// One sample for full fine-tuning: the preprocessed image `[1, 3, S, S]`, the tokenized
-/// prompt and the mask at the model's resolution `[1, S, S]`.
+/// One sample for full fine-tuning: the preprocessed image `[1, 3, S, S]`, its tokenized
+/// prompts and the mask at the model's resolution `[1, S, S]`.
 #[derive(Debug, Clone)]
 pub struct ImageSample {
     pub pixels: Tensor<4>,
-    pub prompt: crate::tokenize::TokenizedPrompt,
+    pub prompts: PromptChoices<crate::tokenize::TokenizedPrompt>,
     pub target: Tensor<3>,
 }
 
 /// What can be trained: a module that turns a batch of its samples into logits.
 pub trait TrainingModel: Module + Clone + Sized {
     type Sample;
-    /// Logits `[B, S, S]` for a batch, computed on `device` with the sample tensors cast to
-    /// `dtype`, the dtype of the module's weights.
+    /// Logits `[B, S, S]` for a batch, each sample with its drawn prompt, computed on
+    /// `device` with the sample tensors cast to `dtype`, the dtype of the module's weights.
     fn logits(
         &self,
-        batch: &[&Self::Sample],
+        batch: &[(&Self::Sample, Draw)],
         device: &Device,
         dtype: FloatDType,
     ) -> Result<Tensor<3>>;
     fn target(sample: &Self::Sample) -> Tensor<3>;
+    /// The sizes of the sample's prompt groups.
+    fn prompt_groups(sample: &Self::Sample) -> Vec<usize>;
     /// Parameters to keep fixed, after [`trainable`].
     fn keep_fixed(self) -> Self {
         self
     }
+}
+
+/// The prompt `draw` picks from `choices`.
+fn drawn<T>(choices: &PromptChoices<T>, (group, member): Draw) -> Result<&T> {
+    choices
+        .get(group)
+        .and_then(|g| g.get(member))
+        .ok_or_else(|| Error::Input(format!("a sample has no prompt {group}.{member}")))
+}
+
+/// Group sizes of prompt choices.
+fn group_sizes<T>(choices: &PromptChoices<T>) -> Vec<usize> {
+    choices.iter().map(Vec::len).collect()
 }
 
 /// The decoder alone, trained on cached encoder outputs (the study's setup).
@@ -122,30 +146,34 @@ impl TrainingModel for DecoderModel {
 
     fn logits(
         &self,
-        samples: &[&CachedSample],
+        samples: &[(&CachedSample, Draw)],
         device: &Device,
         dtype: FloatDType,
     ) -> Result<Tensor<3>> {
-        let taps: Vec<Tensor<3>> = (0..samples[0].taps.len())
+        let taps: Vec<Tensor<3>> = (0..samples[0].0.taps.len())
             .map(|t| {
                 cast(
-                    Tensor::cat(samples.iter().map(|s| s.taps[t].clone()).collect(), 0)
+                    Tensor::cat(samples.iter().map(|(s, _)| s.taps[t].clone()).collect(), 0)
                         .to_device(device),
                     dtype,
                 )
             })
             .collect();
-        let conditioning = cast(
-            Tensor::cat(samples.iter().map(|s| s.conditioning.clone()).collect(), 0)
-                .to_device(device),
-            dtype,
-        );
+        let conditioning = samples
+            .iter()
+            .map(|(s, draw)| drawn(&s.conditioning, *draw).cloned())
+            .collect::<Result<Vec<_>>>()?;
+        let conditioning = cast(Tensor::cat(conditioning, 0).to_device(device), dtype);
         let features = self.decoder.reduce(&taps);
         self.decoder.decode(&features, conditioning, self.grid)
     }
 
     fn target(sample: &CachedSample) -> Tensor<3> {
         sample.target.clone()
+    }
+
+    fn prompt_groups(sample: &CachedSample) -> Vec<usize> {
+        group_sizes(&sample.conditioning)
     }
 }
 
@@ -157,20 +185,28 @@ impl TrainingModel for crate::model::ClipSeg {
 
     fn logits(
         &self,
-        samples: &[&ImageSample],
+        samples: &[(&ImageSample, Draw)],
         device: &Device,
         dtype: FloatDType,
     ) -> Result<Tensor<3>> {
         let pixels = cast(
-            Tensor::cat(samples.iter().map(|s| s.pixels.clone()).collect(), 0).to_device(device),
+            Tensor::cat(samples.iter().map(|(s, _)| s.pixels.clone()).collect(), 0)
+                .to_device(device),
             dtype,
         );
-        let prompts: Vec<_> = samples.iter().map(|s| s.prompt.clone()).collect();
+        let prompts = samples
+            .iter()
+            .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
+            .collect::<Result<Vec<_>>>()?;
         self.forward(pixels, &prompts, device)
     }
 
     fn target(sample: &ImageSample) -> Tensor<3> {
         sample.target.clone()
+    }
+
+    fn prompt_groups(sample: &ImageSample) -> Vec<usize> {
+        group_sizes(&sample.prompts)
     }
 
     fn keep_fixed(mut self) -> Self {
@@ -499,14 +535,31 @@ impl<M: TrainingModel> Trainer<M> {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
+        // This epoch's prompt of each sample (in training order).
+        let mut below = |n: usize| if n > 1 { rng.below(n) } else { 0 };
+        let draws: Vec<Draw> = order
+            .iter()
+            .map(|&i| {
+                let groups = M::prompt_groups(&train[i]);
+                let group = below(groups.len());
+                (group, below(groups.get(group).copied().unwrap_or(0)))
+            })
+            .collect();
         self.progress.rng = rng.0;
         let lr = self.progress.lr;
         let precision = self.recipe.precision;
         let dtype = precision.dtype();
         let steps = order.len().div_ceil(self.recipe.batch_size);
         let (mut total, mut skipped_steps) = (0.0, 0);
-        for (step, chunk) in order.chunks(self.recipe.batch_size).enumerate() {
-            let samples: Vec<&M::Sample> = chunk.iter().map(|&i| &train[i]).collect();
+        let batches = order
+            .chunks(self.recipe.batch_size)
+            .zip(draws.chunks(self.recipe.batch_size));
+        for (step, (chunk, chunk_draws)) in batches.enumerate() {
+            let samples: Vec<(&M::Sample, Draw)> = chunk
+                .iter()
+                .zip(chunk_draws)
+                .map(|(&i, &d)| (&train[i], d))
+                .collect();
             let logits =
                 cast_params(self.model.clone(), dtype).logits(&samples, &self.device, dtype)?;
             let target = targets::<M>(&samples, &self.device);
@@ -605,7 +658,7 @@ impl<M: TrainingModel> Trainer<M> {
     }
 
     /// Mean loss and mean per-image Dice (threshold at model resolution, empty/empty = 1)
-    /// over `samples`, without gradients, in the recipe's precision (as Lightning validates
+    /// over `samples`, each with its first prompt, without gradients, in the recipe's precision (as Lightning validates
     /// under autocast).
     pub fn evaluate(&self, samples: &[M::Sample]) -> Result<(f64, f64)> {
         let dtype = self.recipe.precision.dtype();
@@ -613,7 +666,7 @@ impl<M: TrainingModel> Trainer<M> {
         let device = self.device.clone().inner();
         let (mut loss_sum, mut dice_sum) = (0.0, 0.0);
         for chunk in samples.chunks(self.recipe.batch_size) {
-            let refs: Vec<&M::Sample> = chunk.iter().collect();
+            let refs: Vec<(&M::Sample, Draw)> = chunk.iter().map(|s| (s, (0, 0))).collect();
             let logits = cast(model.logits(&refs, &device, dtype)?, FloatDType::F32);
             let target = targets::<M>(&refs, &device);
             let loss = self.recipe.loss.compute(logits.clone(), target.clone());
@@ -634,8 +687,8 @@ impl<M: TrainingModel> Trainer<M> {
     }
 }
 
-fn targets<M: TrainingModel>(samples: &[&M::Sample], device: &Device) -> Tensor<3> {
-    Tensor::cat(samples.iter().map(|s| M::target(s)).collect(), 0).to_device(device)
+fn targets<M: TrainingModel>(samples: &[(&M::Sample, Draw)], device: &Device) -> Tensor<3> {
+    Tensor::cat(samples.iter().map(|(s, _)| M::target(s)).collect(), 0).to_device(device)
 }
 
 /// Per-sample Dice of thresholded logits against 0/1 targets.

@@ -15,8 +15,8 @@ use vlsm::model::ClipSeg;
 use vlsm::model::clipseg::{Decoder, pixels_tensor};
 use vlsm::model::layers::NamedTensor;
 use vlsm::train::{
-    CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Progress, Recipe, Trainer,
-    TrainingModel, export_model, target_tensor, write_synced,
+    CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Progress, PromptChoices, Recipe,
+    Trainer, TrainingModel, export_model, target_tensor, write_synced,
 };
 use vlsm::{Segmenter, preprocess};
 
@@ -412,16 +412,20 @@ fn write_metrics(out: &Path, log: &[EpochLog]) -> Result<()> {
     Ok(())
 }
 
-/// One entry, read and preprocessed: pixels `[3, S, S]`, its prompt, its mask at `S`×`S`.
+/// One entry, read and preprocessed: pixels `[3, S, S]`, its prompts, its mask at `S`×`S`.
 struct Loaded {
     pixels: Vec<f32>,
-    text: String,
+    texts: PromptChoices<String>,
     mask: Vec<u8>,
 }
 
-/// Reads a split of the pooled datasets: one sample per entry.
+/// Reads a split of the pooled datasets: one sample per entry. The training split keeps
+/// every prompt a sample may be shown (each epoch draws one, as medvlsm at every
+/// `__getitem__`); the validation split one seeded draw per sample, so the early-stopping
+/// signal does not move with the prompts.
 fn load_split(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<Loaded>> {
     let size = segmenter.input_size();
+    let every_prompt = split == "train";
     let mut samples = Vec::new();
     for name in data.datasets {
         let path = data
@@ -440,38 +444,43 @@ fn load_split(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<Loa
             name,
             &entries.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
         );
+        // The prompt ids: fixed, or (`random`) p1..pN.
+        let pool: Vec<String> = if data.prompt == "random" {
+            ids.iter().filter(|i| *i != "p0").cloned().collect()
+        } else {
+            vec![data.prompt.to_string()]
+        };
+        if pool.is_empty() {
+            bail!("{}: no prompts besides p0 to draw from", path.display());
+        }
         for (index, entry) in entries {
             let key = format!("{name}/{split}/{index}");
-            // The prompt id: fixed, or (`random`) one of p1..pN, drawn once per sample.
-            let id = if data.prompt == "random" {
-                let pool: Vec<String> = ids.iter().filter(|i| *i != "p0").cloned().collect();
-                if pool.is_empty() {
-                    bail!("{}: no prompts besides p0 to draw from", path.display());
+            let texts_of = |id: &String| -> Result<Vec<String>> {
+                let texts = entry
+                    .prompts
+                    .get(id)
+                    .with_context(|| format!("{} entry {index} has no {id}", path.display()))?
+                    .texts();
+                if texts.is_empty() {
+                    bail!("{} entry {index}: {id} is an empty list", path.display());
                 }
-                let pick = data
-                    .choice
-                    .members(&PromptValue::List(pool.clone()), &format!("{key}/random"));
-                pool[pick[0]].clone()
-            } else {
-                data.prompt.to_string()
+                Ok(texts.to_vec())
             };
-            let value = entry
-                .prompts
-                .get(&id)
-                .with_context(|| format!("{} entry {index} has no {id}", path.display()))?;
-            let members = data.choice.members(value, &format!("{key}/{id}"));
-            let text = value
-                .texts()
-                .get(members.first().copied().unwrap_or(0))
-                .cloned()
-                .with_context(|| {
-                    format!("{} entry {index}: {id} is an empty list", path.display())
-                })?;
+            let texts = if every_prompt {
+                pool.iter().map(texts_of).collect::<Result<Vec<_>>>()?
+            } else {
+                let id = &pool[data
+                    .choice
+                    .members(&PromptValue::List(pool.clone()), &format!("{key}/random"))[0]];
+                let value = PromptValue::List(texts_of(id)?);
+                let member = data.choice.members(&value, &format!("{key}/{id}"))[0];
+                vec![vec![value.texts()[member].clone()]]
+            };
             let (image, mask) = dataset::read_sample(&dir, split, &entry)?;
             let (mw, mh) = image.dimensions();
             samples.push(Loaded {
                 pixels: preprocess::pixel_values(&image, &segmenter.pipeline.preprocess)?,
-                text,
+                texts,
                 mask: preprocess::resize_nearest(&mask, mw as usize, mh as usize, size, size),
             });
         }
@@ -495,17 +504,21 @@ fn cached_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec
         let taps = segmenter
             .model
             .vision_taps(pixels_tensor(&[l.pixels], size, device))?;
-        let cond = match conditioning.get(&l.text) {
-            Some(c) => c.clone(),
-            None => {
-                let c = segmenter.embed_prompts(&[l.text.as_str()])?.conditioning;
-                conditioning.insert(l.text.clone(), c.clone());
-                c
+        let mut embed = |text: &String| -> Result<Tensor<2>> {
+            if let Some(c) = conditioning.get(text) {
+                return Ok(c.clone());
             }
+            let c = segmenter.embed_prompts(&[text.as_str()])?.conditioning;
+            conditioning.insert(text.clone(), c.clone());
+            Ok(c)
         };
         samples.push(CachedSample {
             taps,
-            conditioning: cond,
+            conditioning: l
+                .texts
+                .iter()
+                .map(|group| group.iter().map(&mut embed).collect())
+                .collect::<Result<_>>()?,
             target: target_tensor(&l.mask, size, device),
         });
     }
@@ -519,9 +532,14 @@ fn image_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec<
     load_split(segmenter, data, split)?
         .into_iter()
         .map(|l| {
+            let tokenizer = &segmenter.pipeline.tokenizer;
             Ok(ImageSample {
                 pixels: pixels_tensor(&[l.pixels], size, device),
-                prompt: segmenter.pipeline.tokenizer.encode(&l.text)?,
+                prompts: l
+                    .texts
+                    .iter()
+                    .map(|group| group.iter().map(|t| tokenizer.encode(t)).collect())
+                    .collect::<std::result::Result<_, _>>()?,
                 target: target_tensor(&l.mask, size, device),
             })
         })

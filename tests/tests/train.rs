@@ -109,11 +109,13 @@ fn image_samples(segmenter: &Segmenter, n: u64) -> Vec<vlsm::train::ImageSample>
                 vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
             ImageSample {
                 pixels: vlsm::model::clipseg::pixels_tensor(&[pixels], size, device),
-                prompt: segmenter
-                    .pipeline
-                    .tokenizer
-                    .encode("bright ellipse")
-                    .unwrap(),
+                // Two alternatives: every epoch draws one (a list-valued prompt).
+                prompts: vec![
+                    ["bright ellipse", "light oval blob"]
+                        .iter()
+                        .map(|t| segmenter.pipeline.tokenizer.encode(t).unwrap())
+                        .collect(),
+                ],
                 target: target_tensor(mask.as_raw(), size, device),
             }
         })
@@ -275,10 +277,12 @@ fn float16_training_logits_stay_finite_on_large_activations() {
         .unwrap();
     let sample = CachedSample {
         taps: taps.into_iter().map(|t| t * 1000.0).collect(),
-        conditioning: segmenter
-            .embed_prompts(&["bright ellipse"])
-            .unwrap()
-            .conditioning,
+        conditioning: vec![vec![
+            segmenter
+                .embed_prompts(&["bright ellipse"])
+                .unwrap()
+                .conditioning,
+        ]],
         target: target_tensor(mask.as_raw(), size, &device),
     };
     let ad = device.autodiff();
@@ -295,10 +299,14 @@ fn float16_training_logits_stay_finite_on_large_activations() {
             .try_into_vec::<f32>()
             .unwrap()
     };
-    let full = values(model.logits(&[&sample], &ad, FloatDType::F32).unwrap());
+    let full = values(
+        model
+            .logits(&[(&sample, (0, 0))], &ad, FloatDType::F32)
+            .unwrap(),
+    );
     let half = values(
         cast_params(model, FloatDType::F16)
-            .logits(&[&sample], &ad, FloatDType::F16)
+            .logits(&[(&sample, (0, 0))], &ad, FloatDType::F16)
             .unwrap(),
     );
     let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -314,4 +322,71 @@ fn float16_training_logits_stay_finite_on_large_activations() {
         worst <= 1e-2 * scale,
         "float16 logits off by {worst} (float32 logits up to {scale})"
     );
+}
+
+/// A sample with several prompts is shown a freshly drawn one every epoch (medvlsm's list
+/// prompts and `random`, redrawn at every `__getitem__`): training with the alternatives
+/// A, B ends elsewhere than training with A alone or B alone, and the same seed draws the
+/// same prompts again.
+#[test]
+fn every_epoch_draws_each_sample_a_prompt() {
+    use vlsm::train::{CachedSample, DecoderModel, Recipe, Trainer, target_tensor};
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
+    let size = segmenter.input_size();
+    let (image, mask) = vlsm::synthetic::ellipse_sample(3, size as u32);
+    let pixels = vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
+    let taps = segmenter
+        .model
+        .vision_taps(vlsm::model::clipseg::pixels_tensor(
+            &[pixels],
+            size,
+            &device,
+        ))
+        .unwrap();
+    let embed = |t: &str| segmenter.embed_prompts(&[t]).unwrap().conditioning;
+    let (a, b) = (embed("bright ellipse"), embed("dark background"));
+    let sample = |conditioning: Vec<Vec<Tensor<2>>>| CachedSample {
+        taps: taps.clone(),
+        conditioning,
+        target: target_tensor(mask.as_raw(), size, &device),
+    };
+    let train = |conditioning: Vec<Vec<Tensor<2>>>| -> Vec<f32> {
+        let model = DecoderModel {
+            decoder: segmenter.model.decoder.clone(),
+            grid: segmenter.model.grid(),
+        };
+        let recipe = Recipe {
+            batch_size: 1,
+            ..Recipe::default()
+        };
+        let mut trainer = Trainer::new(model, recipe, &device).unwrap();
+        let train = vec![sample(conditioning)];
+        let val = vec![sample(vec![vec![a.clone()]])];
+        for _ in 0..8 {
+            trainer.epoch(&train, &val, |_, _, _| {}).unwrap();
+        }
+        trainer
+            .trained()
+            .decoder
+            .film_mul
+            .weight
+            .val()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let only_a = train(vec![vec![a.clone()]]);
+    let only_b = train(vec![vec![b.clone()]]);
+    let list = train(vec![vec![a.clone(), b.clone()]]);
+    let groups = train(vec![vec![a.clone()], vec![b.clone()]]);
+    assert_ne!(list, only_a, "B was never drawn");
+    assert_ne!(list, only_b, "A was never drawn");
+    assert_eq!(
+        list,
+        train(vec![vec![a.clone(), b.clone()]]),
+        "not reproducible"
+    );
+    // One group of two members and two groups of one are drawn alike (uniform either way).
+    assert_eq!(list, groups);
 }
