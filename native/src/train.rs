@@ -15,8 +15,8 @@ use vlsm::model::ClipSeg;
 use vlsm::model::clipseg::{Decoder, pixels_tensor};
 use vlsm::model::layers::NamedTensor;
 use vlsm::train::{
-    CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Progress, PromptChoices, Recipe,
-    Trainer, TrainingModel, export_model, target_tensor, write_synced,
+    CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Precision, Progress, PromptChoices,
+    Recipe, Trainer, TrainingModel, export_model, target_tensor, write_synced,
 };
 use vlsm::{Segmenter, preprocess};
 
@@ -162,6 +162,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         datasets: &datasets,
         prompt: &args.prompt,
         choice: ListPrompts::Random { seed: recipe.seed },
+        precision: recipe.precision,
     };
     let run = Run {
         args: &args,
@@ -186,11 +187,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let started = std::time::Instant::now();
         let train = cached_samples(&segmenter, &data, "train")?;
         let val = cached_samples(&segmenter, &data, "val")?;
+        let bytes: usize = train
+            .iter()
+            .chain(&val)
+            .flat_map(|s| &s.taps)
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum();
         eprintln!(
-            "cached the frozen encoders' outputs: {} training and {} validation samples in {:.1} s",
+            "cached the frozen encoders' outputs: {} training and {} validation samples in {:.1} s ({:.1} MiB of vision taps)",
             train.len(),
             val.len(),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            bytes as f64 / (1 << 20) as f64
         );
         let refresh = || -> Result<(Vec<CachedSample>, Vec<CachedSample>)> {
             Ok((
@@ -228,6 +236,9 @@ struct Data<'a> {
     datasets: &'a [String],
     prompt: &'a str,
     choice: ListPrompts,
+    /// The cache holds the vision taps in the training's precision (half the memory in
+    /// f16/bf16, as autocast's frozen encoders would hand them over).
+    precision: Precision,
 }
 
 type Refresh<'a, S> = &'a dyn Fn() -> Result<(Vec<S>, Vec<S>)>;
@@ -503,7 +514,13 @@ fn cached_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec
     for l in load_split(segmenter, data, split)? {
         let taps = segmenter
             .model
-            .vision_taps(pixels_tensor(&[l.pixels], size, device))?;
+            .vision_taps(pixels_tensor(&[l.pixels], size, device))?
+            .into_iter()
+            .map(|t| match data.precision {
+                Precision::F32 => t,
+                half => t.cast(half.dtype()),
+            })
+            .collect();
         let mut embed = |text: &String| -> Result<Tensor<2>> {
             if let Some(c) = conditioning.get(text) {
                 return Ok(c.clone());
