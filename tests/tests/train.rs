@@ -254,6 +254,15 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
     assert_eq!(trainer.progress.loss_scale, 2f64.powi(120));
 }
 
+/// The vision taps of synthetic ellipse image `index`, and its mask, at `segmenter`'s size.
+fn ellipse_taps(segmenter: &Segmenter, index: u64) -> (Vec<Tensor<3>>, image::GrayImage) {
+    let size = segmenter.input_size();
+    let (image, mask) = vlsm::synthetic::ellipse_sample(index, size as u32);
+    let pixels = vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
+    let pixels = vlsm::model::clipseg::pixels_tensor(&[pixels], size, &segmenter.device);
+    (segmenter.model.vision_taps(pixels).unwrap(), mask)
+}
+
 /// Half-precision passes stay finite where float16 arithmetic would overflow: with large
 /// activations (as a random full-size decoder has, FiLM outputs in the thousands) the
 /// attention scores q·kᵀ exceed float16's 65504, so attention runs in float32.
@@ -265,16 +274,7 @@ fn float16_training_logits_stay_finite_on_large_activations() {
     let device = Device::flex();
     let segmenter = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
     let size = segmenter.input_size();
-    let (image, mask) = vlsm::synthetic::ellipse_sample(0, size as u32);
-    let pixels = vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
-    let taps = segmenter
-        .model
-        .vision_taps(vlsm::model::clipseg::pixels_tensor(
-            &[pixels],
-            size,
-            &device,
-        ))
-        .unwrap();
+    let (taps, mask) = ellipse_taps(&segmenter, 0);
     let sample = CachedSample {
         taps: taps.into_iter().map(|t| t * 1000.0).collect(),
         conditioning: vec![vec![
@@ -334,16 +334,7 @@ fn every_epoch_draws_each_sample_a_prompt() {
     let device = Device::flex();
     let segmenter = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
     let size = segmenter.input_size();
-    let (image, mask) = vlsm::synthetic::ellipse_sample(3, size as u32);
-    let pixels = vlsm::preprocess::pixel_values(&image, &segmenter.pipeline.preprocess).unwrap();
-    let taps = segmenter
-        .model
-        .vision_taps(vlsm::model::clipseg::pixels_tensor(
-            &[pixels],
-            size,
-            &device,
-        ))
-        .unwrap();
+    let (taps, mask) = ellipse_taps(&segmenter, 3);
     let embed = |t: &str| segmenter.embed_prompts(&[t]).unwrap().conditioning;
     let (a, b) = (embed("bright ellipse"), embed("dark background"));
     let sample = |conditioning: Vec<Vec<Tensor<2>>>| CachedSample {
