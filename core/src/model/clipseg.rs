@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::clip::{TextTransformer, VisionTransformer};
 use crate::model::layers::{
     LayerShape, NamedTensor, PatchConvTranspose, TransformerLayer, export_conv_transpose,
-    export_linear, linear, values,
+    export_linear, linear, named,
 };
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -142,20 +142,12 @@ impl Decoder {
         let head = &self.head;
         match (&head.conv, &head.up2) {
             (Some(conv), Some(up2)) => {
-                out.push((
-                    format!("{key}.0.weight"),
-                    conv.weight.dims().to_vec(),
-                    values(conv.weight.val())?,
-                ));
+                out.push(named(format!("{key}.0.weight"), &conv.weight)?);
                 let bias = conv
                     .bias
                     .as_ref()
                     .ok_or_else(|| Error::Weights("the head's conv has no bias".into()))?;
-                out.push((
-                    format!("{key}.0.bias"),
-                    bias.dims().to_vec(),
-                    values(bias.val())?,
-                ));
+                out.push(named(format!("{key}.0.bias"), bias)?);
                 export_conv_transpose(&mut out, &format!("{key}.2"), &head.up1)?;
                 export_conv_transpose(&mut out, &format!("{key}.4"), up2)?;
             }

@@ -283,32 +283,30 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| Error::Weights(format!("reading a tensor: {e:?}")))
 }
 
+/// A parameter as it is stored (its own shape), under `name`.
+pub fn named<const D: usize>(name: String, param: &Param<Tensor<D>>) -> Result<NamedTensor> {
+    let tensor = param.val();
+    Ok((name, tensor.dims().to_vec(), values(tensor)?))
+}
+
 /// burn's `Linear` weight is `[in, out]`; PyTorch's `[out, in]`.
 pub fn export_linear(out: &mut Vec<NamedTensor>, prefix: &str, l: &Linear) -> Result<()> {
     let [d_in, d_out] = l.weight.dims();
     let w = crate::weights::transpose(&values(l.weight.val())?, d_in, d_out);
     out.push((format!("{prefix}.weight"), vec![d_out, d_in], w));
     if let Some(b) = &l.bias {
-        out.push((format!("{prefix}.bias"), vec![d_out], values(b.val())?));
+        out.push(named(format!("{prefix}.bias"), b)?);
     }
     Ok(())
 }
 
 pub fn export_norm(out: &mut Vec<NamedTensor>, prefix: &str, n: &LayerNorm) -> Result<()> {
-    out.push((
-        format!("{prefix}.weight"),
-        n.gamma.dims().to_vec(),
-        values(n.gamma.val())?,
-    ));
+    out.push(named(format!("{prefix}.weight"), &n.gamma)?);
     let beta = n
         .beta
         .as_ref()
         .ok_or_else(|| Error::Weights(format!("{prefix} has no bias")))?;
-    out.push((
-        format!("{prefix}.bias"),
-        beta.dims().to_vec(),
-        values(beta.val())?,
-    ));
+    out.push(named(format!("{prefix}.bias"), beta)?);
     Ok(())
 }
 
@@ -325,10 +323,6 @@ pub fn export_conv_transpose(
         vec![c_in, c.out_channels, k, k],
         values(c.weight.val())?,
     ));
-    out.push((
-        format!("{prefix}.bias"),
-        vec![c.out_channels],
-        values(c.bias.val())?,
-    ));
+    out.push(named(format!("{prefix}.bias"), &c.bias)?);
     Ok(())
 }

@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, values,
+    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, named,
 };
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -34,16 +34,14 @@ impl TextTransformer {
     pub fn export(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
         let emb = format!("{prefix}.embeddings");
         let mut out = vec![
-            (
+            named(
                 format!("{emb}.token_embedding.weight"),
-                self.token_embedding.dims().to_vec(),
-                values(self.token_embedding.val())?,
-            ),
-            (
+                &self.token_embedding,
+            )?,
+            named(
                 format!("{emb}.position_embedding.weight"),
-                self.position_embedding.dims().to_vec(),
-                values(self.position_embedding.val())?,
-            ),
+                &self.position_embedding,
+            )?,
         ];
         for (i, layer) in self.layers.iter().enumerate() {
             layer.export(&format!("{prefix}.encoder.layers.{i}"), &mut out)?;

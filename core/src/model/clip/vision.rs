@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, values,
+    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, named, values,
 };
 use crate::weights::Weights;
 
@@ -106,11 +106,10 @@ impl VisionTransformer {
         let emb = format!("{prefix}.embeddings");
         let mut out = Vec::new();
         let d = self.class_embedding.dims()[0];
-        out.push((
+        out.push(named(
             format!("{emb}.class_embedding"),
-            vec![d],
-            values(self.class_embedding.val())?,
-        ));
+            &self.class_embedding,
+        )?);
         // Stored as a Linear `[c·p·p, d]`; PyTorch's conv weight is `[d, c, p, p]`.
         let (c, p) = (self.num_channels, self.patch_size);
         let k = c * p * p;
