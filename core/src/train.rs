@@ -152,9 +152,9 @@ impl TrainingModel for DecoderModel {
     ) -> Result<Tensor<3>> {
         let taps: Vec<Tensor<3>> = (0..samples[0].0.taps.len())
             .map(|t| {
-                cast(
-                    Tensor::cat(samples.iter().map(|(s, _)| s.taps[t].clone()).collect(), 0)
-                        .to_device(device),
+                batch(
+                    samples.iter().map(|(s, _)| s.taps[t].clone()),
+                    device,
                     dtype,
                 )
             })
@@ -163,7 +163,7 @@ impl TrainingModel for DecoderModel {
             .iter()
             .map(|(s, draw)| drawn(&s.conditioning, *draw).cloned())
             .collect::<Result<Vec<_>>>()?;
-        let conditioning = cast(Tensor::cat(conditioning, 0).to_device(device), dtype);
+        let conditioning = batch(conditioning, device, dtype);
         let features = self.decoder.reduce(&taps);
         self.decoder.decode(&features, conditioning, self.grid)
     }
@@ -189,11 +189,7 @@ impl TrainingModel for crate::model::ClipSeg {
         device: &Device,
         dtype: FloatDType,
     ) -> Result<Tensor<3>> {
-        let pixels = cast(
-            Tensor::cat(samples.iter().map(|(s, _)| s.pixels.clone()).collect(), 0)
-                .to_device(device),
-            dtype,
-        );
+        let pixels = batch(samples.iter().map(|(s, _)| s.pixels.clone()), device, dtype);
         let prompts = samples
             .iter()
             .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
@@ -265,7 +261,6 @@ pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let g = cast(g, FloatDType::F32);
                 self.sum += f64::from(g.powi_scalar(2).sum().into_scalar::<f32>());
             }
         }
@@ -688,7 +683,23 @@ impl<M: TrainingModel> Trainer<M> {
 }
 
 fn targets<M: TrainingModel>(samples: &[(&M::Sample, Draw)], device: &Device) -> Tensor<3> {
-    Tensor::cat(samples.iter().map(|(s, _)| M::target(s)).collect(), 0).to_device(device)
+    batch(
+        samples.iter().map(|(s, _)| M::target(s)),
+        device,
+        FloatDType::F32,
+    )
+}
+
+/// Per-sample tensors `[1, …]` joined into a batch on `device`, in `dtype`.
+fn batch<const D: usize>(
+    parts: impl IntoIterator<Item = Tensor<D>>,
+    device: &Device,
+    dtype: FloatDType,
+) -> Tensor<D> {
+    cast(
+        Tensor::cat(parts.into_iter().collect(), 0).to_device(device),
+        dtype,
+    )
 }
 
 /// Per-sample Dice of thresholded logits against 0/1 targets.
