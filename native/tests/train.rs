@@ -97,6 +97,14 @@ fn metrics(run: &Path) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The learning runs' options: prompt p1, up to 200 epochs (early stopping ends them).
+const LEARN: [&str; 6] = ["--prompt", "p1", "--epochs", "200", "--batch-size", "16"];
+
+/// The best validation Dice of a run's log.
+fn best_val_dice(log: &[Vec<f64>]) -> f64 {
+    log.iter().map(|r| r[3]).fold(0.0, f64::max)
+}
+
 #[test]
 fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,16 +112,11 @@ fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
     synthetic(&root);
     let run = tmp.path().join("run");
     let model = fixture("clipseg_refined");
-    let out = train(
-        &model,
-        &root,
-        &run,
-        &["--prompt", "p1", "--epochs", "200", "--batch-size", "16"],
-    );
+    let out = train(&model, &root, &run, &LEARN);
     assert!(out.status.success(), "{}", stderr(&out));
     let log = metrics(&run);
     let first = log[0][3];
-    let best = log.iter().map(|r| r[3]).fold(0.0, f64::max);
+    let best = best_val_dice(&log);
     eprintln!(
         "val Dice: epoch 1 {first:.4}, best {best:.4} after {} epochs",
         log.len()
@@ -158,21 +161,8 @@ fn mixed_precision_training_learns_the_task() {
     let model = fixture("clipseg_refined");
     for precision in ["f16", "bf16"] {
         let run = tmp.path().join(precision);
-        let out = train(
-            &model,
-            &root,
-            &run,
-            &[
-                "--prompt",
-                "p1",
-                "--epochs",
-                "200",
-                "--batch-size",
-                "16",
-                "--precision",
-                precision,
-            ],
-        );
+        let options = [&LEARN[..], &["--precision", precision]].concat();
+        let out = train(&model, &root, &run, &options);
         assert!(out.status.success(), "{}", stderr(&out));
         let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
         assert!(
@@ -180,7 +170,7 @@ fn mixed_precision_training_learns_the_task() {
             "{saved}"
         );
         let log = metrics(&run);
-        let best = log.iter().map(|r| r[3]).fold(0.0, f64::max);
+        let best = best_val_dice(&log);
         eprintln!(
             "{precision}: best val Dice {best:.4} in {} epochs",
             log.len()
