@@ -4,32 +4,41 @@
 # peak memory). Usage:
 #   PY=/path/to/venv/bin/python tools/bench.sh [WORKDIR]   (default /var/tmp/vlsm-bench)
 # The venv needs torch, transformers, onnx, onnxruntime, pillow (see tools/make_fixtures.py).
-# vlsm is run from the dev build (`cargo build -p vlsm-cli`; its dependencies and core are
-# compiled at opt-level 2), once with one thread and once with all cores.
+# vlsm runs from the release build and from the dev build (dependencies optimised, see
+# Cargo.toml), each once with one thread and once with all cores. RELEASE_FEATURES (e.g.
+# cuda,wgpu, to reuse tools/gpu-check-prepare.sh's build) adds features to the release build;
+# only the CPU backend is timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WORK=${1:-/var/tmp/vlsm-bench}
 [ -f "$WORK/model.onnx" ] || "$PY" tools/bench_reference.py setup "$WORK" >&2
-cargo build -q -p vlsm-cli
-BIN=${CARGO_TARGET_DIR:-target}/debug/vlsm
+cargo build -q --locked -p vlsm-cli
+features=()
+if [ -n "${RELEASE_FEATURES:-}" ]; then
+  features=(--features "$RELEASE_FEATURES")
+  case $RELEASE_FEATURES in *cuda*) export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000} ;; esac
+fi
+cargo build -q --locked --release -p vlsm-cli "${features[@]}"
+TARGET=${CARGO_TARGET_DIR:-target}
 PROMPTS=("polyp" "round polyp" "pink round polyp" "medium pink round polyp" "one medium pink round polyp"
   "one medium pink round polyp, located in bottom right of the image" "polyp which is a projecting growth of tissue"
   "a small lump in the lining of the colon" "skin melanoma" "left ventricle of the heart in a two chamber view")
 
 # vlsm: best of 3 runs of `segment --timings`; the model-work phases (encode + decode) count.
-run_vlsm() { # threads n_prompts
-  local args=() best=""
+run_vlsm() { # profile threads n_prompts
+  local profile=$1 args=() best=""
+  shift
   for p in "${PROMPTS[@]:0:$2}"; do args+=(--prompt "$p"); done
   for _ in 1 2 3; do
     local out
-    out=$(RAYON_NUM_THREADS=$1 "$BIN" segment "$WORK/image.png" "${args[@]}" --weights "$WORK/model" \
+    out=$(RAYON_NUM_THREADS=$1 "$TARGET/$profile/vlsm" segment "$WORK/image.png" "${args[@]}" --weights "$WORK/model" \
       --out "$WORK/out" --timings 2>&1 >/dev/null)
     local row
-    row=$(echo "$out" | awk -v t="$1" -v n="$2" '
+    row=$(echo "$out" | awk -v t="$1" -v n="$2" -v b="$profile" '
       /timings: encode image|timings: decode prompts/ { w += $(NF-1); c += $NF }
       /peak RSS/ { m = $(NF-1) }
-      END { printf "{\"framework\": \"vlsm (burn flex, %s thread%s)\", \"case\": \"1x%s\", \"wall_s\": %.3f, \"cpu_s\": %.3f, \"peak_mib\": %s}\n", t, (t == 1 ? "" : "s"), n, w, c, m }')
+      END { printf "{\"framework\": \"vlsm %s build (burn flex, %s thread%s)\", \"case\": \"1x%s\", \"wall_s\": %.3f, \"cpu_s\": %.3f, \"peak_mib\": %s}\n", (b == "debug" ? "dev" : b), t, (t == 1 ? "" : "s"), n, w, c, m }')
     if [ -z "$best" ] || awk -v a="$row" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$row; fi
   done
   echo "$best"
@@ -38,8 +47,10 @@ run_vlsm() { # threads n_prompts
 {
   "$PY" tools/bench_reference.py ort "$WORK"
   "$PY" tools/bench_reference.py torch "$WORK"
-  for threads in 1 "$(nproc)"; do
-    for n in 1 10; do run_vlsm "$threads" "$n"; done
+  for profile in release debug; do
+    for threads in 1 "$(nproc)"; do
+      for n in 1 10; do run_vlsm "$profile" "$threads" "$n"; done
+    done
   done
 } > "$WORK/results.jsonl"
 "$PY" tools/bench_reference.py table "$WORK"

@@ -20,7 +20,7 @@ if [ ! -f "$bundle/.tracel-llvm-installed" ]; then
   mkdir -p "$base"
   # Both wheels in one pip call: they fill the same static/ tree, and a second --target call
   # would not merge into it.
-  "$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
+  "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --no-compile \
     --target "$wheels" "mlc-llvm-static==$version" "mlc-llvm-static-extra-targets==$version"
   ln -sfn "$wheels/mlc_llvm_static/static" "$bundle"
   touch "$bundle/.tracel-llvm-installed"

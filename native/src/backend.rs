@@ -1,4 +1,5 @@
-//! `--backend cpu|wgpu|cuda` → a burn device.
+//! `--backend cpu|wgpu|cuda` → a burn device, checked before any work: a missing driver,
+//! toolkit file or adapter is one `error:` line, not a panic deep inside the first kernel.
 
 use anyhow::{Result, bail};
 use vlsm::burn::tensor::Device;
@@ -23,9 +24,29 @@ pub fn device(backend: Backend) -> Result<Device> {
 
 #[cfg(feature = "wgpu")]
 fn wgpu() -> Result<Device> {
-    Device::wgpu_options()
-        .init()
-        .map_err(|e| anyhow::anyhow!("no usable wgpu adapter: {e:?} (try --backend cpu)"))
+    use vlsm::burn::tensor::wgpu::wgpu::DeviceType;
+    let (device, setup) = catch_panic("wgpu", || Device::wgpu_options().init_with_setup())?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no usable wgpu adapter: {} (try --backend cpu)",
+                one_line(&e)
+            )
+        })?;
+    let info = setup.adapter.get_info();
+    // wgpu falls back to a CPU driver (lavapipe, llvmpipe, SwiftShader) without saying so.
+    let kind = match info.device_type {
+        DeviceType::DiscreteGpu => "discrete GPU",
+        DeviceType::IntegratedGpu => "integrated GPU",
+        DeviceType::VirtualGpu => "virtual GPU",
+        DeviceType::Cpu => "CPU driver, no GPU: slow; --backend cpu is faster",
+        DeviceType::Other => "unknown device type",
+    };
+    eprintln!(
+        "wgpu adapter: {} ({:?}, {kind}; driver {} {})",
+        info.name, info.backend, info.driver, info.driver_info
+    );
+    probe("wgpu", &device)?;
+    Ok(device)
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -37,7 +58,12 @@ fn wgpu() -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Device> {
-    Ok(Device::cuda(0))
+    cuda_driver()?;
+    cuda_libdevice()?;
+    let device = Device::cuda(0);
+    probe("CUDA", &device)?;
+    eprintln!("CUDA device 0");
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -45,4 +71,154 @@ fn cuda() -> Result<Device> {
     bail!(
         "this vlsm was built without CUDA support (rebuild with `--features cuda`, or use --backend cpu)"
     )
+}
+
+/// The CUDA driver library, which cudarc loads on first use (and panics without).
+#[cfg(all(feature = "cuda", unix))]
+fn cuda_driver() -> Result<()> {
+    let mut reasons = Vec::new();
+    for name in [c"libcuda.so.1", c"libcuda.so"] {
+        // SAFETY: dlopen with a valid C string; the handle is kept open (cudarc opens it again).
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if !handle.is_null() {
+            return Ok(());
+        }
+        // SAFETY: dlerror returns null or a C string valid until the next dl* call.
+        let reason = unsafe { libc::dlerror() };
+        if !reason.is_null() {
+            reasons.push(
+                unsafe { std::ffi::CStr::from_ptr(reason) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    bail!(
+        "--backend cuda: no NVIDIA driver (libcuda.so.1 not found: {}); install the driver or use --backend cpu",
+        reasons
+            .first()
+            .map_or("not on the library path", String::as_str)
+    )
+}
+
+#[cfg(all(feature = "cuda", not(unix)))]
+fn cuda_driver() -> Result<()> {
+    Ok(()) // probed by the first kernel below
+}
+
+/// burn's CUDA backend compiles kernels with LLVM and links the toolkit's libdevice for
+/// exp, erf and tanh (every model here needs them); cubecl looks where this does.
+#[cfg(feature = "cuda")]
+fn cuda_libdevice() -> Result<()> {
+    use std::path::{Path, PathBuf};
+    let file = |root: &Path| root.join("nvvm/libdevice/libdevice.10.bc");
+    let root = match std::env::var_os("CUDA_PATH") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => ["/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda", "/usr"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|root| root.join("nvvm/libdevice").is_dir()),
+    };
+    match root {
+        Some(root) if file(&root).is_file() => Ok(()),
+        Some(root) => bail!(
+            "--backend cuda: {} not found; set CUDA_PATH to a CUDA toolkit that has it",
+            file(&root).display()
+        ),
+        None => bail!(
+            "--backend cuda: no CUDA toolkit found for libdevice.10.bc (kernels need it); set CUDA_PATH to a toolkit directory with nvvm/libdevice/"
+        ),
+    }
+}
+
+/// One tiny computation with `exp`, read back, so that a device which cannot run kernels
+/// fails here with its reason instead of in the middle of a model.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn probe(name: &str, device: &Device) -> Result<()> {
+    use vlsm::burn::tensor::Tensor;
+    let values = catch_panic(name, || {
+        Tensor::<1>::from_floats([0.0, 1.0], device)
+            .exp()
+            .into_data()
+            .to_vec::<f32>()
+    })?
+    .map_err(|e| anyhow::anyhow!("{name}: cannot read back from the device: {e:?}"))?;
+    if (values[1] - std::f32::consts::E).abs() > 1e-4 || values[0] != 1.0 {
+        bail!("{name}: the device computed exp([0, 1]) = {values:?}, not [1, e]");
+    }
+    Ok(())
+}
+
+/// Runs `f`, turning a panic into an error that carries the panic's message: burn's GPU
+/// runtimes panic when a driver, device or toolkit file is missing. The process's panic
+/// hook (which reports internal errors) is silenced meanwhile and then restored.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub fn catch_panic<T>(name: &str, f: impl FnOnce() -> T) -> Result<T> {
+    use std::sync::{Arc, Mutex};
+    let message = Arc::new(Mutex::new(None::<String>));
+    let sink = Arc::clone(&message);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        if let Ok(mut slot) = sink.lock() {
+            slot.get_or_insert(text);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|_| {
+        let text = message
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .unwrap_or_default();
+        anyhow::anyhow!("{name} backend failed to start: {}", one_line(&text))
+    })
+}
+
+/// Error texts of GPU runtimes span lines; the CLI prints one.
+fn one_line(text: &dyn std::fmt::Display) -> String {
+    text.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_with_its_message_on_one_line() {
+        let err = catch_panic("test", || -> u32 { panic!("no driver\nsecond line") }).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "test backend failed to start: no driver second line"
+        );
+        assert_eq!(catch_panic("test", || 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn backends_not_compiled_in_say_how_to_get_them() {
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            device(Backend::Cuda)
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda")
+        );
+        #[cfg(not(feature = "wgpu"))]
+        assert!(
+            device(Backend::Wgpu)
+                .unwrap_err()
+                .to_string()
+                .contains("--features wgpu")
+        );
+        assert!(device(Backend::Cpu).is_ok());
+    }
 }

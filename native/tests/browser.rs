@@ -7,7 +7,7 @@
 //! visit loads offline from Cache Storage, that bad input gives messages, and that no
 //! request carries image data.
 //!
-//! Needs trunk, wasm-bindgen-cli, chromium and `npm ci` in tests/e2e (`.ci/run` installs
+//! Needs trunk, wasm-bindgen-cli, chromium and `npm ci` in tests/e2e (`tools/test.sh` installs
 //! them). The page is built into `$CARGO_TARGET_DIR-web` (or `target/web`), so the nested
 //! cargo build never waits on the lock of the build running this test.
 
@@ -42,7 +42,7 @@ fn require(tool: &str, hint: &str) {
         .is_ok_and(|o| o.status.success());
     assert!(
         found,
-        "`{tool}` is not installed: {hint} (bash .ci/run installs it)"
+        "`{tool}` is not installed: {hint} (bash tools/test.sh installs it)"
     );
 }
 
@@ -137,7 +137,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let e2e = workspace().join("tests/e2e");
     assert!(
         e2e.join("node_modules/playwright-core").is_dir(),
-        "run `npm ci` in tests/e2e first (bash .ci/run does)"
+        "run `npm ci` in tests/e2e first (bash tools/test.sh does)"
     );
     let tmp = tempfile::tempdir().unwrap();
     let dist = tmp.path().join("dist");
