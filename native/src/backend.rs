@@ -140,7 +140,7 @@ fn probe(name: &str, device: &Device) -> Result<()> {
         Tensor::<1>::from_floats([0.0, 1.0], device)
             .exp()
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
     })?
     .map_err(|e| anyhow::anyhow!("{name}: cannot read back from the device: {e:?}"))?;
     if (values[1] - std::f32::consts::E).abs() > 1e-4 || values[0] != 1.0 {
