@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WORK=${1:-/var/tmp/vlsm-bench}
 [ -f "$WORK/model.onnx" ] || "$PY" tools/bench_reference.py setup "$WORK" >&2
-cargo build -q --locked -p vlsm-cli
+# DEV_TARGET_DIR: where the dev build lives (e.g. CI's warm target dir), if not the same.
+DEV_TARGET=${DEV_TARGET_DIR:-${CARGO_TARGET_DIR:-target}}
+CARGO_TARGET_DIR=$DEV_TARGET cargo build -q --locked -p vlsm-cli
 features=()
 if [ -n "${RELEASE_FEATURES:-}" ]; then
   features=(--features "$RELEASE_FEATURES")
@@ -32,7 +34,9 @@ run_vlsm() { # profile threads n_prompts
   for p in "${PROMPTS[@]:0:$2}"; do args+=(--prompt "$p"); done
   for _ in 1 2 3; do
     local out
-    out=$(RAYON_NUM_THREADS=$1 "$TARGET/$profile/vlsm" segment "$WORK/image.png" "${args[@]}" --weights "$WORK/model" \
+    local bin=$TARGET/release/vlsm
+    [ "$profile" = release ] || bin=$DEV_TARGET/debug/vlsm
+    out=$(RAYON_NUM_THREADS=$1 "$bin" segment "$WORK/image.png" "${args[@]}" --weights "$WORK/model" \
       --out "$WORK/out" --timings 2>&1 >/dev/null)
     local row
     row=$(echo "$out" | awk -v t="$1" -v n="$2" -v b="$profile" '

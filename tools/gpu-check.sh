@@ -19,7 +19,9 @@
 #      and whether the training loss falls;
 #   4. the same parity and 1-prompt speed through wgpu when a Vulkan ICD of NVIDIA's is there.
 # A step that fails prints its error in the table and the others still run. Exit status 0
-# when every step that could run passed, 1 otherwise.
+# when every step that could run passed, 1 otherwise. GPU_CHECK_BACKEND=cpu runs the same
+# steps on the CPU backend (parity then compares the CPU with itself): a dry run of the
+# script on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=${1:-gpu-bundle}
@@ -182,14 +184,15 @@ train() { # backend precision
   fi
 }
 
-echo "== 1. parity (cuda)" >&2
-parity cuda
-echo "== 2. speed (cuda)" >&2
-speed cuda
-echo "== 3. training (cuda)" >&2
+backend=${GPU_CHECK_BACKEND:-cuda}
+echo "== 1. parity ($backend)" >&2
+parity "$backend"
+echo "== 2. speed ($backend)" >&2
+speed "$backend"
+echo "== 3. training ($backend)" >&2
 if run synthetic "$vlsm" synthetic "$work/synthetic" --train 64 --val 16 --test 8 --size 96; then
-  train cuda f32
-  train cuda f16
+  train "$backend" f32
+  train "$backend" f16
 else
   fail "synthetic data" "$(last_error synthetic)"
 fi
