@@ -54,15 +54,19 @@ enum Command {
     Synthetic(synthetic::SyntheticArgs),
 }
 
+/// The text a panic was raised with (`panic!("…")` carries a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown")
+}
+
 fn main() -> ExitCode {
     // A panic is a bug, but the user still gets one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("unknown");
+        let msg = panic_message(info.payload());
         eprintln!(
             "error: internal error (please report): {}",
             msg.lines().next().unwrap_or("")
