@@ -163,6 +163,62 @@ impl ClipSegConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
+        // Upper bounds: far above any released CLIP/CLIPSeg, low enough that a config
+        // cannot ask for more memory or time than a machine has.
+        for (name, value, max) in [
+            ("text_config.hidden_size", t.hidden_size, 8192),
+            ("text_config.intermediate_size", t.intermediate_size, 32768),
+            ("text_config.num_hidden_layers", t.num_hidden_layers, 64),
+            (
+                "text_config.num_attention_heads",
+                t.num_attention_heads,
+                128,
+            ),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+                MAX_TEXT_POSITIONS,
+            ),
+            ("text_config.vocab_size", t.vocab_size, 1 << 20),
+            ("vision_config.hidden_size", v.hidden_size, 8192),
+            (
+                "vision_config.intermediate_size",
+                v.intermediate_size,
+                32768,
+            ),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers, 64),
+            (
+                "vision_config.num_attention_heads",
+                v.num_attention_heads,
+                128,
+            ),
+            ("vision_config.patch_size", v.patch_size, 64),
+            ("vision_config.image_size", v.image_size, MAX_INPUT_SIZE),
+            ("projection_dim", self.projection_dim, 8192),
+            ("reduce_dim", self.reduce_dim, 2048),
+            (
+                "decoder_num_attention_heads",
+                self.decoder_num_attention_heads,
+                128,
+            ),
+            (
+                "decoder_intermediate_size",
+                self.decoder_intermediate_size,
+                32768,
+            ),
+            ("extract_layers (count)", self.extract_layers.len(), 16),
+        ] {
+            if value > max {
+                return bad(format!("{name} is {value}, more than the supported {max}"));
+            }
+        }
+        if v.num_channels != 3 {
+            return bad(format!(
+                "vision_config.num_channels is {}, but images are fed as RGB (3)",
+                v.num_channels
+            ));
+        }
+        check_patch_grid("vision_config.image_size", v.image_size, v.patch_size)?;
         if t.hidden_size % t.num_attention_heads != 0 {
             return bad(format!(
                 "text hidden_size {} is not divisible by num_attention_heads {}",
@@ -218,6 +274,27 @@ impl ClipSegConfig {
         }
         Ok(())
     }
+}
+
+/// The largest square input side a config may ask for, in pixels.
+pub const MAX_INPUT_SIZE: usize = 1024;
+
+/// The most patches a side of the vision tower's input may have: 48×48 = 2304 tokens keeps
+/// one attention map of all heads of a ViT-B under 300 MB.
+pub const MAX_PATCH_GRID: usize = 48;
+
+/// The longest text sequence a config may ask for (CLIP's is 77).
+pub const MAX_TEXT_POSITIONS: usize = 1024;
+
+/// Refuses an input size whose patch grid is beyond [`MAX_PATCH_GRID`] or [`MAX_INPUT_SIZE`].
+pub(crate) fn check_patch_grid(field: &str, size: usize, patch: usize) -> Result<()> {
+    if size > MAX_INPUT_SIZE || size / patch.max(1) > MAX_PATCH_GRID {
+        return Err(Error::Config(format!(
+            "{field} {size} is too large: at most {} pixels (a {MAX_PATCH_GRID}×{MAX_PATCH_GRID} grid of {patch}-pixel patches) and {MAX_INPUT_SIZE}",
+            MAX_PATCH_GRID * patch
+        )));
+    }
+    Ok(())
 }
 
 /// The image preprocessing a checkpoint asks for (`preprocessor_config.json`).
@@ -315,6 +392,16 @@ impl PreprocessConfig {
                 "size {} is not a positive multiple of the patch size {}",
                 out.size, vision.patch_size
             )));
+        }
+        check_patch_grid(
+            "preprocessor_config.json: size",
+            out.size,
+            vision.patch_size,
+        )?;
+        if !out.rescale_factor.is_finite() || out.image_mean.iter().any(|m| !m.is_finite()) {
+            return Err(err(
+                "rescale_factor or image_mean is not a finite number".into()
+            ));
         }
         if out.image_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
             return Err(err("image_std has a zero or non-finite entry".into()));

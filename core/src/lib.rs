@@ -11,6 +11,8 @@ pub mod error;
 pub mod files;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "pytorch")]
+pub mod pickle_guard;
 pub mod preprocess;
 pub mod prompts;
 pub mod render;

@@ -5,13 +5,55 @@
 
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::PreprocessConfig;
 use crate::error::{Error, Result};
 
-/// Largest side accepted, and the most bytes a decoded image may take.
-pub const MAX_SIDE: u32 = 30_000;
-pub const MAX_DECODED_BYTES: u64 = 2 << 30;
+/// The pixel budget of every image decode, natively and in the page: 64 megapixels (an
+/// 8000×8000 image). A header declaring more is refused before anything is decoded, so a
+/// small file cannot make the decoder allocate gigabytes (a "decompression bomb").
+pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
+
+/// The largest budget [`set_max_pixels`] accepts: 900 megapixels (30000×30000).
+pub const MAX_MAX_PIXELS: u64 = 900_000_000;
+
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(DEFAULT_MAX_PIXELS);
+
+/// The current pixel budget (see [`DEFAULT_MAX_PIXELS`]).
+pub fn max_pixels() -> u64 {
+    MAX_PIXELS.load(Ordering::Relaxed)
+}
+
+/// Changes the pixel budget for this process (the CLI's `--max-pixels`).
+pub fn set_max_pixels(pixels: u64) -> Result<()> {
+    if pixels == 0 || pixels > MAX_MAX_PIXELS {
+        return Err(Error::Input(format!(
+            "--max-pixels {pixels}: must be between 1 and {MAX_MAX_PIXELS}"
+        )));
+    }
+    MAX_PIXELS.store(pixels, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The most bytes a decoder may allocate for an image of `pixels` pixels: 16-bit RGBA
+/// (8 bytes a pixel, the widest layout decoded) plus room for the decoder's own tables.
+fn decode_budget(pixels: u64) -> u64 {
+    pixels * 8 + (16 << 20)
+}
+
+/// Refuses a width and height beyond the pixel budget, naming the limit.
+pub fn check_pixels(w: u32, h: u32) -> Result<()> {
+    let (pixels, limit) = (u64::from(w) * u64::from(h), max_pixels());
+    if pixels > limit {
+        return Err(Error::Image(format!(
+            "{w}×{h} is {:.1} megapixels, over the limit of {:.1} (--max-pixels raises it)",
+            pixels as f64 / 1e6,
+            limit as f64 / 1e6
+        )));
+    }
+    Ok(())
+}
 
 /// Decodes PNG/JPEG/BMP/TIFF/WebP bytes (the format is sniffed from the bytes, not taken
 /// from a file name) to 8-bit RGB. Grey is replicated, palettes expanded, alpha dropped
@@ -51,29 +93,33 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
     reader.into_dimensions().map_err(|e| describe(format, e))
 }
 
-/// Decodes image bytes with the size limits and truncation checks of [`decode_rgb`].
+/// Decodes image bytes with the size limits and truncation checks of [`decode_rgb`]: the
+/// header's width and height are checked against the pixel budget first, then the decoder
+/// runs with its allocations capped to what an image of that size needs.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    let (reader, format) = sniff(bytes)?;
+    let (w, h) = dimensions(bytes)?;
+    if w == 0 || h == 0 {
+        return Err(Error::Image(format!("the image has zero size ({w}×{h})")));
+    }
+    check_pixels(w, h)?;
+    let (mut reader, format) = sniff(bytes)?;
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder would fill the missing part with grey; PIL refuses, and so do we.
         return Err(Error::Image(
             "corrupt or truncated Jpeg data: no end-of-image marker after the image data".into(),
         ));
     }
-    let mut decoder = reader.into_decoder().map_err(|e| describe(format, e))?;
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(Error::Image(format!(
-            "{format:?} image has zero size ({w}×{h})"
-        )));
-    }
-    if w > MAX_SIDE || h > MAX_SIDE {
-        return Err(Error::Image(format!(
-            "{w}×{h} is too large (at most {MAX_SIDE} pixels a side)"
-        )));
-    }
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(decode_budget(u64::from(w) * u64::from(h)));
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(|e| describe(format, e))?;
+    if decoder.dimensions() != (w, h) {
+        return Err(Error::Image(format!(
+            "corrupt {format:?} data: the header gives two different sizes"
+        )));
+    }
     decoder
         .set_limits(limits)
         .map_err(|e| describe(format, e))?;

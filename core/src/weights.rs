@@ -51,6 +51,9 @@ struct Entry<'a> {
 /// A checkpoint's tensors, keyed by their names in the file.
 pub struct Weights<'a> {
     entries: BTreeMap<String, Entry<'a>>,
+    /// Tensors of a non-float type (`position_ids`, …), by name: their type, to name it if a
+    /// module asks for one.
+    non_float: BTreeMap<String, String>,
     /// The safetensors file [`Bytes::InFile`] entries are read from.
     #[cfg(feature = "std")]
     file: Option<RefCell<std::fs::File>>,
@@ -62,19 +65,18 @@ pub struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// Reads the header of a safetensors buffer; tensor bytes stay borrowed until used.
+    /// Reads the header of a safetensors buffer; tensor bytes stay borrowed until used. The
+    /// `safetensors` crate validates it: offsets contiguous from 0, not overlapping, in
+    /// bounds, each tensor's byte length its shape's (in checked arithmetic).
     pub fn from_safetensors(bytes: &'a [u8], source: &str) -> Result<Self> {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Weights(format!("{source}: not a valid safetensors file ({e})")))?;
         let mut entries = BTreeMap::new();
+        let mut non_float = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let dtype = match view.dtype() {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                safetensors::Dtype::F64 => DType::F64,
-                // Integer buffers (e.g. `position_ids`) are never weights.
-                _ => continue,
+            let Some(dtype) = float_dtype(view.dtype()) else {
+                non_float.insert(name, format!("{:?}", view.dtype()));
+                continue;
             };
             entries.insert(
                 name,
@@ -85,24 +87,31 @@ impl<'a> Weights<'a> {
                 },
             );
         }
-        Ok(Self::new(entries, source))
+        let mut weights = Self::new(entries, source);
+        weights.non_float = non_float;
+        Ok(weights)
     }
 
     /// Opens a PyTorch `torch.save` checkpoint (`pytorch_model.bin`); tensors are read lazily.
     #[cfg(feature = "pytorch")]
     pub fn from_pytorch_file(path: &std::path::Path) -> Result<Weights<'static>> {
         let source = path.display().to_string();
+        crate::pickle_guard::check_checkpoint(path)?;
         let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| {
             Error::Weights(format!("{source}: not a readable PyTorch checkpoint ({e})"))
         })?;
         let mut entries = BTreeMap::new();
+        let mut non_float = BTreeMap::new();
         for (name, tensor) in reader.into_tensors() {
             let dtype = match tensor.dtype() {
                 pytorch_reader::DType::F32 => DType::F32,
                 pytorch_reader::DType::F16 => DType::F16,
                 pytorch_reader::DType::BF16 => DType::BF16,
                 pytorch_reader::DType::F64 => DType::F64,
-                _ => continue,
+                other => {
+                    non_float.insert(name, format!("{other:?}"));
+                    continue;
+                }
             };
             entries.insert(
                 name,
@@ -113,7 +122,9 @@ impl<'a> Weights<'a> {
                 },
             );
         }
-        Ok(Weights::new(entries, &source))
+        let mut weights = Weights::new(entries, &source);
+        weights.non_float = non_float;
+        Ok(weights)
     }
 
     /// Opens a safetensors file and reads its header; each tensor is read from the file when
@@ -139,43 +150,39 @@ impl<'a> Weights<'a> {
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header)
             .map_err(|e| invalid(e.to_string()))?;
-        let header: serde_json::Map<String, serde_json::Value> =
+        // The reference crate's own validation of the header (see `from_safetensors`).
+        let metadata: safetensors::tensor::Metadata =
             serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
         let data_start = 8 + header_len;
+        let data_len = metadata.data_len() as u64;
+        if data_start + data_len != file_len {
+            return Err(invalid(format!(
+                "the header describes {data_len} bytes of tensors, the file holds {} (truncated or padded?)",
+                file_len.saturating_sub(data_start)
+            )));
+        }
         let mut entries = BTreeMap::new();
-        for (name, info) in header {
-            if name == "__metadata__" {
+        let mut non_float = BTreeMap::new();
+        for (name, info) in metadata.tensors() {
+            let Some(dtype) = float_dtype(info.dtype) else {
+                non_float.insert(name, format!("{:?}", info.dtype));
                 continue;
-            }
-            let info: safetensors::tensor::TensorInfo = serde_json::from_value(info)
-                .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?;
-            let dtype = match info.dtype {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                safetensors::Dtype::F64 => DType::F64,
-                _ => continue,
             };
             let (begin, end) = info.data_offsets;
-            let expected = info.shape.iter().product::<usize>() * dtype.size();
-            if end < begin || end - begin != expected || data_start + end as u64 > file_len {
-                return Err(invalid(format!(
-                    "tensor `{name}` has offsets {begin}..{end} for {expected} bytes in a file of {file_len} (truncated?)"
-                )));
-            }
             entries.insert(
                 name,
                 Entry {
                     dtype,
-                    shape: info.shape,
+                    shape: info.shape.clone(),
                     bytes: Bytes::InFile {
                         offset: data_start + begin as u64,
-                        len: expected,
+                        len: end - begin,
                     },
                 },
             );
         }
         let mut weights = Weights::new(entries, &source);
+        weights.non_float = non_float;
         weights.file = Some(RefCell::new(file));
         Ok(weights)
     }
@@ -183,6 +190,7 @@ impl<'a> Weights<'a> {
     fn new(entries: BTreeMap<String, Entry<'a>>, source: &str) -> Self {
         Self {
             entries,
+            non_float: BTreeMap::new(),
             #[cfg(feature = "std")]
             file: None,
             random_seed: None,
@@ -224,11 +232,15 @@ impl<'a> Weights<'a> {
         if let Some(seed) = self.random_seed {
             return Ok(random_values(seed, key, shape));
         }
-        let entry = self.entries.get(key).ok_or_else(|| {
-            Error::Weights(format!(
+        let entry = self.entries.get(key).ok_or_else(|| match self.non_float.get(key) {
+            Some(dtype) => Error::Weights(format!(
+                "{}: weight `{key}` is stored as {dtype}, not as a float type (F32, F16, BF16, F64)",
+                self.source
+            )),
+            None => Error::Weights(format!(
                 "{}: missing weight `{key}` (expected shape {shape:?})",
                 self.source
-            ))
+            )),
         })?;
         if entry.shape != shape {
             return Err(Error::Weights(format!(
@@ -341,6 +353,17 @@ impl<'a> Weights<'a> {
                 }
             ))),
         }
+    }
+}
+
+/// The float types weights are read from; `None` for integer and boolean tensors.
+fn float_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    match dtype {
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        safetensors::Dtype::F64 => Some(DType::F64),
+        _ => None,
     }
 }
 

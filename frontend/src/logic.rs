@@ -12,8 +12,9 @@ pub use vlsm::share::{DEFAULT_WEIGHTS_URL, normalize_weights_url};
 pub const VIEW_SIDE: u32 = 768;
 pub const THUMB_SIDE: u32 = 160;
 
-/// The page and the worker refuse larger images (the wasm heap is 4 GiB at most).
-pub const MAX_PIXELS: u64 = 64_000_000;
+/// The page and the worker refuse larger images: the same budget as the CLI's default
+/// (the wasm heap is 4 GiB at most).
+pub const MAX_PIXELS: u64 = vlsm::preprocess::DEFAULT_MAX_PIXELS;
 
 /// Width and height of an image from its header, refused above [`MAX_PIXELS`] before
 /// anything is decoded.

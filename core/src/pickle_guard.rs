@@ -1,0 +1,390 @@
+//! The allow-list for PyTorch checkpoints: before a `.bin`/`.pt` file is parsed, every
+//! Python global its pickles name is checked against the few that rebuild tensors. A real
+//! unpickler imports (and so may run) whatever a `GLOBAL` names; vlsm never runs anything,
+//! but a checkpoint naming `os.system` is hostile or broken either way and is refused by
+//! name rather than half-read.
+//!
+//! The scan walks the opcode stream as Python's `pickletools.genops` does, for protocols
+//! 0–5 (`FRAME` included), without building any object.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Globals that rebuild tensors and state dicts, the only ones a weight file needs.
+const ALLOWED: &[(&str, &str)] = &[
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch._tensor", "Tensor"),
+    ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Size"),
+    ("torch", "UntypedStorage"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch.storage", "TypedStorage"),
+];
+
+/// `torch.<dtype>` names (`_rebuild_tensor_v3` and typed storages carry one).
+const DTYPES: &[&str] = &[
+    "float32",
+    "float",
+    "float16",
+    "half",
+    "bfloat16",
+    "float64",
+    "double",
+    "int64",
+    "long",
+    "int32",
+    "int",
+    "int16",
+    "short",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+];
+
+fn is_allowed(module: &str, name: &str) -> bool {
+    ALLOWED.contains(&(module, name))
+        || (module == "torch"
+            && (DTYPES.contains(&name)
+                || (name.ends_with("Storage")
+                    && name.len() > "Storage".len()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric()))))
+}
+
+/// The largest pickle scanned (a state dict's pickle is a few MB even for large models).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Checks every global the checkpoint at `path` names; the error names the first refused.
+pub fn check_checkpoint(path: &Path) -> Result<()> {
+    let source = path.display().to_string();
+    let refuse = |why: String| Error::Weights(format!("{source}: {why}"));
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 262];
+    let n = read_up_to(&mut file, &mut head).map_err(|e| Error::io(path, e))?;
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut archive = zip::ZipArchive::new(BufReader::new(file))
+            .map_err(|e| refuse(format!("not a readable PyTorch checkpoint ({e})")))?;
+        // `torch.save` writes `<root>/data.pkl`; other `.pkl` entries would be read too.
+        let names: Vec<String> = archive
+            .file_names()
+            .collect::<zip::result::ZipResult<Vec<_>>>()
+            .map_err(|e| refuse(format!("not a readable PyTorch checkpoint ({e})")))?
+            .into_iter()
+            .filter(|n| n.ends_with(".pkl"))
+            .map(|n| n.into_owned())
+            .collect();
+        if names.is_empty() {
+            return Err(refuse(
+                "not a PyTorch checkpoint: the ZIP archive has no data.pkl".into(),
+            ));
+        }
+        for name in names {
+            let entry = archive
+                .by_name(&name)
+                .map_err(|e| refuse(format!("{name}: {e}")))?;
+            let mut r = BufReader::new(entry.take(MAX_PICKLE_BYTES + 1));
+            scan(&mut r).map_err(|e| refuse(format!("{name}: {e}")))?;
+        }
+        return Ok(());
+    }
+    if head.get(257..262) == Some(b"ustar") {
+        return Err(refuse(
+            "the pre-1.0 TAR checkpoint format is not supported (re-save it with torch.save)"
+                .into(),
+        ));
+    }
+    // A legacy (PyTorch < 1.6) file is five pickles (magic, protocol, system info, the
+    // object, the storage keys) and then raw storages; a bare pickle is one.
+    let legacy = is_legacy(head);
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut r = BufReader::new(file.take(5 * MAX_PICKLE_BYTES));
+    for _ in 0..if legacy { 5 } else { 1 } {
+        scan(&mut r).map_err(|e| refuse(e))?;
+    }
+    Ok(())
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Whether a file opens with the legacy magic number (as `LONG1` bytes or `LONG` text).
+fn is_legacy(head: &[u8]) -> bool {
+    const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+    let window = &head[..head.len().min(64)];
+    window.windows(10).any(|w| w == MAGIC)
+        || window.windows(24).any(|w| w == b"119547037146038801333356")
+}
+
+/// Walks one pickle up to its `STOP`, refusing any global not on the allow-list.
+pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
+    // What the last opcode pushed, when it was a string (for `STACK_GLOBAL`), and the
+    // strings put in the memo. Anything else counts as "not a known string", so a global
+    // whose name is computed is refused.
+    let mut recent: [Option<String>; 2] = [None, None];
+    let mut memo: HashMap<u64, Option<String>> = HashMap::new();
+    let mut memo_next = 0u64;
+    let mut read = 0u64;
+    let push = |recent: &mut [Option<String>; 2], v: Option<String>| {
+        recent[0] = recent[1].take();
+        recent[1] = v;
+    };
+    loop {
+        if read > MAX_PICKLE_BYTES {
+            return Err(format!("pickle longer than {} MiB", MAX_PICKLE_BYTES >> 20));
+        }
+        let op = byte(r)?;
+        read += 1;
+        let mut pushed: Option<Option<String>> = Some(None);
+        match op {
+            b'.' => return Ok(()),
+            // Opcodes without arguments.
+            b'(' | b'0' | b'1' | b'2' | b'N' | b'R' | b'b' | b'd' | b'l' | b't' | b's' | b'a'
+            | b')' | b']' | b'}' | b'e' | b'u' | b'Q' | b'o' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88
+            | 0x89 | 0x8f | 0x90 | 0x91 | 0x92 => {}
+            0x97 | 0x98 => return Err("pickle uses out-of-band buffers".into()),
+            0x82..=0x84 => return Err("pickle uses the copyreg extension registry".into()),
+            // Text-line arguments (protocol 0).
+            b'I' | b'L' | b'F' => {
+                read += line(r)?.len() as u64;
+            }
+            b'S' => {
+                let l = line(r)?;
+                read += l.len() as u64;
+                let t = l.trim_end();
+                pushed = Some(
+                    t.strip_prefix('\'')
+                        .and_then(|t| t.strip_suffix('\''))
+                        .or_else(|| t.strip_prefix('"').and_then(|t| t.strip_suffix('"')))
+                        .map(str::to_string),
+                );
+            }
+            b'V' => {
+                let l = line(r)?;
+                read += l.len() as u64;
+                pushed = Some(Some(l));
+            }
+            b'P' => {
+                read += line(r)?.len() as u64;
+            }
+            b'g' => {
+                let l = line(r)?;
+                read += l.len() as u64;
+                let idx = l.trim().parse::<u64>().map_err(|_| "bad GET index")?;
+                pushed = Some(memo.get(&idx).cloned().flatten());
+            }
+            b'p' => {
+                let l = line(r)?;
+                read += l.len() as u64;
+                let idx = l.trim().parse::<u64>().map_err(|_| "bad PUT index")?;
+                memo.insert(idx, recent[1].clone());
+                pushed = None;
+            }
+            b'c' | b'i' => {
+                let module = line(r)?;
+                let name = line(r)?;
+                read += (module.len() + name.len()) as u64;
+                check_global(&module, &name)?;
+            }
+            0x93 => match (&recent[0], &recent[1]) {
+                (Some(module), Some(name)) => check_global(module, name)?,
+                _ => return Err("pickle builds a global from a computed name".into()),
+            },
+            // Fixed-size arguments.
+            b'J' => read += skip(r, 4)?,
+            b'K' => read += skip(r, 1)?,
+            b'M' => read += skip(r, 2)?,
+            b'G' => read += skip(r, 8)?,
+            b'h' | b'j' => {
+                let idx = if op == b'h' {
+                    u64::from(byte(r)?)
+                } else {
+                    u64::from(u32::from_le_bytes(array(r)?))
+                };
+                read += if op == b'h' { 1 } else { 4 };
+                pushed = Some(memo.get(&idx).cloned().flatten());
+            }
+            b'q' | b'r' => {
+                let idx = if op == b'q' {
+                    u64::from(byte(r)?)
+                } else {
+                    u64::from(u32::from_le_bytes(array(r)?))
+                };
+                read += if op == b'q' { 1 } else { 4 };
+                memo.insert(idx, recent[1].clone());
+                pushed = None;
+            }
+            0x94 => {
+                memo.insert(memo_next, recent[1].clone());
+                memo_next += 1;
+                pushed = None;
+            }
+            0x80 => {
+                let protocol = byte(r)?;
+                read += 1;
+                if protocol > 5 {
+                    return Err(format!("unsupported pickle protocol {protocol}"));
+                }
+                pushed = None;
+            }
+            0x95 => {
+                read += skip(r, 8)?;
+                pushed = None;
+            }
+            // Length-prefixed strings and bytes.
+            b'T' | b'X' | b'B' => {
+                let n = u64::from(u32::from_le_bytes(array(r)?));
+                let s = counted(r, n)?;
+                read += 4 + n;
+                if op != b'B' {
+                    pushed = Some(s);
+                }
+            }
+            b'U' | b'C' | 0x8c => {
+                let n = u64::from(byte(r)?);
+                let s = counted(r, n)?;
+                read += 1 + n;
+                if op != b'C' {
+                    pushed = Some(s);
+                }
+            }
+            0x8d | 0x8e | 0x96 => {
+                let n = u64::from_le_bytes(array(r)?);
+                let s = counted(r, n)?;
+                read += 8 + n;
+                if op == 0x8d {
+                    pushed = Some(s);
+                }
+            }
+            0x8a => {
+                let n = u64::from(byte(r)?);
+                read += 1 + skip(r, n)?;
+            }
+            0x8b => {
+                let n = i32::from_le_bytes(array(r)?);
+                let n = u64::try_from(n).map_err(|_| "negative LONG4 length")?;
+                read += 4 + skip(r, n)?;
+            }
+            other => return Err(format!("invalid pickle opcode 0x{other:02x}")),
+        }
+        if let Some(v) = pushed {
+            push(&mut recent, v);
+        }
+    }
+}
+
+fn check_global(module: &str, name: &str) -> std::result::Result<(), String> {
+    if is_allowed(module, name) {
+        return Ok(());
+    }
+    let shown: String = format!("{module}.{name}")
+        .chars()
+        .take(120)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    Err(format!(
+        "refuses pickle global {shown}: a weight file may only name the globals that rebuild \
+         tensors (torch._utils._rebuild_tensor_v2, torch.*Storage, collections.OrderedDict, …)"
+    ))
+}
+
+fn truncated() -> String {
+    "truncated pickle (no STOP opcode)".into()
+}
+
+fn byte(r: &mut impl BufRead) -> std::result::Result<u8, String> {
+    Ok(array::<1>(r)?[0])
+}
+
+fn array<const N: usize>(r: &mut impl BufRead) -> std::result::Result<[u8; N], String> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b).map_err(|_| truncated())?;
+    Ok(b)
+}
+
+/// A protocol 0 argument line, without its newline; at most 64 KiB.
+fn line(r: &mut impl BufRead) -> std::result::Result<String, String> {
+    let mut buf = Vec::new();
+    r.take(1 << 16)
+        .read_until(b'\n', &mut buf)
+        .map_err(|_| truncated())?;
+    if buf.pop() != Some(b'\n') {
+        return Err(truncated());
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Skips `n` bytes; returns `n`.
+fn skip(r: &mut impl BufRead, n: u64) -> std::result::Result<u64, String> {
+    if n > MAX_PICKLE_BYTES {
+        return Err(truncated());
+    }
+    let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).map_err(|_| truncated())?;
+    if copied != n {
+        return Err(truncated());
+    }
+    Ok(n)
+}
+
+/// A counted string: its text when short enough to be a global's name, else skipped.
+fn counted(r: &mut impl BufRead, n: u64) -> std::result::Result<Option<String>, String> {
+    if n > 4096 {
+        skip(r, n)?;
+        return Ok(None);
+    }
+    let mut b = vec![0u8; n as usize];
+    r.read_exact(&mut b).map_err(|_| truncated())?;
+    Ok(Some(String::from_utf8_lossy(&b).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_bytes(b: &[u8]) -> std::result::Result<(), String> {
+        scan(&mut std::io::Cursor::new(b))
+    }
+
+    #[test]
+    fn allowed_and_refused_globals() {
+        // pickle.dumps(collections.OrderedDict, protocol=4)
+        let ok = b"\x80\x04\x95\x17\x00\x00\x00\x00\x00\x00\x00\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94.";
+        scan_bytes(ok).unwrap();
+        // pickle.dumps(os.system, protocol=4) on Linux
+        let bad = b"\x80\x04\x95\x15\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.";
+        let e = scan_bytes(bad).unwrap_err();
+        assert!(e.contains("refuses pickle global posix.system"), "{e}");
+        // protocol 0: cos\nsystem\n
+        let e = scan_bytes(b"cos\nsystem\n(S'id'\ntR.").unwrap_err();
+        assert!(e.contains("os.system"), "{e}");
+        // A name built at run time (not a literal string) is refused.
+        let e = scan_bytes(b"\x80\x04K\x01K\x02\x93.").unwrap_err();
+        assert!(e.contains("computed"), "{e}");
+        assert!(
+            scan_bytes(b"\x80\x04\x8c\x05")
+                .unwrap_err()
+                .contains("truncated")
+        );
+        assert!(scan_bytes(b"\xff").unwrap_err().contains("opcode 0xff"));
+    }
+}
