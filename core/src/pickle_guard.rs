@@ -112,7 +112,7 @@ pub fn check_checkpoint(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(file.take(5 * MAX_PICKLE_BYTES));
     for _ in 0..if legacy { 5 } else { 1 } {
-        scan(&mut r).map_err(|e| refuse(e))?;
+        scan(&mut r).map_err(&refuse)?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod convert;
+mod download;
 mod hub;
 mod plot;
 mod prompts;
@@ -26,6 +27,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Largest image accepted, in pixels (width × height), for every command; larger
+    /// ones are refused from their header before decoding. At most 900000000.
+    #[arg(long, global = true, value_name = "N", default_value_t = vlsm::preprocess::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
 }
 
 #[derive(Subcommand)]
@@ -92,6 +97,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = vlsm::preprocess::set_max_pixels(cli.max_pixels) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Segment(args) => segment::run(args),
         Command::Convert(args) => convert::run(args),

@@ -13,6 +13,7 @@ use vlsm::share::{
 use vlsm::{Segmenter, preprocess, render};
 
 use crate::backend::{self, Backend};
+use crate::download;
 use crate::segment::{parse_threshold, write_atomic};
 
 /// Where `vlsm share` links point unless `--page` says otherwise: `trunk serve`'s address.
@@ -86,8 +87,13 @@ pub fn share(args: ShareArgs) -> Result<()> {
         }
         None => {
             let mut hasher = Sha256::new();
-            download(&file_url(&weights_url, "model.safetensors"), &mut hasher)?
-                .context("the weights URL has no model.safetensors")?;
+            download::get(
+                &file_url(&weights_url, "model.safetensors"),
+                download::MAX_WEIGHTS_BYTES,
+                &mut hasher,
+                |_, _| {},
+            )?
+            .context("the weights URL has no model.safetensors")?;
             hex(&hasher.finalize())
         }
     };
@@ -142,8 +148,8 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
             preprocess::decode_rgb(png).context("the link's embedded image")?,
         ),
         ImageSource::Url { name, url } => {
-            let mut bytes = Vec::new();
-            download(url, &mut bytes)?.with_context(|| format!("{url}: not found"))?;
+            let bytes = download::get_bytes(url, download::MAX_IMAGE_BYTES)?
+                .with_context(|| format!("{url}: not found"))?;
             (
                 name.clone(),
                 preprocess::decode_rgb(&bytes).with_context(|| url.clone())?,
@@ -232,26 +238,9 @@ fn hash_file(path: &Path) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// GETs `url` into `sink`; `Ok(None)` on 404.
-fn download(url: &str, sink: &mut impl Write) -> Result<Option<u64>> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(std::time::Duration::from_secs(10))
-        .build();
-    match agent.get(url).call() {
-        Ok(response) => {
-            let n = std::io::copy(&mut response.into_reader(), sink)
-                .with_context(|| format!("downloading {url}"))?;
-            Ok(Some(n))
-        }
-        Err(ureq::Error::Status(404, _)) => Ok(None),
-        Err(ureq::Error::Status(code, r)) => bail!("{url}: HTTP {code} {}", r.status_text()),
-        // The transport error names the URL itself.
-        Err(ureq::Error::Transport(t)) => bail!("{t}"),
-    }
-}
-
 /// Downloads a model folder URL into vlsm's cache (one directory per URL), file by file
-/// through temporary names, so an interrupted download is never mistaken for a model.
+/// through temporary names (see [`download::get_file`]), so an interrupted or refused
+/// download is never mistaken for a model.
 fn fetch_model(base: &str) -> Result<PathBuf> {
     let cache = std::env::var_os("VLSM_CACHE")
         .map(PathBuf::from)
@@ -261,7 +250,6 @@ fn fetch_model(base: &str) -> Result<PathBuf> {
     let dir = cache
         .join("urls")
         .join(&hex(&Sha256::digest(base.as_bytes()))[..16]);
-    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
     for (file, required) in [
         ("config.json", true),
         ("model.safetensors", true),
@@ -278,24 +266,8 @@ fn fetch_model(base: &str) -> Result<PathBuf> {
         }
         let url = file_url(base, file);
         eprintln!("downloading {url}");
-        let tmp = dir.join(format!(".{file}.part{}", std::process::id()));
-        let mut out = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
-        let got = download(&url, &mut out);
-        drop(out);
-        match got {
-            Ok(Some(_)) => {
-                std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?
-            }
-            Ok(None) => {
-                let _ = std::fs::remove_file(&tmp);
-                if required {
-                    bail!("{url}: not found (404)");
-                }
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
+        if download::get_file(&url, download::cap_for(file), &path)?.is_none() && required {
+            bail!("{url}: not found (404)");
         }
     }
     Ok(dir)

@@ -496,10 +496,13 @@ fn bad_images_give_clear_errors() {
         "missing.png",
     );
     assert_clean_error(&segment_image(t, &t.join("o")), "directory");
-    // Too wide to be a real image.
+    // Over the 64-megapixel budget: refused from the header.
     let wide = t.join("wide.png");
-    image::GrayImage::new(40_000, 2).save(&wide).unwrap();
-    assert_clean_error(&segment_image(&wide, &t.join("o")), "too large");
+    image::GrayImage::new(64_001, 1000).save(&wide).unwrap();
+    assert_clean_error(
+        &segment_image(&wide, &t.join("o")),
+        "64.0 megapixels, over the limit of 64.0 (--max-pixels raises it)",
+    );
 }
 
 #[test]
@@ -543,14 +546,29 @@ fn odd_but_valid_images_and_prompts_work() {
         let out = segment_image(&img, &t.join("o"));
         assert!(out.status.success(), "{}: {}", img.display(), stderr(&out));
     }
-    // A 10000×10000 image: decoded, resized, masks written at full size.
+    // A 10000×10000 image, with the pixel budget raised to 100 megapixels: decoded,
+    // resized, masks written at full size.
     let huge = t.join("huge.png");
     image::GrayImage::from_fn(10_000, 10_000, |x, y| {
         image::Luma([((x / 100 + y / 100) % 2 * 200) as u8])
     })
     .save(&huge)
     .unwrap();
-    let out = segment_image(&huge, &t.join("big"));
+    let out = vlsm(
+        &[
+            "segment",
+            huge.to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--weights",
+            fixture("clipseg_simple").to_str().unwrap(),
+            "--out",
+            t.join("big").to_str().unwrap(),
+            "--max-pixels",
+            "100000000",
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let mask = image::open(t.join("big/huge/00_polyp.mask.png")).unwrap();
     assert_eq!((mask.width(), mask.height()), (10_000, 10_000));
