@@ -26,6 +26,14 @@ const OPTIONAL: [&str; 6] = [
     "special_tokens_map.json",
 ];
 
+/// The largest config or tokenizer file read: all of them are read whole into memory.
+fn max_side_file_bytes(name: &str) -> u64 {
+    match name {
+        "tokenizer.json" | "vocab.json" | "merges.txt" => 64 << 20,
+        _ => 16 << 20,
+    }
+}
+
 impl DirFiles {
     pub fn read(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
@@ -36,8 +44,17 @@ impl DirFiles {
         }
         let read = |name: &str| -> Result<Option<Vec<u8>>> {
             let path = dir.join(name);
-            match std::fs::read(&path) {
-                Ok(bytes) => Ok(Some(bytes)),
+            let cap = max_side_file_bytes(name);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.len() > cap => Err(Error::Input(format!(
+                    "{}: {} bytes, more than the {} MiB a {name} may have",
+                    path.display(),
+                    meta.len(),
+                    cap >> 20
+                ))),
+                Ok(_) => std::fs::read(&path)
+                    .map(Some)
+                    .map_err(|e| Error::io(&path, e)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(Error::io(&path, e)),
             }

@@ -355,6 +355,16 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
     entries[2]["mask_name"] = "small.png".into();
     entries[3]["prompts"].as_object_mut().unwrap().remove("p6");
     entries.push(serde_json::json!({"img_name": 3}));
+    // Entries 6 and 7: a decompression bomb as the image, then as the mask.
+    let bomb = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/hostile/bomb_30000x30000_1bit.png");
+    std::fs::copy(&bomb, dir.join("images/bomb.png")).unwrap();
+    std::fs::copy(&bomb, dir.join("masks/bomb.png")).unwrap();
+    let mut bomb_image = entries[0].clone();
+    bomb_image["img_name"] = "bomb.png".into();
+    let mut bomb_mask = entries[0].clone();
+    bomb_mask["mask_name"] = "bomb.png".into();
+    entries.extend([bomb_image, bomb_mask]);
     std::fs::write(
         dir.join("anns/test.json"),
         serde_json::to_vec(&entries).unwrap(),
@@ -378,16 +388,17 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
     assert!(text.contains("is 10×10 but image"), "{text}");
     assert!(text.contains("entry 3 has no p6"), "{text}");
     assert!(text.contains("entry 5:"), "{text}");
-    // 7 rows each for the missing image and the wrong-size mask, 1 for the missing p6,
-    // 1 for the unreadable entry.
-    assert_eq!(errors.len(), 16, "{text}");
+    assert!(text.contains("bomb.png: image: 30000×30000 is 900.0 megapixels"), "{text}");
+    // 7 rows each for the missing image, the wrong-size mask and the two bombs, 1 for the
+    // missing p6, 1 for the unreadable entry.
+    assert_eq!(errors.len(), 30, "{text}");
     // Entry 3's other prompts and entries 0 and 4 are scored.
     assert_eq!(csv.lines().count() - 1 - errors.len(), 7 * 3 - 1);
     let out = vlsm(&["report", out_dir.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(
-        md.contains("rows with errors: 16") && md.contains("## Errors"),
+        md.contains("rows with errors: 30") && md.contains("## Errors"),
         "{md}"
     );
 
@@ -403,11 +414,16 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
     let out = vlsm(&retry, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("retrying 16 rows"),
+        stderr(&out).contains("retrying 30 rows"),
         "{}",
         stderr(&out)
     );
-    assert!(stderr(&out).contains("bench: 16 rows"), "{}", stderr(&out));
+    // The bombs are still refused; the run still finishes.
+    assert!(
+        stderr(&out).contains("bench: 30 rows"),
+        "{}",
+        stderr(&out)
+    );
 
     // Bad invocations: one line each.
     let out = vlsm(
@@ -631,4 +647,95 @@ fn two_models_all_datasets_test_and_train_lists_and_seeded_list_choice() {
         &[],
     );
     assert_clean_error(&out, "--prompt p5: the results have p1, p8");
+}
+
+/// Sorted lines of a results file (the order of rows depends on resumes).
+fn sorted_rows(path: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn mutated_results_and_config_are_refused_or_repaired_never_silently_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset(&root, 1);
+    let model = fixture("clipseg_simple");
+    let clean = tmp.path().join("clean");
+    let args = bench_args(
+        root.to_str().unwrap(),
+        model.to_str().unwrap(),
+        clean.to_str().unwrap(),
+        &[],
+    );
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = sorted_rows(&clean.join("results.csv"));
+    let results = std::fs::read(clean.join("results.csv")).unwrap();
+    let config = std::fs::read(clean.join("bench.json")).unwrap();
+    // Deterministic mutations: one byte changed, a run of bytes deleted or duplicated.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1) as u64) as usize
+    };
+    let (mut refused, mut repaired) = (0, 0);
+    for i in 0..40 {
+        let (file, original) = if i % 4 == 3 {
+            ("bench.json", &config)
+        } else {
+            ("results.csv", &results)
+        };
+        let mut bytes = original.clone();
+        let at = next(bytes.len());
+        match next(3) {
+            0 => bytes[at] = b"0123456789.,-\"\nx"[next(16)],
+            1 => {
+                let end = (at + 1 + next(40)).min(bytes.len());
+                bytes.drain(at..end);
+            }
+            _ => {
+                let end = (at + 1 + next(80)).min(bytes.len());
+                let copy = bytes[at..end].to_vec();
+                bytes.splice(at..at, copy);
+            }
+        }
+        if bytes == *original {
+            continue;
+        }
+        let run = tmp.path().join(format!("run{i}"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("results.csv"), &results).unwrap();
+        std::fs::write(run.join("bench.json"), &config).unwrap();
+        std::fs::write(run.join(file), &bytes).unwrap();
+        let mut resume = args.clone();
+        let out_pos = resume.iter().position(|a| *a == "--out").unwrap() + 1;
+        let run_str = run.to_str().unwrap().to_string();
+        resume[out_pos] = &run_str;
+        let out = vlsm(&resume, &[]);
+        if out.status.success() {
+            // Repaired (a cut last row dropped and recomputed, say): the same rows.
+            assert_eq!(
+                sorted_rows(&run.join("results.csv")),
+                expected,
+                "mutation {i} of {file} was accepted with other rows: {}",
+                stderr(&out)
+            );
+            repaired += 1;
+        } else {
+            let err = stderr(&out);
+            let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+            assert_eq!(errors.len(), 1, "mutation {i} of {file}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 10, "refused {refused}, repaired {repaired}");
 }

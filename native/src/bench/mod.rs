@@ -245,6 +245,37 @@ fn bench(args: RunArgs) -> Result<()> {
         list_prompts,
         args.shard,
     );
+    // A scored row that this run would not produce (another prompt text, image or mask
+    // than the annotations now give) was edited in, or the data changed since: refuse it
+    // rather than report it.
+    let planned: HashMap<RowKey, Row> = models
+        .iter()
+        .flat_map(|m| {
+            items.iter().flat_map(move |item| {
+                item.rows
+                    .iter()
+                    .map(move |r| (key(&m.id.name, item, r), base_row(&m.id.name, item, r)))
+            })
+        })
+        .collect();
+    for row in existing.iter().filter(|r| r.error.is_empty()) {
+        let what = match planned.get(&row.key()) {
+            None => "a row this run does not produce",
+            Some(p) if (&p.prompt, &p.image, &p.mask) != (&row.prompt, &row.image, &row.mask) => {
+                "a row whose prompt, image or mask differs from the annotations'"
+            }
+            Some(_) => continue,
+        };
+        bail!(
+            "{} has {what} (model {}, dataset {}, entry {:?}, prompt {} #{}): the file or the data changed since; use another --out",
+            results_path.display(),
+            row.model,
+            row.dataset,
+            row.entry,
+            row.prompt_id,
+            row.member
+        );
+    }
     let pending: usize = models
         .iter()
         .map(|m| {
@@ -301,7 +332,7 @@ fn bench(args: RunArgs) -> Result<()> {
                     .iter()
                     .filter(|r| !done.contains(&key(&model.id.name, item, r)))
                     .collect();
-                let out = evaluator.evaluate(item, &rows)?;
+                let out = evaluator.evaluate(item, &rows);
                 let t = Instant::now();
                 appender.append(&out)?;
                 evaluator.stats.write_s += t.elapsed().as_secs_f64();
@@ -603,6 +634,30 @@ fn problem(dataset: &str, split: &str, entry: Option<usize>, message: String) ->
     }
 }
 
+/// A row of `item` with nothing measured yet.
+fn base_row(model: &str, item: &Item, row: &PlannedRow) -> Row {
+    Row {
+        model: model.to_string(),
+        dataset: item.dataset.clone(),
+        split: item.split.clone(),
+        entry: item.entry,
+        prompt_id: row.prompt_id.clone(),
+        member: row.member,
+        prompt: row.text.clone().unwrap_or_default(),
+        image: item
+            .source
+            .as_ref()
+            .map(|e| e.img_name.clone())
+            .unwrap_or_default(),
+        mask: item
+            .source
+            .as_ref()
+            .map(|e| e.mask_name.clone())
+            .unwrap_or_default(),
+        ..Row::empty()
+    }
+}
+
 #[derive(Default)]
 struct RunStats {
     rows: usize,
@@ -635,27 +690,28 @@ struct Sample {
 }
 
 impl Evaluator<'_> {
-    fn evaluate(&mut self, item: &Item, rows: &[&PlannedRow]) -> Result<Vec<Row>> {
-        let base = |row: &PlannedRow| Row {
-            model: self.model.to_string(),
-            dataset: item.dataset.clone(),
-            split: item.split.clone(),
-            entry: item.entry,
-            prompt_id: row.prompt_id.clone(),
-            member: row.member,
-            prompt: row.text.clone().unwrap_or_default(),
-            image: item
-                .source
-                .as_ref()
-                .map(|e| e.img_name.clone())
-                .unwrap_or_default(),
-            mask: item
-                .source
-                .as_ref()
-                .map(|e| e.mask_name.clone())
-                .unwrap_or_default(),
-            ..Row::empty()
+    /// The rows of one entry. Whatever goes wrong with it (an unreadable image, a failing
+    /// model call, even a bug that panics) becomes an error on its rows, and the run goes
+    /// on: one bad entry must not stop a benchmark, nor every resume of it.
+    fn evaluate(&mut self, item: &Item, rows: &[&PlannedRow]) -> Vec<Row> {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.evaluate_entry(item, rows)
+        }));
+        let message = match result {
+            Ok(Ok(out)) => return out,
+            Ok(Err(e)) => format!("{e:#}").replace('\n', " "),
+            Err(panic) => format!("internal error: {}", crate::panic_message(&*panic)),
         };
+        rows.iter()
+            .map(|r| Row {
+                error: message.clone(),
+                ..base_row(self.model, item, r)
+            })
+            .collect()
+    }
+
+    fn evaluate_entry(&mut self, item: &Item, rows: &[&PlannedRow]) -> Result<Vec<Row>> {
+        let base = |row: &PlannedRow| base_row(self.model, item, row);
         let failed = |row: &PlannedRow, error: String| Row { error, ..base(row) };
         let entry = match &item.source {
             Ok(entry) => entry,

@@ -5,7 +5,7 @@
 //! to disk (fsync) unless asked otherwise. A kill can only leave a partial last line; reading
 //! the file back drops it (and truncates the file to its last complete row).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,9 @@ pub struct Row {
     pub nsd_model: Option<f64>,
     /// Foreground share of the prediction at original resolution.
     pub foreground: Option<f64>,
+    /// The first 16 hex digits of the sha256 of the row's other fields as CSV: a resumed
+    /// or merged run refuses a row that does not match it (an edit, a flipped bit).
+    pub check: String,
     /// Why this row has no scores (missing image, mask of another size, bad entry, …).
     pub error: String,
 }
@@ -111,6 +114,7 @@ impl Row {
             hd95_model: None,
             nsd_model: None,
             foreground: None,
+            check: String::new(),
             error: String::new(),
         }
     }
@@ -122,9 +126,25 @@ pub fn encode_rows(rows: &[Row]) -> Result<Vec<u8>> {
         .has_headers(false)
         .from_writer(Vec::new());
     for row in rows {
-        w.serialize(row)?;
+        w.serialize(Row {
+            check: row_check(row)?,
+            ..row.clone()
+        })?;
     }
     w.into_inner().context("encoding rows")
+}
+
+/// See [`Row::check`].
+fn row_check(row: &Row) -> Result<String> {
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    w.serialize(Row {
+        check: String::new(),
+        ..row.clone()
+    })?;
+    let bytes = w.into_inner().context("encoding a row")?;
+    Ok(vlsm::share::sha256_hex(&bytes)[..16].to_string())
 }
 
 /// Reads a results file. A partial last line (a write cut by a kill) is dropped; with
@@ -156,12 +176,86 @@ pub fn read(path: &Path, repair: bool) -> Result<Vec<Row>> {
     }
     let mut reader = csv::Reader::from_reader(text);
     let mut rows = Vec::new();
+    let mut lines: HashMap<RowKey, usize> = HashMap::new();
     for (i, row) in reader.deserialize().enumerate() {
-        let row: Row =
-            row.with_context(|| format!("{} row {} is malformed", path.display(), i + 2))?;
+        let line = i + 2;
+        let mut row: Row =
+            row.with_context(|| format!("{} row {line} is malformed", path.display()))?;
+        let stored = std::mem::take(&mut row.check);
+        if stored != row_check(&row)? {
+            bail!(
+                "{} row {line} does not match its checksum: the file was edited or damaged; use another --out, or delete the row to recompute it",
+                path.display()
+            );
+        }
+        if let Err(why) = row.check() {
+            bail!(
+                "{} row {line} is not a row vlsm wrote ({why}): the file was edited or damaged",
+                path.display()
+            );
+        }
+        if let Some(first) = lines.insert(row.key(), line) {
+            bail!(
+                "{} row {line} repeats the key of row {first} (model, dataset, split, entry, prompt, member): the file was edited or damaged",
+                path.display()
+            );
+        }
         rows.push(row);
     }
     Ok(rows)
+}
+
+impl Row {
+    /// What vlsm itself always writes: scores in range and consistent, or an error and no
+    /// scores. A resumed or merged run refuses other rows instead of trusting them.
+    fn check(&self) -> std::result::Result<(), String> {
+        let scores = [
+            ("dice", self.dice),
+            ("iou", self.iou),
+            ("nsd", self.nsd),
+            ("dice_model", self.dice_model),
+            ("iou_model", self.iou_model),
+            ("nsd_model", self.nsd_model),
+            ("foreground", self.foreground),
+        ];
+        let distances = [("hd95", self.hd95), ("hd95_model", self.hd95_model)];
+        let present = scores
+            .iter()
+            .chain(&distances)
+            .filter(|(_, v)| v.is_some())
+            .count();
+        if !self.error.is_empty() {
+            return match present {
+                0 => Ok(()),
+                _ => Err("a row with an error has scores".into()),
+            };
+        }
+        if present != scores.len() + distances.len() {
+            return Err("a row without an error lacks scores".into());
+        }
+        if self.width.is_none_or(|w| w == 0) || self.height.is_none_or(|h| h == 0) {
+            return Err("width or height missing".into());
+        }
+        for (name, v) in scores {
+            let v = v.unwrap_or(f64::NAN);
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} {v} is outside [0, 1]"));
+            }
+        }
+        for (name, v) in distances {
+            if v.is_some_and(|v| v < 0.0) {
+                return Err(format!("{name} is negative"));
+            }
+        }
+        // IoU = Dice / (2 - Dice) for the same mask pair.
+        for (dice, iou) in [(self.dice, self.iou), (self.dice_model, self.iou_model)] {
+            let (d, i) = (dice.unwrap_or(0.0), iou.unwrap_or(0.0));
+            if (d / (2.0 - d) - i).abs() > 1e-9 {
+                return Err(format!("IoU {i} does not match Dice {d}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Appends rows to `results.csv`, each batch in one write, synced to disk when `fsync`.
@@ -345,8 +439,17 @@ mod tests {
             entry: Some(entry),
             prompt_id: "p1".into(),
             prompt: "a \"quoted\", comma prompt".into(),
+            width: Some(4),
+            height: Some(3),
             dice: Some(dice),
+            iou: Some(dice / (2.0 - dice)),
             hd95: Some(f64::NAN),
+            nsd: Some(0.5),
+            dice_model: Some(1.0),
+            iou_model: Some(1.0),
+            hd95_model: Some(0.0),
+            nsd_model: Some(1.0),
+            foreground: Some(0.1),
             ..Row::empty()
         }
     }
@@ -361,7 +464,12 @@ mod tests {
         let rows = read(&path, false).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].prompt, "a \"quoted\", comma prompt");
-        assert!(rows[0].hd95.unwrap().is_nan() && rows[0].iou.is_none());
+        assert!(rows[0].hd95.unwrap().is_nan() && rows[0].iou == Some(0.5 / 1.5));
+        // (NaN ≠ NaN, so compared as written.)
+        assert_eq!(
+            encode_rows(&rows[..1]).unwrap(),
+            encode_rows(&[row(0, 0.5)]).unwrap()
+        );
         // A write cut in the middle of a row.
         let full = std::fs::read(&path).unwrap();
         let extra = encode_rows(&[row(2, 0.75)]).unwrap();
@@ -374,6 +482,28 @@ mod tests {
             full,
             "truncated back to complete rows"
         );
+        // One digit changed, a duplicated row, a row with an error and scores: refused.
+        let text = String::from_utf8(full.clone()).unwrap();
+        for (edited, needle) in [
+            (text.replacen(",0.25,", ",0.26,", 1), "checksum"),
+            (
+                format!("{text}{}", text.lines().nth(1).unwrap()) + "\n",
+                "repeats the key of row 2",
+            ),
+        ] {
+            std::fs::write(&path, edited).unwrap();
+            let e = read(&path, false).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let bad = Row {
+            error: "x".into(),
+            ..row(3, 0.5)
+        };
+        let mut with_bad = full.clone();
+        with_bad.extend(encode_rows(&[bad]).unwrap());
+        std::fs::write(&path, with_bad).unwrap();
+        let e = read(&path, false).unwrap_err().to_string();
+        assert!(e.contains("a row with an error has scores"), "{e}");
         std::fs::write(&path, b"a,b\n1,2\n").unwrap();
         assert!(
             read(&path, false)
