@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use vlsm::burn::tensor::{Device, Tensor};
 use vlsm::dataset::{self, ListPrompts, PromptValue};
 use vlsm::model::ClipSeg;
@@ -25,29 +25,34 @@ use crate::hub;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// The base model: a local Hugging Face CLIPSeg directory.
+    /// The base model: a local Hugging Face CLIPSeg directory (default: --model's).
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     weights: Option<PathBuf>,
-    /// The base model from the Hugging Face hub (cached).
+    /// The base model from the Hugging Face hub (cached) [default: CIDAS/clipseg-rd64-refined,
+    /// or the --config file's `base`].
     #[arg(long, value_name = "HF_ID")]
     model: Option<String>,
-    /// The folder holding `<dataset>/anns/{train,val}.json`, `images/`, `masks/`.
+    /// The folder holding `<dataset>/anns/{train,val}.json`, `images/`, `masks/` (or the
+    /// --config file's `data`).
     #[arg(long, value_name = "ROOT")]
-    data: PathBuf,
-    /// Comma-separated datasets, pooled.
+    data: Option<PathBuf>,
+    /// Comma-separated datasets, pooled (or the --config file's `datasets`).
     #[arg(long)]
-    datasets: String,
+    datasets: Option<String>,
     /// The prompt id (p0…p9), or `random`: a prompt among p1..pN per sample (as medvlsm's
-    /// pooled runs).
-    #[arg(long, default_value = "p1")]
-    prompt: String,
+    /// pooled runs) [default: p1, or the --config file's `prompt`].
+    #[arg(long)]
+    prompt: Option<String>,
     /// Run folder: config.toml, metrics.csv, training.png/.svg, checkpoint/, model/.
     #[arg(long)]
     out: PathBuf,
+    /// Most epochs to train (early stopping may end sooner) [default: 1000, the study's].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Samples per optimizer step [default: 128, the study's].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// AdamW learning rate [default: 0.002, the study's].
     #[arg(long)]
     lr: Option<f64>,
     /// `dice` (the study's effective loss) or `dice-bce` (Dice + 0.2·BCE-with-logits).
@@ -59,8 +64,8 @@ pub struct TrainArgs {
     precision: Option<String>,
     /// A TOML file overriding any recipe field (epochs, min_epochs, batch_size, lr,
     /// weight_decay, grad_clip_norm, plateau_factor, plateau_patience,
-    /// early_stopping_patience, seed, threshold, precision, [loss]); command-line options
-    /// win.
+    /// early_stopping_patience, seed, threshold, precision, [loss]) and giving base, data,
+    /// datasets, prompt: a run's own RUN/config.toml is one. Command-line options win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
@@ -82,7 +87,9 @@ pub struct TrainArgs {
 }
 
 /// What a run was started with (`RUN/config.toml`); `--resume` refuses a different one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The file is flat TOML — `base`, `data`, `datasets`, `prompt` beside the recipe's fields —
+/// the same schema `--config` reads, so a run's config starts another run.
+#[derive(Debug, Clone, PartialEq)]
 struct RunConfig {
     base: String,
     data: String,
@@ -91,16 +98,69 @@ struct RunConfig {
     recipe: Recipe,
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    let mut recipe: Recipe = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
+/// A `--config` file (or `RUN/config.toml`): every run field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunFields {
+    base: Option<String>,
+    data: Option<String>,
+    datasets: Option<Vec<String>>,
+    prompt: Option<String>,
+}
+
+const RUN_FIELDS: [&str; 4] = ["base", "data", "datasets", "prompt"];
+
+impl RunConfig {
+    fn to_toml(&self) -> Result<String> {
+        let mut table = toml::Table::try_from(&self.recipe)?;
+        table.insert("base".into(), self.base.clone().into());
+        table.insert("data".into(), self.data.clone().into());
+        table.insert(
+            "datasets".into(),
+            toml::Value::Array(self.datasets.iter().map(|d| d.clone().into()).collect()),
+        );
+        table.insert("prompt".into(), self.prompt.clone().into());
+        Ok(toml::to_string_pretty(&table)?)
+    }
+}
+
+/// Reads a config file: the run fields, then the recipe from the rest (unknown keys refused).
+fn read_config(path: &Path) -> Result<(RunFields, Recipe)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bad = |e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message());
+    let mut table: toml::Table = toml::from_str(&text).map_err(bad)?;
+    let mut run = toml::Table::new();
+    for key in RUN_FIELDS {
+        if let Some(v) = table.remove(key) {
+            run.insert(key.into(), v);
         }
-        None => Recipe::default(),
+    }
+    let fields: RunFields = run.try_into().map_err(bad)?;
+    let recipe: Recipe = table.try_into().map_err(bad)?;
+    Ok((fields, recipe))
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let (file, mut recipe) = match &args.config {
+        Some(path) => read_config(path)?,
+        None => (RunFields::default(), Recipe::default()),
     };
+    let data_root = args
+        .data
+        .clone()
+        .or_else(|| file.data.clone().map(PathBuf::from))
+        .context("--data ROOT is required (or `data` in the --config file)")?;
+    let dataset_list = args
+        .datasets
+        .clone()
+        .or_else(|| file.datasets.as_ref().map(|d| d.join(",")))
+        .context("--datasets is required (or `datasets` in the --config file)")?;
+    let prompt = args
+        .prompt
+        .clone()
+        .or_else(|| file.prompt.clone())
+        .unwrap_or_else(|| "p1".into());
     if let Some(e) = args.epochs {
         recipe.epochs = e;
     }
@@ -120,27 +180,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     }
     recipe.check()?;
-    let datasets = crate::bench::named_datasets(&args.data, &args.datasets)?;
-    if args.prompt != "random" && dataset::prompt_number(&args.prompt) == u32::MAX {
-        bail!("--prompt {}: expected p0…p9 or random", args.prompt);
+    let datasets = crate::bench::named_datasets(&data_root, &dataset_list)?;
+    if prompt != "random" && dataset::prompt_number(&prompt) == u32::MAX {
+        bail!("--prompt {prompt}: expected p0…p9 or random");
     }
-    let base = match (&args.weights, &args.model) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(id)) => hub::fetch(id)?,
-        (None, None) => hub::fetch(hub::DEFAULT_MODEL)?,
+    let base = match (&args.weights, &args.model, &file.base) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, Some(id), _) => hub::fetch(id)?,
+        (None, None, Some(base)) => PathBuf::from(base),
+        (None, None, None) => hub::fetch(hub::DEFAULT_MODEL)?,
     };
     let config = RunConfig {
         base: base.display().to_string(),
-        data: args.data.display().to_string(),
+        data: data_root.display().to_string(),
         datasets: datasets.clone(),
-        prompt: args.prompt.clone(),
+        prompt: prompt.clone(),
         recipe: recipe.clone(),
     };
     if args.resume {
-        let text = std::fs::read_to_string(args.out.join("config.toml"))
-            .with_context(|| format!("--resume: {} has no config.toml", args.out.display()))?;
-        let old: RunConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}/config.toml: {}", args.out.display(), e.message()))?;
+        let path = args.out.join("config.toml");
+        if !path.is_file() {
+            bail!("--resume: {} has no config.toml", args.out.display());
+        }
+        let (fields, old_recipe) = read_config(&path)?;
+        let old = RunConfig {
+            base: fields.base.unwrap_or_default(),
+            data: fields.data.unwrap_or_default(),
+            datasets: fields.datasets.unwrap_or_default(),
+            prompt: fields.prompt.unwrap_or_default(),
+            recipe: old_recipe,
+        };
         if old != config {
             bail!(
                 "--resume: {} was started with other options; use them, or another --out",
@@ -158,9 +227,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let segmenter = Segmenter::from_dir(&base, &device)
         .with_context(|| format!("loading {}", base.display()))?;
     let data = Data {
-        root: &args.data,
+        root: &data_root,
         datasets: &datasets,
-        prompt: &args.prompt,
+        prompt: &prompt,
         choice: ListPrompts::Random { seed: recipe.seed },
         precision: recipe.precision,
     };
@@ -259,7 +328,7 @@ fn fit<M: Trained>(
         .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
     write_synced(
         &args.out.join("config.toml"),
-        toml::to_string_pretty(run.config)?.as_bytes(),
+        run.config.to_toml()?.as_bytes(),
     )?;
     let mut trainer = Trainer::new(model, recipe.clone(), run.device)?;
     let mut log: Vec<EpochLog> = Vec::new();

@@ -211,6 +211,30 @@ fn killed_run_resumes_to_the_same_rows_and_shards_merge_to_it() {
         &[],
     );
     assert_clean_error(&out, "shard 2/2 missing");
+    // With --partial, a missing shard (even its folder) is a warning: the rows of shard 1.
+    let gone = tmp.path().join("gone");
+    let out = vlsm(
+        &[
+            "bench",
+            "merge",
+            &shard_dirs[0],
+            gone.to_str().unwrap(),
+            "--partial",
+            "--out",
+            tmp.path().join("m1").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("gone does not exist") && stderr(&out).contains("shard 2/2 missing"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        lines(&tmp.path().join("m1/results.csv")),
+        lines(&Path::new(&shard_dirs[0]).join("results.csv"))
+    );
     let out = vlsm(
         &[
             "bench",
@@ -388,7 +412,10 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
     assert!(text.contains("is 10×10 but image"), "{text}");
     assert!(text.contains("entry 3 has no p6"), "{text}");
     assert!(text.contains("entry 5:"), "{text}");
-    assert!(text.contains("bomb.png: image: 30000×30000 is 900.0 megapixels"), "{text}");
+    assert!(
+        text.contains("bomb.png: image: 30000×30000 is 900.0 megapixels"),
+        "{text}"
+    );
     // 7 rows each for the missing image, the wrong-size mask and the two bombs, 1 for the
     // missing p6, 1 for the unreadable entry.
     assert_eq!(errors.len(), 30, "{text}");
@@ -419,11 +446,7 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
         stderr(&out)
     );
     // The bombs are still refused; the run still finishes.
-    assert!(
-        stderr(&out).contains("bench: 30 rows"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("bench: 30 rows"), "{}", stderr(&out));
 
     // Bad invocations: one line each.
     let out = vlsm(

@@ -342,6 +342,50 @@ fn bad_training_setups_are_one_line_errors() {
             && saved.contains("epochs = 2"),
         "{saved}"
     );
+    // The run's config.toml is a --config file: it alone (with --out) starts the same run
+    // again, which gets the same config.
+    let run3 = tmp.path().join("run3");
+    let out = vlsm(
+        &[
+            "train",
+            "--config",
+            run2.join("config.toml").to_str().unwrap(),
+            "--out",
+            run3.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(run3.join("config.toml")).unwrap(),
+        saved
+    );
+    // Two trained runs are benchmarked side by side, each named by its run.
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ellipses",
+            "--weights",
+            run2.join("model").to_str().unwrap(),
+            "--weights",
+            run3.join("model").to_str().unwrap(),
+            "--prompts",
+            "p1",
+            "--out",
+            tmp.path().join("bench").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(tmp.path().join("bench/results.csv")).unwrap();
+    assert!(csv.contains("\nrun2,") && csv.contains("\nrun3,"), "{csv}");
+    assert_clean_error(
+        &vlsm(&["train", "--out", run.to_str().unwrap()], &[]),
+        "--data ROOT is required",
+    );
 }
 
 #[test]

@@ -17,7 +17,8 @@ pub struct MergeArgs {
     /// The merged folder (results.csv and bench.json).
     #[arg(long)]
     out: PathBuf,
-    /// Merge even if some shard has not finished (its missing rows stay missing).
+    /// Merge even if some shard has not finished, or its folder is missing (its rows stay
+    /// missing; the merged run is marked unfinished).
     #[arg(long)]
     partial: bool,
 }
@@ -25,6 +26,13 @@ pub struct MergeArgs {
 pub fn run(args: MergeArgs) -> Result<()> {
     let mut configs = Vec::new();
     for dir in &args.shards {
+        if args.partial && !dir.exists() {
+            eprintln!(
+                "warning: {} does not exist; merging without it (--partial)",
+                dir.display()
+            );
+            continue;
+        }
         let Some(config) = RunConfig::read(dir)? else {
             bail!(
                 "{} has no bench.json: not a vlsm bench folder",
@@ -39,7 +47,9 @@ pub fn run(args: MergeArgs) -> Result<()> {
         };
         configs.push((dir, config, k, n));
     }
-    let (first_dir, first, _, n) = &configs[0];
+    let Some((first_dir, first, _, n)) = configs.first() else {
+        bail!("none of the shard folders exists");
+    };
     for (dir, config, _, _) in &configs[1..] {
         let diffs = first.differences(config, true);
         if !diffs.is_empty() {
@@ -65,9 +75,15 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .filter(|k| !by_index.contains_key(k))
         .map(|k| format!("{k}/{n}"))
         .collect();
-    if !missing.is_empty() {
+    if !missing.is_empty() && !args.partial {
         bail!(
-            "shard {} missing: pass every shard's folder",
+            "shard {} missing: pass every shard's folder (or merge with --partial)",
+            missing.join(", ")
+        );
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: shard {} missing; its rows stay missing (--partial)",
             missing.join(", ")
         );
     }
@@ -138,7 +154,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     results::write_all(&args.out.join(RESULTS), &rows)?;
     let mut merged = first.clone();
     merged.shard = None;
-    merged.finished = configs.iter().all(|(_, c, _, _)| c.finished);
+    merged.finished = missing.is_empty() && configs.iter().all(|(_, c, _, _)| c.finished);
     merged.write(&args.out)?;
     eprintln!(
         "merged {} shards: {} rows in {}",

@@ -469,11 +469,7 @@ fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>>
     for dir in weights {
         // Fails early, before any work, on a folder that is not a model.
         vlsm::files::DirFiles::read(dir).with_context(|| format!("--weights {}", dir.display()))?;
-        let name = dir
-            .canonicalize()
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().to_string()))
-            .unwrap_or_else(|| dir.display().to_string());
+        let name = model_name(dir);
         models.push((name, dir.display().to_string(), dir.clone()));
     }
     let ids: Vec<String> = if ids.is_empty() && weights.is_empty() {
@@ -502,6 +498,29 @@ fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>>
         });
     }
     Ok(specs)
+}
+
+/// A model folder's name in the results: the folder's own name, except for the exports
+/// of `vlsm train` (`RUN/model/`, `RUN/model-fp16/`), named by their run (`RUN`,
+/// `RUN-fp16`), so two trained runs can be compared.
+fn model_name(dir: &Path) -> String {
+    let Some(canonical) = dir.canonicalize().ok() else {
+        return dir.display().to_string();
+    };
+    let own = canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| dir.display().to_string());
+    let run = canonical
+        .parent()
+        .filter(|p| p.join("config.toml").is_file())
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().to_string());
+    match (own.as_str(), run) {
+        ("model", Some(run)) => run,
+        ("model-fp16", Some(run)) => format!("{run}-fp16"),
+        _ => own,
+    }
 }
 
 fn weights_sha256(dir: &Path) -> Result<String> {
