@@ -11,9 +11,14 @@ use crate::timing::Timings;
 
 #[derive(clap::Args)]
 pub struct SegmentArgs {
-    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP).
+    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP), or folders: searched recursively for
+    /// images (or for files matching --glob).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+    /// In folders, segment the files whose path below the folder matches this pattern
+    /// (`*`, `?`, `[..]`, `**`), e.g. `images/*.jpg` [default: any image file].
+    #[arg(long, value_name = "PATTERN")]
+    glob: Option<String>,
     /// A text prompt; repeat for several. Each image is encoded once for all of them.
     #[arg(long = "prompt", short = 'p', required = true)]
     prompts: Vec<String>,
@@ -26,10 +31,12 @@ pub struct SegmentArgs {
     /// Foreground where sigmoid(logit) > threshold.
     #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
     threshold: f32,
-    /// Output directory for mask and overlay PNGs.
+    /// Output directory for mask and overlay PNGs (one folder per image; images found in a
+    /// folder keep their path below it).
     #[arg(long, default_value = "vlsm-out")]
     out: PathBuf,
-    /// Also write raw logits at model resolution as float32 .npy: [P,S,S] (one image) or [N,P,S,S].
+    /// Also write raw logits at model resolution as float32 .npy: [P,S,S] (one image) or
+    /// [N,P,S,S] (the N images segmented, in order); missing folders are created.
     #[arg(long, value_name = "FILE.npy")]
     save_logits: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -37,6 +44,67 @@ pub struct SegmentArgs {
     /// Print wall and CPU seconds per phase, and peak memory, to stderr.
     #[arg(long)]
     timings: bool,
+}
+
+/// File extensions a folder is searched for when no --glob is given.
+const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
+
+/// An image to segment and the name of its output folder.
+struct Input {
+    path: PathBuf,
+    name: String,
+}
+
+/// The files named on the command line, folders expanded (sorted, so runs are repeatable).
+fn collect_inputs(paths: &[PathBuf], glob: Option<&str>) -> Result<Vec<Input>> {
+    let pattern = glob
+        .map(|g| glob::Pattern::new(g).with_context(|| format!("--glob `{g}`")))
+        .transpose()?;
+    let mut files: Vec<(PathBuf, String)> = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            files.push((path.clone(), stem));
+            continue;
+        }
+        let mut found = Vec::new();
+        for entry in walkdir::WalkDir::new(path)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
+            let entry = entry.with_context(|| format!("reading {}", path.display()))?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(path).unwrap_or(entry.path());
+            let wanted = match &pattern {
+                Some(p) => p.matches_path(rel),
+                None => rel
+                    .extension()
+                    .map(|e| e.to_string_lossy().to_lowercase())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())),
+            };
+            if wanted {
+                let name = rel.with_extension("").to_string_lossy().to_string();
+                found.push((entry.path().to_path_buf(), name));
+            }
+        }
+        if found.is_empty() {
+            bail!(
+                "{}: no {} in this folder",
+                path.display(),
+                match glob {
+                    Some(g) => format!("file matches --glob `{g}`"),
+                    None => "image files (png, jpg, bmp, tif, webp)".into(),
+                }
+            );
+        }
+        files.extend(found);
+    }
+    Ok(unique_names(files))
 }
 
 pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
@@ -49,16 +117,57 @@ pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
 
 pub fn run(args: SegmentArgs) -> Result<()> {
     let mut timings = Timings::new(args.timings);
-    // Read every image before the (slow) model load, so bad input fails at once.
-    let images = timings.measure("read images", || {
-        args.images
-            .iter()
-            .map(|path| {
-                let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-                preprocess::decode_rgb(&bytes).with_context(|| format!("{}", path.display()))
-            })
-            .collect::<Result<Vec<_>>>()
+    let inputs = collect_inputs(&args.images, args.glob.as_deref())?;
+    // Check every image's header before the (slow) model load, so bad input fails at
+    // once. One image: its problem is the error. Several: a bad one is reported and
+    // skipped, the others are segmented, and the exit status says something failed.
+    let single = inputs.len() == 1;
+    let mut skipped = 0usize;
+    let mut skip = |path: &Path, e: anyhow::Error| -> Result<()> {
+        let e = e.context(path.display().to_string());
+        if single {
+            return Err(e);
+        }
+        eprintln!("warning: skipped {}", format!("{e:#}").replace('\n', " "));
+        skipped += 1;
+        Ok(())
+    };
+    let mut checked = Vec::new();
+    timings.measure("read images", || -> Result<()> {
+        for input in &inputs {
+            let header = std::fs::read(&input.path)
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| {
+                    let (w, h) = preprocess::dimensions(&bytes)?;
+                    preprocess::check_pixels(w, h)?;
+                    Ok(bytes)
+                });
+            match header {
+                Ok(bytes) if single => checked.push((input, Some(bytes))),
+                // Several images are read again one at a time, so memory holds one.
+                Ok(_) => checked.push((input, None)),
+                Err(e) => skip(&input.path, e)?,
+            }
+        }
+        Ok(())
     })?;
+    if checked.is_empty() {
+        bail!("none of the {} images could be read", inputs.len());
+    }
+    if let Some(path) = &args.save_logits
+        && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("--save-logits: creating {}", parent.display()))?;
+    }
+    // A single image is decoded now, so a corrupt one fails before the model loads.
+    let first = match checked.first_mut() {
+        Some((input, bytes @ Some(_))) => {
+            let bytes = bytes.take().unwrap_or_default();
+            Some(preprocess::decode_rgb(&bytes).with_context(|| input.path.display().to_string())?)
+        }
+        _ => None,
+    };
     let device = backend::device(args.backend)?;
     let dir = match &args.weights {
         Some(dir) => dir.clone(),
@@ -81,11 +190,30 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let names = output_names(&args.images);
     let size = segmenter.input_size();
     let mut all_logits = Vec::new();
-    for (image, name) in images.iter().zip(&names) {
-        let encoded = timings.measure("encode image", || segmenter.encode_image(image))?;
+    let mut segmented = 0usize;
+    let mut first = first;
+    for (input, _) in &checked {
+        let image = match first.take() {
+            Some(image) => image,
+            None => {
+                let decoded = timings.measure("read images", || {
+                    std::fs::read(&input.path)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| Ok(preprocess::decode_rgb(&b)?))
+                });
+                match decoded {
+                    Ok(image) => image,
+                    Err(e) => {
+                        skip(&input.path, e)?;
+                        continue;
+                    }
+                }
+            }
+        };
+        let name = &input.name;
+        let encoded = timings.measure("encode image", || segmenter.encode_image(&image))?;
         let logits = timings.measure("decode prompts", || {
             segmenter.decode_embedded(&encoded, &embedded)
         })?;
@@ -100,7 +228,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                     &mask_path,
                     &render::mask_png(&mask, image.width(), image.height())?,
                 )?;
-                let overlay = render::overlay(image, &mask, [255, 40, 40], 0.45)?;
+                let overlay = render::overlay(&image, &mask, [255, 40, 40], 0.45)?;
                 let overlay_path = dir.join(format!("{stem}.overlay.png"));
                 write_atomic(&overlay_path, &render::encode_png(&overlay)?)?;
                 let fg = mask.iter().filter(|&&m| m != 0).count() as f64 / mask.len() as f64;
@@ -114,45 +242,51 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             }
             Ok(())
         })?;
+        segmented += 1;
         if args.save_logits.is_some() {
             all_logits.extend(logits.into_iter().flat_map(|l| l.values));
         }
     }
-    if let Some(path) = &args.save_logits {
-        let (n, p) = (images.len(), prompts.len());
-        let shape: Vec<usize> = if n == 1 {
+    if let Some(path) = &args.save_logits
+        && segmented > 0
+    {
+        let p = prompts.len();
+        let shape: Vec<usize> = if inputs.len() == 1 {
             vec![p, size, size]
         } else {
-            vec![n, p, size, size]
+            vec![segmented, p, size, size]
         };
         write_atomic(path, &vlsm::render::npy_f32(&shape, &all_logits)?)?;
         println!("logits {shape:?}\t{}", path.display());
     }
     timings.report();
+    if skipped > 0 {
+        bail!(
+            "{skipped} of {} images were skipped (see the warnings above); the other {segmented} were segmented",
+            inputs.len()
+        );
+    }
     Ok(())
 }
 
-/// One output folder per image, named after the file; repeated names get a suffix.
-fn output_names(paths: &[PathBuf]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for (i, path) in paths.iter().enumerate() {
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+/// One output folder per image, named after the file (or its path below a searched
+/// folder); repeated names get a suffix.
+fn unique_names(files: Vec<(PathBuf, String)>) -> Vec<Input> {
+    let mut inputs: Vec<Input> = Vec::new();
+    for (i, (path, stem)) in files.into_iter().enumerate() {
         let stem = if stem.is_empty() {
             format!("image{i}")
         } else {
             stem
         };
-        let name = if names.contains(&stem) {
+        let name = if inputs.iter().any(|x| x.name == stem) {
             format!("{stem}-{i}")
         } else {
             stem
         };
-        names.push(name);
+        inputs.push(Input { path, name });
     }
-    names
+    inputs
 }
 
 /// Writes through a temporary file and a rename, so a crash never leaves half a file.
@@ -175,7 +309,12 @@ mod tests {
 
     #[test]
     fn duplicate_image_names_are_kept_apart() {
-        let names = output_names(&[PathBuf::from("a/img.png"), PathBuf::from("b/img.png")]);
+        let inputs = collect_inputs(
+            &[PathBuf::from("a/img.png"), PathBuf::from("b/img.png")],
+            None,
+        )
+        .unwrap();
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["img", "img-1"]);
     }
 

@@ -495,7 +495,9 @@ fn bad_images_give_clear_errors() {
         &segment_image(&t.join("missing.png"), &t.join("o")),
         "missing.png",
     );
-    assert_clean_error(&segment_image(t, &t.join("o")), "directory");
+    let empty = t.join("empty-folder");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_clean_error(&segment_image(&empty, &t.join("o")), "no image files");
     // Over the 64-megapixel budget: refused from the header.
     let wide = t.join("wide.png");
     image::GrayImage::new(64_001, 1000).save(&wide).unwrap();
@@ -660,4 +662,69 @@ fn bad_arguments_give_one_line_errors() {
     );
     assert_clean_error(&vlsm(&["convert", w, w], &[]), "differ");
     assert_clean_error(&vlsm(&["frobnicate"], &[]), "frobnicate");
+}
+
+#[test]
+fn a_folder_is_segmented_recursively_and_a_bad_image_is_skipped_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = t.join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::copy(fixture("images/rgb_53x37.png"), data.join("a.png")).unwrap();
+    std::fs::copy(fixture("images/rgb_150x100.png"), data.join("sub/b.png")).unwrap();
+    std::fs::write(data.join("sub/broken.png"), b"not an image").unwrap();
+    std::fs::write(data.join("notes.txt"), b"not looked at").unwrap();
+    let logits = t.join("new/dir/logits.npy");
+    let out = vlsm(
+        &[
+            "segment",
+            data.to_str().unwrap(),
+            "-p",
+            "polyp",
+            "--weights",
+            fixture("clipseg_simple").to_str().unwrap(),
+            "--out",
+            t.join("o").to_str().unwrap(),
+            "--save-logits",
+            logits.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("warning: skipped") && err.contains("broken.png"),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("error: 1 of 3 images were skipped"),
+        "{err}"
+    );
+    assert!(t.join("o/a/00_polyp.mask.png").is_file());
+    assert!(t.join("o/sub/b/00_polyp.mask.png").is_file());
+    // The logits of the two segmented images, in a folder that did not exist.
+    let (shape, _) = read_npy(&logits);
+    assert_eq!(shape[..2], [2, 1]);
+    // --glob picks files by their path below the folder.
+    let out = vlsm(
+        &[
+            "segment",
+            data.to_str().unwrap(),
+            "--glob",
+            "sub/b.*",
+            "-p",
+            "polyp",
+            "--weights",
+            fixture("clipseg_simple").to_str().unwrap(),
+            "--out",
+            t.join("g").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(t.join("g/sub/b/00_polyp.mask.png").is_file());
+    assert!(!t.join("g/a").exists());
 }
