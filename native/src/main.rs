@@ -22,7 +22,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "vlsm",
     version,
-    about = "Text-prompted medical image segmentation with vision-language segmentation models"
+    about = "Text-prompted medical image segmentation with vision-language segmentation models",
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -85,15 +86,29 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // `vlsm` alone: the command list, as a usage error.
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
             // clap's message starts `error: …` and may continue on the next lines (the names
-            // of missing arguments) before a blank line and usage hints: join that part.
+            // of missing arguments) before a blank line, then a suggestion (`tip: …`) and
+            // usage hints: one line of the message and its tips.
             let text = e.render().to_string();
-            let message: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            eprintln!("{}", message.join(" "));
+            let mut message = vec![
+                text.lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ];
+            message.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with("tip:"))
+                    .map(|l| l.trim_start_matches("tip:").trim().to_string()),
+            );
+            eprintln!("{}", message.join("; "));
             return ExitCode::from(2);
         }
     };

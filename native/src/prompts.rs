@@ -122,8 +122,9 @@ pub fn run(args: PromptsArgs) -> Result<()> {
             Err(err) => problems.push(format!("{err:#}")),
         }
     }
+    // Each problem is a warning; the one error line, at the end, counts them.
     for p in &problems {
-        eprintln!("error: {p}");
+        eprintln!("warning: skipped {p}");
     }
     if entries.is_empty() {
         bail!("no image could be annotated");

@@ -60,6 +60,10 @@ pub struct ReproduceArgs {
     /// Also write each mask as a PNG into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Exit 0 even when the image or the weights differ from the link's (the masks are
+    /// still computed and printed either way; by default a mismatch exits 1).
+    #[arg(long)]
+    allow_mismatch: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
 }
@@ -169,12 +173,14 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         }
     };
     let image_sha = pixels_sha256(&rgb);
+    let mut mismatches = Vec::new();
     if image_sha != state.image_sha256 {
         eprintln!(
             "warning: the image differs from the link's (pixel sha256 {} vs {})",
             &image_sha[..16],
             &state.image_sha256[..16]
         );
+        mismatches.push("image");
     }
     let dir = match &args.weights {
         Some(dir) => dir.clone(),
@@ -184,11 +190,14 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     if weights_file.is_file() {
         let sha = hash_file(&weights_file)?;
         match &state.weights_sha256 {
-            Some(expected) if *expected != sha => eprintln!(
-                "warning: these weights differ from the link's (sha256 {} vs {}): results may differ",
-                &sha[..16],
-                &expected[..16]
-            ),
+            Some(expected) if *expected != sha => {
+                eprintln!(
+                    "warning: these weights differ from the link's (sha256 {} vs {}): results may differ",
+                    &sha[..16],
+                    &expected[..16]
+                );
+                mismatches.push("weights");
+            }
             Some(_) => eprintln!("weights sha256 {sha} matches the link"),
             None => eprintln!("weights sha256 {sha} (the link names none)"),
         }
@@ -227,6 +236,12 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
             let path = out.join(format!("{:02}.mask.png", i + 1));
             write_atomic(&path, &render::mask_png(&mask, w, h)?)?;
         }
+    }
+    if !mismatches.is_empty() && !args.allow_mismatch {
+        bail!(
+            "the {} differ from the link's, so these masks need not be the link's (--allow-mismatch accepts that)",
+            mismatches.join(" and ")
+        );
     }
     Ok(())
 }

@@ -574,6 +574,46 @@ fn prompts_reproduce_the_official_kvasir_size_count_and_location_words() {
         &[],
     );
     assert_clean_error(&out, "--class is empty");
+    // Bad masks are warnings, one per image; one error line at the end counts them; the
+    // others are written.
+    let first_mask = std::fs::read_dir(dir.join("masks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    std::fs::write(&first_mask, b"not a mask").unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/hostile/bomb_30000x30000_1bit.png"),
+        dir.join("images/zz_bomb.png"),
+    )
+    .unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/hostile/bomb_30000x30000_1bit.png"),
+        dir.join("masks/zz_bomb.png"),
+    )
+    .unwrap();
+    let out = vlsm(
+        &[
+            "prompts",
+            dir.to_str().unwrap(),
+            "--class",
+            "polyp",
+            "--force",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        errors,
+        ["error: 2 of 6 images could not be annotated (listed above)"],
+        "{err}"
+    );
+    assert_eq!(err.matches("warning: skipped").count(), 2, "{err}");
+    assert!(err.contains("over the limit"), "{err}");
 }
 
 #[test]

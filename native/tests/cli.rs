@@ -604,6 +604,35 @@ fn bad_arguments_give_one_line_errors() {
     let img = img.to_str().unwrap();
     let w = fixture("clipseg_simple");
     let w = w.to_str().unwrap();
+    // `vlsm` alone lists the commands (a usage error); a typo gets clap's suggestion.
+    let out = vlsm(&[], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("Commands:") && stderr(&out).contains("segment"),
+        "{}",
+        stderr(&out)
+    );
+    assert_clean_error(
+        &vlsm(&["segmnt"], &[]),
+        "a similar subcommand exists: 'segment'",
+    );
+    assert_clean_error(
+        &vlsm(&["segment", img, "--promt", "x"], &[]),
+        "a similar argument exists: '--prompt'",
+    );
+    let help = stdout(&vlsm(&["train", "--help"], &[]));
+    for option in ["--epochs", "--batch-size", "--lr"] {
+        let line = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(option))
+            .nth(1)
+            .unwrap_or("");
+        assert!(
+            !line.trim().is_empty() && !line.trim().starts_with("--"),
+            "{option}: {help}"
+        );
+    }
+    assert!(help.contains("CIDAS/clipseg-rd64-refined"), "{help}");
     for t in ["1.5", "-0.1", "abc", "nan"] {
         let arg = format!("--threshold={t}");
         assert_clean_error(

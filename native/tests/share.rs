@@ -155,18 +155,36 @@ fn weights_come_from_the_links_url_and_mismatches_are_reported() {
         "{}",
         stderr(&out)
     );
-    // Other weights than the link's: it still runs, and says so.
+    // Other weights than the link's: it still runs and prints the masks, says so, and
+    // exits 1 unless --allow-mismatch.
     let simple = fixture("clipseg_simple");
     let out = vlsm(
         &["reproduce", &link, "--weights", simple.to_str().unwrap()],
         &[],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 2);
     assert!(
-        stderr(&out).contains("differ from the link's"),
+        stderr(&out).contains("weights differ from the link's")
+            && stderr(&out)
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("error: the weights differ"),
         "{}",
         stderr(&out)
     );
+    let out = vlsm(
+        &[
+            "reproduce",
+            &link,
+            "--weights",
+            simple.to_str().unwrap(),
+            "--allow-mismatch",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]
@@ -228,6 +246,7 @@ fn large_images_travel_by_hash_and_must_be_supplied() {
         &[],
     );
     assert!(stderr(&out).contains("image differs"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
 #[test]
