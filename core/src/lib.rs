@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "pytorch")]

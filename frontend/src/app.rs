@@ -673,19 +673,20 @@ fn short(sha: &str) -> String {
     sha.chars().take(16).collect()
 }
 
+/// An image from a URL: capped at [`vlsm::limits::MAX_IMAGE_BYTES`], given up when stalled.
 async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
-    let response: web_sys::Response = JsFuture::from(window().fetch_with_str(url))
-        .await
-        .map_err(|e| describe(&e))?
-        .dyn_into()
-        .map_err(|_| "no response".to_string())?;
+    let response = crate::js::fetch_within(window().fetch_with_str(url), url).await?;
     if !response.ok() {
         return Err(format!("HTTP {}", response.status()));
     }
-    let buffer = JsFuture::from(response.array_buffer().map_err(|e| describe(&e))?)
-        .await
-        .map_err(|e| describe(&e))?;
-    Ok(Uint8Array::new(&buffer).to_vec())
+    let expected = crate::js::content_length(&response);
+    crate::js::read_body(
+        &response,
+        expected,
+        vlsm::limits::MAX_IMAGE_BYTES,
+        |_, _| {},
+    )
+    .await
 }
 
 /// Starts the worker from a `blob:` script, so it inherits this page's CSP.

@@ -56,13 +56,75 @@ pub fn to_buffer(bytes: &[u8]) -> ArrayBuffer {
     array.buffer()
 }
 
+/// The Content-Length a response announces, if any.
+pub fn content_length(response: &web_sys::Response) -> Option<u64> {
+    response
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// How long a download may go without a byte before it is given up.
+pub const STALL_MS: i32 = 30_000;
+
+/// A promise resolving to `value` after `ms` (the page's or the worker's `setTimeout`).
+fn delay(ms: i32, value: &JsValue) -> js_sys::Promise {
+    let value = value.clone();
+    js_sys::Promise::new(&mut |resolve, _| {
+        let global = js_sys::global();
+        if let Ok(set_timeout) = Reflect::get(&global, &"setTimeout".into())
+            .and_then(|f| f.dyn_into::<js_sys::Function>())
+        {
+            let args = Array::of3(&resolve, &JsValue::from(ms), &value);
+            let _ = set_timeout.apply(&global, &args);
+        }
+    })
+}
+
+/// Awaits `promise`; `Ok(None)` if `ms` pass first.
+pub async fn within(promise: js_sys::Promise, ms: i32) -> Result<Option<JsValue>, JsValue> {
+    let marker: JsValue = js_sys::Object::new().into();
+    let race = js_sys::Promise::race(&Array::of2(&promise, &delay(ms, &marker)));
+    let value = JsFuture::from(race).await?;
+    Ok((!js_sys::Object::is(&value, &marker)).then_some(value))
+}
+
+/// `fetch(url)` on `global` (page or worker), given up after [`STALL_MS`] without an
+/// answer.
+pub async fn fetch_within(fetch: js_sys::Promise, url: &str) -> Result<web_sys::Response, String> {
+    let answer = within(fetch, STALL_MS).await.map_err(|e| {
+        format!(
+            "could not fetch {url}: {} (network down, server unreachable, or the origin is \
+             not allowed by the page's Content-Security-Policy)",
+            describe(&e)
+        )
+    })?;
+    answer
+        .ok_or_else(|| format!("{url}: no answer in {} s", STALL_MS / 1000))?
+        .dyn_into()
+        .map_err(|_| format!("fetching {url} gave no response"))
+}
+
 /// Reads a response body chunk by chunk into one `Vec` (sized from Content-Length when
-/// given), calling `progress(done)` after each chunk.
+/// given), calling `on_chunk(chunk, done)` after each chunk. Refuses a body over `cap`
+/// bytes (by its Content-Length before reading, else once it gets there), one longer than
+/// its Content-Length, and one that stalls for [`STALL_MS`].
 pub async fn read_body(
     response: &web_sys::Response,
     expected: Option<u64>,
+    cap: u64,
     mut on_chunk: impl FnMut(&[u8], u64),
 ) -> Result<Vec<u8>, String> {
+    if let Some(n) = expected
+        && n > cap
+    {
+        return Err(format!(
+            "{n} bytes is more than the {} MiB allowed for this file",
+            cap >> 20
+        ));
+    }
     let Some(body) = response.body() else {
         return Ok(Vec::new());
     };
@@ -70,6 +132,10 @@ pub async fn read_body(
         .get_reader()
         .dyn_into()
         .map_err(|_| "cannot read the response body".to_string())?;
+    let give_up = |why: String| {
+        let _ = reader.cancel();
+        Err(why)
+    };
     let mut bytes = Vec::new();
     if let Some(n) = expected {
         bytes
@@ -77,9 +143,17 @@ pub async fn read_body(
             .map_err(|_| format!("not enough memory for {n} bytes"))?;
     }
     loop {
-        let step = JsFuture::from(reader.read())
-            .await
-            .map_err(|e| describe(&e))?;
+        let step = match within(reader.read(), STALL_MS).await {
+            Ok(Some(step)) => step,
+            Ok(None) => {
+                return give_up(format!(
+                    "no data for {} s after {} bytes",
+                    STALL_MS / 1000,
+                    bytes.len()
+                ));
+            }
+            Err(e) => return Err(describe(&e)),
+        };
         let done = Reflect::get(&step, &"done".into())
             .ok()
             .and_then(|v| v.as_bool())
@@ -93,6 +167,15 @@ pub async fn read_body(
             .map_err(|_| "a response chunk is not bytes".to_string())?;
         let start = bytes.len();
         let n = chunk.length() as usize;
+        if (start + n) as u64 > cap {
+            return give_up(format!(
+                "more than the {} MiB allowed for this file",
+                cap >> 20
+            ));
+        }
+        if expected.is_some_and(|e| (start + n) as u64 > e) {
+            return give_up("the body is longer than its Content-Length".into());
+        }
         bytes
             .try_reserve(n)
             .map_err(|_| format!("not enough memory for {} bytes", start + n))?;

@@ -15,7 +15,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Cache, DedicatedWorkerGlobalScope, MessageEvent, Response};
 
-use crate::js::{describe, now_ms, pack, read_body, unpack};
+use crate::js::{content_length, describe, fetch_within, now_ms, pack, read_body, unpack};
 use crate::protocol::{Backend, FromWorker, ToWorker};
 
 /// Cache Storage bucket for model files; bump the suffix if the entry format changes.
@@ -130,6 +130,8 @@ async fn fetch_file(
     optional: bool,
     hash: bool,
 ) -> Result<Option<Fetched>, String> {
+    // Caps by file (the page's heap is at most 4 GiB: weights are capped lower than natively).
+    let cap = vlsm::limits::download_cap(name).min(vlsm::limits::MAX_PAGE_WEIGHTS_BYTES);
     let started = now_ms();
     let mut last_post = 0.0;
     let mut hasher = hash.then(Sha256::new);
@@ -163,7 +165,7 @@ async fn fetch_file(
         && let Some(response) = cached(cache, url).await
     {
         let total = content_length(&response);
-        let bytes = read_body(&response, total, |c, d| progress(c, d, total, true)).await;
+        let bytes = read_body(&response, total, cap, |c, d| progress(c, d, total, true)).await;
         if let Ok(bytes) = bytes
             && total.is_none_or(|t| t == bytes.len() as u64)
         {
@@ -188,17 +190,7 @@ async fn fetch_file(
         // A damaged entry: forget it and download again.
         let _ = JsFuture::from(cache.delete_with_str(url)).await;
     }
-    let response: Response = JsFuture::from(scope().fetch_with_str(url))
-        .await
-        .map_err(|e| {
-            format!(
-                "could not fetch {url}: {} (network down, server unreachable, or the origin is \
-                 not allowed by the page's Content-Security-Policy)",
-                describe(&e)
-            )
-        })?
-        .dyn_into()
-        .map_err(|_| format!("fetching {url} gave no response"))?;
+    let response: Response = fetch_within(scope().fetch_with_str(url), url).await?;
     if response.status() == 404 && optional {
         if let Some(cache) = cache
             && let Ok(marker) = Response::new_with_opt_str(Some("absent"))
@@ -222,7 +214,7 @@ async fn fetch_file(
             .map(|copy| JsFuture::from(cache.put_with_str(url, &copy))),
         None => None,
     };
-    let bytes = match read_body(&response, total, |c, d| progress(c, d, total, false)).await {
+    let bytes = match read_body(&response, total, cap, |c, d| progress(c, d, total, false)).await {
         Ok(bytes) => bytes,
         Err(e) => {
             // The cache's copy fails with the stream; wait for it, so nothing is left behind.
@@ -263,15 +255,6 @@ async fn fetch_file(
         from_cache: false,
         sha256,
     }))
-}
-
-fn content_length(response: &Response) -> Option<u64> {
-    response
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse().ok())
 }
 
 async fn webgpu() -> Result<Device, String> {

@@ -11,20 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Caps per kind of file: a server's answer beyond these is refused.
-pub const MAX_JSON_BYTES: u64 = 1 << 20;
-pub const MAX_TOKENIZER_BYTES: u64 = 32 << 20;
-pub const MAX_WEIGHTS_BYTES: u64 = 8 << 30;
-pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
-
-/// The cap for a model folder's file, by name.
-pub fn cap_for(file: &str) -> u64 {
-    match file {
-        "model.safetensors" | "pytorch_model.bin" => MAX_WEIGHTS_BYTES,
-        "tokenizer.json" | "vocab.json" | "merges.txt" => MAX_TOKENIZER_BYTES,
-        _ => MAX_JSON_BYTES,
-    }
-}
+pub use vlsm::limits::{MAX_IMAGE_BYTES, MAX_WEIGHTS_BYTES, download_cap as cap_for};
 
 const MAX_REDIRECTS: usize = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -376,6 +376,14 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         bad["huge_image"].as_str().unwrap().contains("too large"),
         "{bad}"
     );
+    // A server that never stops sending: cut off at the file's cap.
+    assert!(
+        bad["endless_weights"]
+            .as_str()
+            .unwrap()
+            .contains("more than the 1 MiB allowed"),
+        "{bad}"
+    );
     assert_eq!(bad["alive"], true);
 
     // Privacy: every request (page and worker) went to the test server, was a GET without a

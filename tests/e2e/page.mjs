@@ -41,6 +41,16 @@ function serve(dist, modelDir, port = 0) {
       const url = new URL(req.url, 'http://x');
       log.push({ method: req.method, path: url.pathname, query: url.search, body });
       let file;
+      if (url.pathname.startsWith('/models/endless/')) {
+        // A hostile server: any file is an endless stream of bytes without a length.
+        res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' });
+        const chunk = Buffer.alloc(1 << 16, 0x20);
+        let open = true;
+        res.on('close', () => { open = false; });
+        const pump = () => { while (open && res.write(chunk)) { /* until the buffer is full */ } if (open) res.once('drain', pump); };
+        pump();
+        return;
+      }
       if (url.pathname.startsWith('/models/m/')) {
         if (state.modelsOffline) { res.writeHead(503); res.end(); return; }
         file = path.join(modelDir, decodeURIComponent(url.pathname.slice('/models/m/'.length)));
@@ -247,6 +257,10 @@ async function e2e(args) {
     await waitFor(bad, '#load');
     out.bad.wrong_weights_state = await loadModel(bad, `${base}/models/nothing-here`);
     out.bad.wrong_weights = await errorText(bad);
+    await bad.goto(`${base}/?backend=cpu`);
+    await waitFor(bad, '#load');
+    await loadModel(bad, `${base}/models/endless`);
+    out.bad.endless_weights = await errorText(bad);
     await bad.setInputFiles('#image-file', { name: 'notes.png', mimeType: 'image/png', buffer: Buffer.from('this is not an image') });
     out.bad.not_an_image = await errorText(bad);
     if (args.huge) {
