@@ -47,9 +47,7 @@ pub fn check_pixels(w: u32, h: u32) -> Result<()> {
     let (pixels, limit) = (u64::from(w) * u64::from(h), max_pixels());
     if pixels > limit {
         return Err(Error::Image(format!(
-            "{w}×{h} is {:.1} megapixels, over the limit of {:.1} (--max-pixels raises it)",
-            pixels as f64 / 1e6,
-            limit as f64 / 1e6
+            "{w}×{h} = {pixels} pixels, over the limit of {limit} (--max-pixels raises it)"
         )));
     }
     Ok(())

@@ -503,7 +503,7 @@ fn bad_images_give_clear_errors() {
     image::GrayImage::new(64_001, 1000).save(&wide).unwrap();
     assert_clean_error(
         &segment_image(&wide, &t.join("o")),
-        "64.0 megapixels, over the limit of 64.0 (--max-pixels raises it)",
+        "= 64001000 pixels, over the limit of 64000000 (--max-pixels raises it)",
     );
 }
 

@@ -102,6 +102,27 @@ fn assert_bounded_error(run: &(Output, u64, Duration), needle: &str, seconds: u6
     );
 }
 
+/// `vlsm segment IMAGE --weights W --prompt "a polyp" --out OUT EXTRA…`, bounded.
+fn segment_bounded(
+    image: &Path,
+    weights: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> (Output, u64, Duration) {
+    let mut args = vec![
+        "segment",
+        image.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--prompt",
+        "a polyp",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    vlsm_bounded(&args, &[])
+}
+
 const BOMBS: [&str; 6] = [
     "bomb_30000x30000_1bit.png",
     "bomb_rgba16_header.png",
@@ -117,19 +138,7 @@ fn segment_and_share_refuse_every_bomb_from_its_header() {
     let weights = fixture("clipseg_simple");
     for bomb in BOMBS {
         let image = hostile(bomb);
-        let run = vlsm_bounded(
-            &[
-                "segment",
-                image.to_str().unwrap(),
-                "--weights",
-                weights.to_str().unwrap(),
-                "--prompt",
-                "a polyp",
-                "--out",
-                tmp.path().join("out").to_str().unwrap(),
-            ],
-            &[],
-        );
+        let run = segment_bounded(&image, &weights, &tmp.path().join("out"), &[]);
         assert_bounded_error(&run, "over the limit", 30);
         assert!(
             !tmp.path().join("out").exists()
@@ -156,22 +165,13 @@ fn segment_and_share_refuse_every_bomb_from_its_header() {
     }
     // --max-pixels raises (or lowers) the budget, within bounds.
     let small = fixture("images/rgb_150x100.png");
-    let run = vlsm_bounded(
-        &[
-            "segment",
-            small.to_str().unwrap(),
-            "--weights",
-            weights.to_str().unwrap(),
-            "--prompt",
-            "a polyp",
-            "--max-pixels",
-            "10000",
-            "--out",
-            tmp.path().join("out").to_str().unwrap(),
-        ],
-        &[],
+    let run = segment_bounded(
+        &small,
+        &weights,
+        &tmp.path().join("out"),
+        &["--max-pixels", "10000"],
     );
-    assert_bounded_error(&run, "over the limit of 0.0", 30);
+    assert_bounded_error(&run, "over the limit of 10000", 30);
     let out = vlsm(
         &["segment", "x.png", "-p", "polyp", "--max-pixels", "0"],
         &[],
@@ -179,11 +179,10 @@ fn segment_and_share_refuse_every_bomb_from_its_header() {
     assert_clean_error(&out, "--max-pixels");
 }
 
-#[test]
-fn a_link_carrying_a_bomb_is_refused() {
-    let png = std::fs::read(hostile("bomb_rgba16_header.png")).unwrap();
-    let state = vlsm::share::ShareState {
-        weights_url: "https://example.org/m/".into(),
+/// A share link for `image` (one prompt) with weights at `weights_url`.
+fn link(image: vlsm::share::ImageSource, image_sha256: String, weights_url: &str) -> String {
+    vlsm::share::ShareState {
+        weights_url: weights_url.into(),
         weights_sha256: None,
         prompts: vec!["a polyp".into()],
         threshold: 0.5,
@@ -191,13 +190,22 @@ fn a_link_carrying_a_bomb_is_refused() {
             opacity: 0.5,
             selected: 0,
         },
-        image: vlsm::share::ImageSource::Embedded {
-            name: "x.png".into(),
-            png,
-        },
-        image_sha256: "00".repeat(32),
-    };
-    let link = state.to_link("http://127.0.0.1:8080/").unwrap();
+        image,
+        image_sha256,
+    }
+    .to_link("http://127.0.0.1:8080/")
+    .unwrap()
+}
+
+#[test]
+fn a_link_carrying_a_bomb_is_refused() {
+    let png = std::fs::read(hostile("bomb_rgba16_header.png")).unwrap();
+    let name = "x.png".to_string();
+    let link = link(
+        vlsm::share::ImageSource::Embedded { name, png },
+        "00".repeat(32),
+        "https://example.org/m/",
+    );
     let weights = fixture("clipseg_simple");
     let run = vlsm_bounded(
         &["reproduce", &link, "--weights", weights.to_str().unwrap()],
@@ -338,22 +346,11 @@ fn segment_from_hub(endpoint: &str, hf_home: &Path) -> (Output, u64, Duration) {
 fn reproduce_from_url(weights_url: &str, cache: &Path) -> (Output, u64, Duration) {
     let png = std::fs::read(fixture("images/rgb_53x37.png")).unwrap();
     let rgb = vlsm::preprocess::decode_rgb(&png).unwrap();
-    let state = vlsm::share::ShareState {
-        weights_url: weights_url.into(),
-        weights_sha256: None,
-        prompts: vec!["a polyp".into()],
-        threshold: 0.5,
-        view: vlsm::share::ViewSettings {
-            opacity: 0.5,
-            selected: 0,
-        },
-        image: vlsm::share::ImageSource::Embedded {
-            name: "x.png".into(),
-            png: vlsm::share::embeddable_png(&rgb).unwrap().unwrap(),
-        },
-        image_sha256: vlsm::share::pixels_sha256(&rgb),
+    let embedded = vlsm::share::ImageSource::Embedded {
+        name: "x.png".into(),
+        png: vlsm::share::embeddable_png(&rgb).unwrap().unwrap(),
     };
-    let link = state.to_link("http://127.0.0.1:8080/").unwrap();
+    let link = link(embedded, vlsm::share::pixels_sha256(&rgb), weights_url);
     vlsm_bounded(
         &["reproduce", &link],
         &[
@@ -407,22 +404,11 @@ fn an_image_url_redirecting_to_a_file_or_without_end_is_refused() {
         (Behaviour::Endless, "more than the 256.0 MiB allowed"),
     ] {
         let endpoint = serve(behaviour);
-        let state = vlsm::share::ShareState {
-            weights_url: "https://example.org/m/".into(),
-            weights_sha256: None,
-            prompts: vec!["a polyp".into()],
-            threshold: 0.5,
-            view: vlsm::share::ViewSettings {
-                opacity: 0.5,
-                selected: 0,
-            },
-            image: vlsm::share::ImageSource::Url {
-                name: "x.png".into(),
-                url: format!("{endpoint}/x.png"),
-            },
-            image_sha256: "00".repeat(32),
+        let source = vlsm::share::ImageSource::Url {
+            name: "x.png".into(),
+            url: format!("{endpoint}/x.png"),
         };
-        let link = state.to_link("http://127.0.0.1:8080/").unwrap();
+        let link = link(source, "00".repeat(32), "https://example.org/m/");
         let run = vlsm_bounded(
             &["reproduce", &link, "--weights", weights.to_str().unwrap()],
             &[("VLSM_HTTP_TIMEOUT", "5")],
@@ -441,19 +427,7 @@ fn a_checkpoint_asking_for_an_impossible_input_size_is_refused_at_once() {
     )
     .unwrap();
     let image = fixture("images/rgb_53x37.png");
-    let run = vlsm_bounded(
-        &[
-            "segment",
-            image.to_str().unwrap(),
-            "--weights",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a polyp",
-            "--out",
-            tmp.path().join("out").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let run = segment_bounded(&image, &model, &tmp.path().join("out"), &[]);
     assert_bounded_error(&run, "too large", 30);
     let model = copy_model("clipseg_simple_bin", tmp.path());
     std::fs::copy(
@@ -461,18 +435,6 @@ fn a_checkpoint_asking_for_an_impossible_input_size_is_refused_at_once() {
         model.join("pytorch_model.bin"),
     )
     .unwrap();
-    let run = vlsm_bounded(
-        &[
-            "segment",
-            image.to_str().unwrap(),
-            "--weights",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a polyp",
-            "--out",
-            tmp.path().join("out").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let run = segment_bounded(&image, &model, &tmp.path().join("out"), &[]);
     assert_bounded_error(&run, "refuses pickle global posix.system", 30);
 }

@@ -21,11 +21,14 @@ fn read(name: &str) -> Vec<u8> {
 #[test]
 fn decompression_bombs_are_refused_from_the_header() {
     for (name, needle) in [
-        ("bomb_30000x30000_1bit.png", "over the limit of 64.0"),
+        (
+            "bomb_30000x30000_1bit.png",
+            "= 900000000 pixels, over the limit of 64000000",
+        ),
         ("bomb_rgba16_header.png", "over the limit"),
         (
             "over_budget_8001x8000.png",
-            "64.0 megapixels, over the limit",
+            "8001×8000 = 64008000 pixels, over the limit",
         ),
         ("bomb_30000x30000.tiff", "over the limit"),
         ("bomb_30000x30000_rle8.bmp", "over the limit"),

@@ -371,14 +371,7 @@ fn bench(args: RunArgs) -> Result<()> {
 }
 
 fn key(model: &str, item: &Item, row: &PlannedRow) -> RowKey {
-    RowKey {
-        model: model.to_string(),
-        dataset: item.dataset.clone(),
-        split: item.split.clone(),
-        entry: item.entry,
-        prompt_id: row.prompt_id.clone(),
-        member: row.member,
-    }
+    base_row(model, item, row).key()
 }
 
 fn progress_bar(total: u64) -> ProgressBar {
