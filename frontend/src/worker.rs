@@ -15,7 +15,9 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Cache, DedicatedWorkerGlobalScope, MessageEvent, Response};
 
-use crate::js::{content_length, describe, fetch_within, now_ms, pack, read_body, unpack};
+use crate::js::{
+    STALL_MS, content_length, describe, fetch_within, now_ms, pack, read_body, unpack, within,
+};
 use crate::protocol::{Backend, FromWorker, ToWorker};
 
 /// Cache Storage bucket for model files; bump the suffix if the entry format changes.
@@ -207,20 +209,31 @@ async fn fetch_file(
         ));
     }
     let total = content_length(&response);
+    // The cache stores a tee of the stream only when the server announced a length within
+    // the cap: the tee's branch would otherwise keep reading an endless body after ours
+    // stopped. A body without a length is stored from the bytes once read and checked.
+    let tee = total.is_some_and(|t| t <= cap);
     let stored = match cache {
-        Some(cache) => response
+        Some(cache) if tee => response
             .clone()
             .ok()
-            .map(|copy| JsFuture::from(cache.put_with_str(url, &copy))),
-        None => None,
+            .map(|copy| cache.put_with_str(url, &copy)),
+        _ => None,
+    };
+    // On failure, wait (boundedly: a stalled server may never end the tee) for the cache's
+    // copy to fail with the stream, then make sure no entry is left behind.
+    let forget = async |stored: Option<js_sys::Promise>| {
+        if let Some(put) = stored {
+            let _ = within(put, STALL_MS).await;
+        }
+        if let Some(cache) = cache {
+            let _ = JsFuture::from(cache.delete_with_str(url)).await;
+        }
     };
     let bytes = match read_body(&response, total, cap, |c, d| progress(c, d, total, false)).await {
         Ok(bytes) => bytes,
         Err(e) => {
-            // The cache's copy fails with the stream; wait for it, so nothing is left behind.
-            if let Some(put) = stored {
-                let _ = put.await;
-            }
+            forget(stored).await;
             return Err(format!(
                 "downloading {name} failed: {e}; press Retry to try again"
             ));
@@ -229,21 +242,26 @@ async fn fetch_file(
     if let Some(t) = total
         && t != bytes.len() as u64
     {
-        if let Some(put) = stored {
-            let _ = put.await;
-        }
-        if let Some(cache) = cache {
-            let _ = JsFuture::from(cache.delete_with_str(url)).await;
-        }
+        forget(stored).await;
         return Err(format!(
             "downloading {name} stopped after {} of {t} bytes; press Retry to try again",
             bytes.len()
         ));
     }
     let sha256 = hasher.map(|h| vlsm::share::hex(&h.finalize()));
+    let stored = match (cache, stored) {
+        (Some(_), Some(put)) => Some(put),
+        (Some(cache), None) => {
+            let array = js_sys::Uint8Array::from(bytes.as_slice());
+            Response::new_with_opt_buffer_source(Some(&array))
+                .ok()
+                .map(|r| cache.put_with_str(url, &r))
+        }
+        (None, _) => None,
+    };
     if let (Some(cache), Some(put)) = (cache, stored) {
         // Storing can fail (quota, private mode): the model still loads, only not offline.
-        if put.await.is_ok()
+        if JsFuture::from(put).await.is_ok()
             && let Some(sha) = &sha256
             && let Ok(r) = Response::new_with_opt_str(Some(sha))
         {
