@@ -8,7 +8,7 @@
 //! 0–5 (`FRAME` included), without building any object.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -70,11 +70,13 @@ pub fn check_checkpoint(path: &Path) -> Result<()> {
     let source = path.display().to_string();
     let refuse = |why: String| Error::Weights(format!("{source}: {why}"));
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut head = [0u8; 262];
-    let n = read_up_to(&mut file, &mut head).map_err(|e| Error::io(path, e))?;
-    let head = &head[..n];
+    let mut head = Vec::new();
+    (&file)
+        .take(262)
+        .read_to_end(&mut head)
+        .and_then(|_| file.rewind())
+        .map_err(|e| Error::io(path, e))?;
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut archive = zip::ZipArchive::new(BufReader::new(file))
             .map_err(|e| refuse(format!("not a readable PyTorch checkpoint ({e})")))?;
         // `torch.save` writes `<root>/data.pkl`; other `.pkl` entries would be read too.
@@ -95,8 +97,7 @@ pub fn check_checkpoint(path: &Path) -> Result<()> {
             let entry = archive
                 .by_name(&name)
                 .map_err(|e| refuse(format!("{name}: {e}")))?;
-            let mut r = BufReader::new(entry.take(MAX_PICKLE_BYTES + 1));
-            scan(&mut r).map_err(|e| refuse(format!("{name}: {e}")))?;
+            scan(&mut BufReader::new(entry)).map_err(|e| refuse(format!("{name}: {e}")))?;
         }
         return Ok(());
     }
@@ -108,24 +109,11 @@ pub fn check_checkpoint(path: &Path) -> Result<()> {
     }
     // A legacy (PyTorch < 1.6) file is five pickles (magic, protocol, system info, the
     // object, the storage keys) and then raw storages; a bare pickle is one.
-    let legacy = is_legacy(head);
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut r = BufReader::new(file.take(5 * MAX_PICKLE_BYTES));
-    for _ in 0..if legacy { 5 } else { 1 } {
+    let mut r = BufReader::new(file);
+    for _ in 0..if is_legacy(&head) { 5 } else { 1 } {
         scan(&mut r).map_err(&refuse)?;
     }
     Ok(())
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Whether a file opens with the legacy magic number (as `LONG1` bytes or `LONG` text).
@@ -136,25 +124,31 @@ fn is_legacy(head: &[u8]) -> bool {
         || window.windows(24).any(|w| w == b"119547037146038801333356")
 }
 
-/// Walks one pickle up to its `STOP`, refusing any global not on the allow-list.
+/// Walks one pickle up to its `STOP`, refusing any global not on the allow-list, and any
+/// pickle longer than [`MAX_PICKLE_BYTES`]. Reads nothing past the `STOP`, so pickles
+/// stored one after another are scanned by successive calls.
 pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
+    let mut limited = r.take(MAX_PICKLE_BYTES);
+    let result = scan_ops(&mut limited);
+    if result.is_err() && limited.limit() == 0 {
+        return Err(format!("pickle longer than {} MiB", MAX_PICKLE_BYTES >> 20));
+    }
+    result
+}
+
+fn scan_ops(r: &mut impl BufRead) -> std::result::Result<(), String> {
     // What the last opcode pushed, when it was a string (for `STACK_GLOBAL`), and the
     // strings put in the memo. Anything else counts as "not a known string", so a global
     // whose name is computed is refused.
     let mut recent: [Option<String>; 2] = [None, None];
     let mut memo: HashMap<u64, Option<String>> = HashMap::new();
     let mut memo_next = 0u64;
-    let mut read = 0u64;
     let push = |recent: &mut [Option<String>; 2], v: Option<String>| {
         recent[0] = recent[1].take();
         recent[1] = v;
     };
     loop {
-        if read > MAX_PICKLE_BYTES {
-            return Err(format!("pickle longer than {} MiB", MAX_PICKLE_BYTES >> 20));
-        }
         let op = byte(r)?;
-        read += 1;
         let mut pushed: Option<Option<String>> = Some(None);
         match op {
             b'.' => return Ok(()),
@@ -165,12 +159,11 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             0x97 | 0x98 => return Err("pickle uses out-of-band buffers".into()),
             0x82..=0x84 => return Err("pickle uses the copyreg extension registry".into()),
             // Text-line arguments (protocol 0).
-            b'I' | b'L' | b'F' => {
-                read += line(r)?.len() as u64;
+            b'I' | b'L' | b'F' | b'P' => {
+                line(r)?;
             }
             b'S' => {
                 let l = line(r)?;
-                read += l.len() as u64;
                 let t = l.trim_end();
                 pushed = Some(
                     t.strip_prefix('\'')
@@ -181,21 +174,15 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             }
             b'V' => {
                 let l = line(r)?;
-                read += l.len() as u64;
                 pushed = Some(Some(l));
-            }
-            b'P' => {
-                read += line(r)?.len() as u64;
             }
             b'g' => {
                 let l = line(r)?;
-                read += l.len() as u64;
                 let idx = l.trim().parse::<u64>().map_err(|_| "bad GET index")?;
                 pushed = Some(memo.get(&idx).cloned().flatten());
             }
             b'p' => {
                 let l = line(r)?;
-                read += l.len() as u64;
                 let idx = l.trim().parse::<u64>().map_err(|_| "bad PUT index")?;
                 memo.insert(idx, recent[1].clone());
                 pushed = None;
@@ -203,7 +190,6 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             b'c' | b'i' => {
                 let module = line(r)?;
                 let name = line(r)?;
-                read += (module.len() + name.len()) as u64;
                 check_global(&module, &name)?;
             }
             0x93 => match (&recent[0], &recent[1]) {
@@ -211,17 +197,16 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
                 _ => return Err("pickle builds a global from a computed name".into()),
             },
             // Fixed-size arguments.
-            b'J' => read += skip(r, 4)?,
-            b'K' => read += skip(r, 1)?,
-            b'M' => read += skip(r, 2)?,
-            b'G' => read += skip(r, 8)?,
+            b'J' => skip(r, 4)?,
+            b'K' => skip(r, 1)?,
+            b'M' => skip(r, 2)?,
+            b'G' => skip(r, 8)?,
             b'h' | b'j' => {
                 let idx = if op == b'h' {
                     u64::from(byte(r)?)
                 } else {
                     u64::from(u32::from_le_bytes(array(r)?))
                 };
-                read += if op == b'h' { 1 } else { 4 };
                 pushed = Some(memo.get(&idx).cloned().flatten());
             }
             b'q' | b'r' => {
@@ -230,7 +215,6 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
                 } else {
                     u64::from(u32::from_le_bytes(array(r)?))
                 };
-                read += if op == b'q' { 1 } else { 4 };
                 memo.insert(idx, recent[1].clone());
                 pushed = None;
             }
@@ -241,21 +225,19 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             }
             0x80 => {
                 let protocol = byte(r)?;
-                read += 1;
                 if protocol > 5 {
                     return Err(format!("unsupported pickle protocol {protocol}"));
                 }
                 pushed = None;
             }
             0x95 => {
-                read += skip(r, 8)?;
+                skip(r, 8)?;
                 pushed = None;
             }
             // Length-prefixed strings and bytes.
             b'T' | b'X' | b'B' => {
                 let n = u64::from(u32::from_le_bytes(array(r)?));
                 let s = counted(r, n)?;
-                read += 4 + n;
                 if op != b'B' {
                     pushed = Some(s);
                 }
@@ -263,7 +245,6 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             b'U' | b'C' | 0x8c => {
                 let n = u64::from(byte(r)?);
                 let s = counted(r, n)?;
-                read += 1 + n;
                 if op != b'C' {
                     pushed = Some(s);
                 }
@@ -271,19 +252,18 @@ pub fn scan(r: &mut impl BufRead) -> std::result::Result<(), String> {
             0x8d | 0x8e | 0x96 => {
                 let n = u64::from_le_bytes(array(r)?);
                 let s = counted(r, n)?;
-                read += 8 + n;
                 if op == 0x8d {
                     pushed = Some(s);
                 }
             }
             0x8a => {
                 let n = u64::from(byte(r)?);
-                read += 1 + skip(r, n)?;
+                skip(r, n)?;
             }
             0x8b => {
                 let n = i32::from_le_bytes(array(r)?);
                 let n = u64::try_from(n).map_err(|_| "negative LONG4 length")?;
-                read += 4 + skip(r, n)?;
+                skip(r, n)?;
             }
             other => return Err(format!("invalid pickle opcode 0x{other:02x}")),
         }
@@ -334,16 +314,13 @@ fn line(r: &mut impl BufRead) -> std::result::Result<String, String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// Skips `n` bytes; returns `n`.
-fn skip(r: &mut impl BufRead, n: u64) -> std::result::Result<u64, String> {
-    if n > MAX_PICKLE_BYTES {
-        return Err(truncated());
-    }
+/// Skips `n` bytes.
+fn skip(r: &mut impl BufRead, n: u64) -> std::result::Result<(), String> {
     let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).map_err(|_| truncated())?;
     if copied != n {
         return Err(truncated());
     }
-    Ok(n)
+    Ok(())
 }
 
 /// A counted string: its text when short enough to be a global's name, else skipped.
