@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use vlsm::limits::{MAX_IMAGE_BYTES, MAX_WEIGHTS_BYTES, download_cap as cap_for};
-
 const MAX_REDIRECTS: usize = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body must arrive at this rate on average once the timeout's grace period is over.

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 use crate::download;
 
@@ -141,7 +141,8 @@ fn download_into_cache(
     let url = format!("{endpoint}/{model_id}/resolve/main/{file}");
     let blobs = cache.root.join("blobs");
     let incoming = blobs.join(format!("incoming-{}-{file}", std::process::id()));
-    let Some(fetched) = download::get_file(&url, download::cap_for(file), &incoming)? else {
+    let Some(fetched) = download::get_file(&url, vlsm::limits::download_cap(file), &incoming)?
+    else {
         return Ok(None);
     };
     let result = (|| -> Result<PathBuf> {
@@ -158,7 +159,7 @@ fn download_into_cache(
             .filter(|e| is_hex_name(e));
         let etag = match etag {
             Some(e) => e,
-            None => hash_file(&incoming)?,
+            None => crate::share::hash_file(&incoming)?,
         };
         let commit = fetched
             .header("x-repo-commit")
@@ -167,7 +168,7 @@ fn download_into_cache(
             .or_else(|| cache.commit())
             .unwrap_or_else(|| {
                 // A plain file server has no commits: name the snapshot after the URL.
-                let digest = Sha256::digest(format!("{endpoint}/{model_id}").as_bytes());
+                let digest = sha2::Sha256::digest(format!("{endpoint}/{model_id}").as_bytes());
                 vlsm::share::hex(&digest)[..40].to_string()
             });
         let blob = blobs.join(&etag);
@@ -186,13 +187,6 @@ fn download_into_cache(
         let _ = std::fs::remove_file(&incoming);
     }
     result.map(Some)
-}
-
-fn hash_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| path.display().to_string())?;
-    Ok(vlsm::share::hex(&hasher.finalize()))
 }
 
 /// The snapshot entry: a relative symlink to the blob as `huggingface_hub` makes it, or a

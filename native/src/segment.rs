@@ -118,56 +118,45 @@ pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
 pub fn run(args: SegmentArgs) -> Result<()> {
     let mut timings = Timings::new(args.timings);
     let inputs = collect_inputs(&args.images, args.glob.as_deref())?;
-    // Check every image's header before the (slow) model load, so bad input fails at
-    // once. One image: its problem is the error. Several: a bad one is reported and
-    // skipped, the others are segmented, and the exit status says something failed.
-    let single = inputs.len() == 1;
+    // Bad input fails before the (slow) model load. One image: it is decoded now, and its
+    // problem is the error. Several: every header is checked now, a bad image is reported
+    // and skipped, the others are decoded one at a time (so memory holds one), and the
+    // exit status says something failed.
     let mut skipped = 0usize;
-    let mut skip = |path: &Path, e: anyhow::Error| -> Result<()> {
-        let e = e.context(path.display().to_string());
-        if single {
-            return Err(e);
-        }
+    let mut skip = |e: anyhow::Error| {
         eprintln!("warning: skipped {}", format!("{e:#}").replace('\n', " "));
         skipped += 1;
-        Ok(())
     };
-    let mut checked = Vec::new();
-    timings.measure("read images", || -> Result<()> {
-        for input in &inputs {
-            let header = std::fs::read(&input.path)
-                .map_err(anyhow::Error::from)
-                .and_then(|bytes| {
-                    let (w, h) = preprocess::dimensions(&bytes)?;
-                    preprocess::check_pixels(w, h)?;
-                    Ok(bytes)
-                });
-            match header {
-                Ok(bytes) if single => checked.push((input, Some(bytes))),
-                // Several images are read again one at a time, so memory holds one.
-                Ok(_) => checked.push((input, None)),
-                Err(e) => skip(&input.path, e)?,
-            }
+    let (mut first, checked): (Option<image::RgbImage>, Vec<&Input>) = match inputs.as_slice() {
+        [only] => {
+            let image = timings.measure("read images", || read_rgb(&only.path))?;
+            (Some(image), vec![only])
         }
-        Ok(())
-    })?;
-    if checked.is_empty() {
-        bail!("none of the {} images could be read", inputs.len());
-    }
+        several => {
+            let checked = timings.measure("read images", || {
+                several
+                    .iter()
+                    .filter(|input| match check_header(&input.path) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            skip(e);
+                            false
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if checked.is_empty() {
+                bail!("none of the {} images could be read", inputs.len());
+            }
+            (None, checked)
+        }
+    };
     if let Some(path) = &args.save_logits
         && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
     {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("--save-logits: creating {}", parent.display()))?;
     }
-    // A single image is decoded now, so a corrupt one fails before the model loads.
-    let first = match checked.first_mut() {
-        Some((input, bytes @ Some(_))) => {
-            let bytes = bytes.take().unwrap_or_default();
-            Some(preprocess::decode_rgb(&bytes).with_context(|| input.path.display().to_string())?)
-        }
-        _ => None,
-    };
     let device = backend::device(args.backend)?;
     let dir = match &args.weights {
         Some(dir) => dir.clone(),
@@ -193,24 +182,16 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let size = segmenter.input_size();
     let mut all_logits = Vec::new();
     let mut segmented = 0usize;
-    let mut first = first;
-    for (input, _) in &checked {
+    for input in checked {
         let image = match first.take() {
             Some(image) => image,
-            None => {
-                let decoded = timings.measure("read images", || {
-                    std::fs::read(&input.path)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|b| Ok(preprocess::decode_rgb(&b)?))
-                });
-                match decoded {
-                    Ok(image) => image,
-                    Err(e) => {
-                        skip(&input.path, e)?;
-                        continue;
-                    }
+            None => match timings.measure("read images", || read_rgb(&input.path)) {
+                Ok(image) => image,
+                Err(e) => {
+                    skip(e);
+                    continue;
                 }
-            }
+            },
         };
         let name = &input.name;
         let encoded = timings.measure("encode image", || segmenter.encode_image(&image))?;
@@ -267,6 +248,20 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads and decodes an image file (errors name the file).
+fn read_rgb(path: &Path) -> Result<image::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string())
+}
+
+/// Checks that a file is an image within the pixel budget, from its header.
+fn check_header(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    preprocess::dimensions(&bytes)
+        .and_then(|(w, h)| preprocess::check_pixels(w, h))
+        .with_context(|| path.display().to_string())
 }
 
 /// One output folder per image, named after the file (or its path below a searched

@@ -93,7 +93,7 @@ pub fn share(args: ShareArgs) -> Result<()> {
             let mut hasher = Sha256::new();
             download::get(
                 &file_url(&weights_url, "model.safetensors"),
-                download::MAX_WEIGHTS_BYTES,
+                vlsm::limits::MAX_WEIGHTS_BYTES,
                 &mut hasher,
                 |_, _| {},
             )?
@@ -152,7 +152,7 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
             preprocess::decode_rgb(png).context("the link's embedded image")?,
         ),
         ImageSource::Url { name, url } => {
-            let bytes = download::get_bytes(url, download::MAX_IMAGE_BYTES)?
+            let bytes = download::get_bytes(url, vlsm::limits::MAX_IMAGE_BYTES)?
                 .with_context(|| format!("{url}: not found"))?;
             (
                 name.clone(),
@@ -246,7 +246,8 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     Ok(())
 }
 
-fn hash_file(path: &Path) -> Result<String> {
+/// The sha256 of a file's bytes, lowercase hex, read in chunks.
+pub fn hash_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).with_context(|| path.display().to_string())?;
@@ -281,7 +282,8 @@ fn fetch_model(base: &str) -> Result<PathBuf> {
         }
         let url = file_url(base, file);
         eprintln!("downloading {url}");
-        if download::get_file(&url, download::cap_for(file), &path)?.is_none() && required {
+        if download::get_file(&url, vlsm::limits::download_cap(file), &path)?.is_none() && required
+        {
             bail!("{url}: not found (404)");
         }
     }

@@ -6,14 +6,12 @@ mod merge;
 pub mod results;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 use vlsm::burn::tensor::Tensor;
 use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
 use vlsm::metrics::Scores;
@@ -522,19 +520,7 @@ fn weights_sha256(dir: &Path) -> Result<String> {
         .map(|f| dir.join(f))
         .find(|p| p.is_file())
         .with_context(|| format!("{}: no weights file", dir.display()))?;
-    let mut file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("{}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(vlsm::share::hex(&hasher.finalize()))
+    crate::share::hash_file(&path)
 }
 
 /// Reads every annotation file and lists the rows each entry should give, for this shard.
