@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// The activation named by `hidden_act` in a config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Activation {
     /// `x * sigmoid(1.702 x)`, CLIP's own.
     #[serde(rename = "quick_gelu")]
@@ -312,6 +312,9 @@ pub struct PreprocessConfig {
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// CLIP's mean and std, which medvlsm's experiment configs give BiomedCLIPSeg and CRIS.
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl PreprocessConfig {
     /// transformers' `ViTImageProcessor` defaults at the vision tower's own size.

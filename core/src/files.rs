@@ -14,13 +14,15 @@ pub struct DirFiles {
     safetensors: Option<PathBuf>,
     #[cfg_attr(not(feature = "pytorch"), allow(dead_code))]
     pytorch_bin: Option<PathBuf>,
-    optional: [(String, Option<Vec<u8>>); 6],
+    optional: [(String, Option<Vec<u8>>); 7],
 }
 
-const OPTIONAL: [&str; 6] = [
+const OPTIONAL: [&str; 7] = [
     "preprocessor_config.json",
     "tokenizer.json",
     "vocab.json",
+    // BERT's WordPiece vocabulary (BiomedCLIPSeg folders).
+    "vocab.txt",
     "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -29,7 +31,7 @@ const OPTIONAL: [&str; 6] = [
 /// The largest config or tokenizer file read: all of them are read whole into memory.
 fn max_side_file_bytes(name: &str) -> u64 {
     match name {
-        "tokenizer.json" | "vocab.json" | "merges.txt" => 64 << 20,
+        "tokenizer.json" | "vocab.json" | "vocab.txt" | "merges.txt" => 64 << 20,
         _ => 16 << 20,
     }
 }
@@ -104,6 +106,7 @@ impl DirFiles {
             preprocessor_config_json: self.optional("preprocessor_config.json"),
             tokenizer_json: self.optional("tokenizer.json"),
             vocab_json: self.optional("vocab.json"),
+            vocab_txt: self.optional("vocab.txt"),
             merges_txt: self.optional("merges.txt"),
             tokenizer_config_json: self.optional("tokenizer_config.json"),
             special_tokens_map_json: self.optional("special_tokens_map.json"),
@@ -136,3 +139,299 @@ impl DirFiles {
         out
     }
 }
+
+/// BiomedCLIPSeg(-D) from the files medvlsm reads, each in its own folder (a hub repo, or
+/// its mirror or cache snapshot): BiomedCLIP (`open_clip_config.json`, and the towers in
+/// `open_clip_pytorch_model.bin` unless the decoder checkpoint carries them), its BERT repo
+/// (`config.json`; `vocab.txt` + `tokenizer_config.json` from the tokenizer repo), CIDAS's
+/// CLIPSeg repo (`config.json`: the decoder's sizes; its weights are `-D`'s decoder), and a
+/// decoder checkpoint: medvlsm's Lightning `best.ckpt` (or its safetensors), vlsm's own
+/// `model.safetensors`, or any CLIPSeg checkpoint's `decoder.*`.
+#[derive(Debug, Clone)]
+pub struct BiomedSources {
+    pub arch: crate::model::Arch,
+    pub biomedclip: PathBuf,
+    pub bert: PathBuf,
+    pub bert_tokenizer: PathBuf,
+    pub cidas: PathBuf,
+    pub decoder: Option<PathBuf>,
+}
+
+/// A weight file, its key prefix for one part.
+struct Part {
+    file: PathBuf,
+    prefix: String,
+}
+
+impl BiomedSources {
+    /// The checkpoint files the model is built from (what share links and benchmark rows
+    /// hash), towers first.
+    pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        let (towers, decoder) = self.parts()?;
+        let mut files = vec![towers.file];
+        if decoder.file != files[0] {
+            files.push(decoder.file);
+        }
+        Ok(files)
+    }
+
+    fn read_json(dir: &Path, name: &str) -> Result<(Vec<u8>, String)> {
+        let path = dir.join(name);
+        let shown = path.display().to_string();
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() > max_side_file_bytes(name) => Err(Error::Input(format!(
+                "{shown}: {} bytes, more than a {name} may have",
+                meta.len()
+            ))),
+            Ok(_) => Ok((std::fs::read(&path).map_err(|e| Error::io(&path, e))?, shown)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Input(format!(
+                "{}: no {name}",
+                dir.display()
+            ))),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// The three configs and the tokenizer files.
+    fn pipeline(&self) -> Result<crate::segmenter::Pipeline> {
+        use crate::model::biomedclipseg::BiomedClipSegConfig;
+        let (open_clip, oc_name) = Self::read_json(&self.biomedclip, "open_clip_config.json")?;
+        let (bert, bert_name) = Self::read_json(&self.bert, "config.json")?;
+        let (decoder, dec_name) = Self::read_json(&self.cidas, "config.json")?;
+        let config = BiomedClipSegConfig::from_parts(
+            self.arch,
+            &open_clip,
+            &bert,
+            &decoder,
+            [&oc_name, &bert_name, &dec_name],
+        )?;
+        let (vocab, _) = Self::read_json(&self.bert_tokenizer, "vocab.txt").map_err(|_| {
+            Error::Input(format!(
+                "{}: no vocab.txt (BiomedCLIP's BERT tokenizer is read from its BERT repository)",
+                self.bert_tokenizer.display()
+            ))
+        })?;
+        let tokenizer_config = Self::read_json(&self.bert_tokenizer, "tokenizer_config.json")
+            .ok()
+            .map(|(b, _)| b);
+        crate::segmenter::Pipeline::biomedclipseg(config, &vocab, tokenizer_config.as_deref())
+    }
+
+    /// Where the towers and the decoder are read from.
+    fn parts(&self) -> Result<(Part, Part)> {
+        let decoder = match (&self.decoder, self.arch) {
+            (Some(file), _) => file.clone(),
+            (None, crate::model::Arch::BiomedClipSegD) => {
+                ["model.safetensors", "pytorch_model.bin"]
+                    .map(|n| self.cidas.join(n))
+                    .into_iter()
+                    .find(|p| p.is_file())
+                    .ok_or_else(|| {
+                        Error::Input(format!(
+                            "{}: no model.safetensors or pytorch_model.bin (BiomedCLIPSeg-D takes CIDAS's decoder from it)",
+                            self.cidas.display()
+                        ))
+                    })?
+            }
+            (None, _) => {
+                return Err(Error::Input(
+                    "BiomedCLIPSeg has no trained decoder (the study starts it random): pass a \
+                     fine-tuned one (--weights best.ckpt or a `vlsm train` export), train one \
+                     with `vlsm train`, or use --arch biomedclipseg-d for CIDAS's decoder"
+                        .into(),
+                ));
+            }
+        };
+        let w = open_weights(&decoder)?;
+        let decoder_prefix = ["net.decoder", "decoder"]
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}.film_mul.weight")))
+            .ok_or_else(|| {
+                Error::Weights(format!(
+                    "{}: holds no CLIPSeg decoder (no decoder.film_mul.weight or net.decoder.film_mul.weight){}",
+                    decoder.display(),
+                    if w.has_prefix("neck.") || w.has_prefix("net.neck.") {
+                        " — it is a CRIS checkpoint"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+        let towers = ["net.biomedclip.", ""]
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}visual.trunk.cls_token")));
+        let towers = match towers {
+            Some(prefix) => Part {
+                file: decoder.clone(),
+                prefix: prefix.into(),
+            },
+            None => self.towers_only()?,
+        };
+        Ok((
+            towers,
+            Part {
+                file: decoder,
+                prefix: decoder_prefix.into(),
+            },
+        ))
+    }
+
+    /// Loads the model.
+    pub fn load(&self, device: &burn::tensor::Device) -> Result<crate::Segmenter> {
+        use crate::model::biomedclipseg::BiomedWeights;
+        use crate::model::{BiomedClipSeg, Model};
+        let pipeline = self.pipeline()?;
+        let crate::segmenter::ModelConfig::BiomedClipSeg(cfg) = &pipeline.config else {
+            unreachable!("a BiomedCLIPSeg pipeline");
+        };
+        let (towers, decoder) = self.parts()?;
+        let tw = open_weights(&towers.file)?;
+        let separate = (decoder.file != towers.file)
+            .then(|| open_weights(&decoder.file))
+            .transpose()?;
+        let dw = separate.as_ref().unwrap_or(&tw);
+        let model = BiomedClipSeg::load(
+            cfg,
+            &BiomedWeights {
+                towers: &tw,
+                towers_prefix: &towers.prefix,
+                decoder: dw,
+                decoder_prefix: &decoder.prefix,
+            },
+            device,
+        )?;
+        let tower_key = |key: &str| {
+            key.strip_prefix(towers.prefix.as_str())
+                .is_some_and(|k| BiomedClipSeg::unused_tower_key(cfg, k))
+        };
+        tw.check_unused(tower_key)?;
+        if let Some(dw) = &separate {
+            // A CLIPSeg checkpoint: only its decoder is used.
+            dw.check_unused(|key| {
+                key.starts_with("clip.") || key.ends_with("position_ids") || tower_key(key)
+            })?;
+        }
+        Ok(crate::Segmenter::new(
+            Model::BiomedClipSeg(model),
+            pipeline,
+            device,
+        ))
+    }
+
+    /// Writes vlsm's BiomedCLIPSeg folder (what the browser loads, and what `--weights DIR`
+    /// reads back): `config.json` holding the three configs, the BERT tokenizer files, and one
+    /// `model.safetensors` with the towers under the hub's keys and the decoder under
+    /// `decoder.` — `trained` decoder tensors (HF names) replacing the source's.
+    pub fn write_folder(
+        &self,
+        out: &Path,
+        fp16: bool,
+        trained: Option<Vec<crate::model::layers::NamedTensor>>,
+    ) -> Result<()> {
+        use crate::model::BiomedClipSeg;
+        let pipeline = self.pipeline()?;
+        let crate::segmenter::ModelConfig::BiomedClipSeg(cfg) = &pipeline.config else {
+            unreachable!("a BiomedCLIPSeg pipeline");
+        };
+        let mut cfg = cfg.clone();
+        if trained.is_some() {
+            cfg.arch = crate::model::Arch::BiomedClipSeg;
+        }
+        // A fresh decoder (training from scratch) needs no decoder file.
+        let (towers, decoder) = match (&trained, self.parts()) {
+            (Some(_), Err(_)) if self.decoder.is_none() => (self.towers_only()?, None),
+            (_, parts) => {
+                let (t, d) = parts?;
+                (t, Some(d))
+            }
+        };
+        let tw = open_weights(&towers.file)?;
+        let mut tensors = Vec::new();
+        for key in tw.keys() {
+            let Some(name) = key.strip_prefix(towers.prefix.as_str()) else {
+                continue;
+            };
+            if name.starts_with("decoder.")
+                || name.starts_with("net.")
+                || BiomedClipSeg::unused_tower_key(&cfg, name)
+            {
+                continue;
+            }
+            let shape = tw.shape(key).expect("listed key").to_vec();
+            tensors.push((name.to_string(), shape.clone(), tw.read_f32(key, &shape)?));
+        }
+        match trained {
+            Some(trained) => tensors.extend(trained),
+            None => {
+                let decoder = decoder.expect("a decoder part without trained tensors");
+                let dw = open_weights(&decoder.file)?;
+                let prefix = format!("{}.", decoder.prefix);
+                for key in dw.keys() {
+                    if let Some(rest) = key.strip_prefix(prefix.as_str()) {
+                        let shape = dw.shape(key).expect("listed key").to_vec();
+                        tensors.push((format!("decoder.{rest}"), shape.clone(), dw.read_f32(key, &shape)?));
+                    }
+                }
+            }
+        }
+        let bytes = crate::weights::write_safetensors(&tensors, fp16)?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        write_synced(&out.join("config.json"), &cfg.to_vlsm_json())?;
+        for name in ["vocab.txt", "tokenizer_config.json"] {
+            if let Ok((bytes, _)) = Self::read_json(&self.bert_tokenizer, name) {
+                write_synced(&out.join(name), &bytes)?;
+            }
+        }
+        write_synced(&out.join("model.safetensors"), &bytes)
+    }
+
+    /// The towers alone, from the BiomedCLIP repo.
+    fn towers_only(&self) -> Result<Part> {
+        Ok(Part {
+            file: ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+                .map(|n| self.biomedclip.join(n))
+                .into_iter()
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "{}: no open_clip_pytorch_model.bin (BiomedCLIP's towers)",
+                        self.biomedclip.display()
+                    ))
+                })?,
+            prefix: String::new(),
+        })
+    }
+}
+
+/// A checkpoint file by its format: safetensors, else a PyTorch pickle (`.bin`, `.pt`,
+/// `.ckpt`).
+pub fn open_weights(path: &Path) -> Result<Weights<'static>> {
+    let mut head = [0u8; 9];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| Error::io(path, e))?;
+    // safetensors starts with a u64 header length and `{`.
+    if n == 9 && head[8] == b'{' {
+        return Weights::from_safetensors_file(path);
+    }
+    #[cfg(feature = "pytorch")]
+    {
+        Weights::from_pytorch_file(path)
+    }
+    #[cfg(not(feature = "pytorch"))]
+    Err(Error::Input(format!(
+        "{}: not safetensors, and this build cannot read PyTorch checkpoints (feature `pytorch`)",
+        path.display()
+    )))
+}
+
+/// Writes a file through a temporary name, synced, then renamed into place.
+pub fn write_synced(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+

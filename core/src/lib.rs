@@ -29,7 +29,9 @@ pub mod weights;
 pub use burn;
 pub use config::{ClipSegConfig, PreprocessConfig};
 pub use error::{Error, Result};
-pub use model::ClipSeg;
-pub use segmenter::{EmbeddedPrompts, EncodedImage, Logits, ModelFiles, Pipeline, Segmenter};
-pub use tokenize::{ClipTokenizer, TokenizedPrompt};
+pub use model::{Arch, BiomedClipSeg, ClipSeg, Model};
+pub use segmenter::{
+    EmbeddedPrompts, EncodedImage, Logits, ModelConfig, ModelFiles, Pipeline, Segmenter,
+};
+pub use tokenize::{PromptTokenizer, TokenizedPrompt};
 pub use weights::Weights;

@@ -53,8 +53,38 @@ const DTYPES: &[&str] = &[
     "complex128",
 ];
 
+/// Training checkpoints (Lightning's `best.ckpt`) also pickle the run's loss, optimizer and
+/// scheduler objects beside the `state_dict`. vlsm reads `state_dict` only and never builds
+/// these, so the classes below may be named; they are plain classes whose construction
+/// takes data, never a callable, and anything not listed (`os.system`, `builtins.eval`,
+/// `subprocess.*`, …) is still refused. `functools.partial` is harmless here because every
+/// callable it could wrap must itself pass this list.
+fn is_training_extra(module: &str, name: &str) -> bool {
+    let class_name = !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    matches!(
+        (module, name),
+        ("functools", "partial")
+            | ("builtins" | "__builtin__", "set" | "frozenset" | "slice" | "complex")
+            | ("collections", "defaultdict" | "deque")
+            | ("torch", "device" | "dtype")
+            | ("numpy.core.multiarray" | "numpy._core.multiarray", "scalar" | "_reconstruct")
+            | ("numpy", "dtype" | "ndarray")
+    ) || (class_name
+        && (module.starts_with("monai.losses")
+            || module.starts_with("monai.utils")
+            || module == "torch.nn.modules.loss"
+            || module.starts_with("torch.optim")
+            || module == "pytorch_lightning.utilities.parsing"
+            || module == "lightning.pytorch.utilities.parsing"
+            || module == "lightning_fabric.utilities.data"
+            || module.starts_with("omegaconf")))
+}
+
 fn is_allowed(module: &str, name: &str) -> bool {
     ALLOWED.contains(&(module, name))
+        || is_training_extra(module, name)
         || (module == "torch"
             && (DTYPES.contains(&name)
                 || (name.ends_with("Storage")
@@ -284,7 +314,8 @@ fn check_global(module: &str, name: &str) -> std::result::Result<(), String> {
         .collect();
     Err(format!(
         "refuses pickle global {shown}: a weight file may only name the globals that rebuild \
-         tensors (torch._utils._rebuild_tensor_v2, torch.*Storage, collections.OrderedDict, …)"
+         tensors (torch._utils._rebuild_tensor_v2, torch.*Storage, collections.OrderedDict, …) \
+         and a training checkpoint's loss/optimizer classes"
     ))
 }
 
@@ -357,6 +388,25 @@ mod tests {
         // A name built at run time (not a literal string) is refused.
         let e = scan_bytes(b"\x80\x04K\x01K\x02\x93.").unwrap_err();
         assert!(e.contains("computed"), "{e}");
+        // A Lightning checkpoint's extras are named, not run: allowed.
+        for (m, n) in [
+            ("functools", "partial"),
+            ("monai.losses.dice", "DiceCELoss"),
+            ("torch.optim.adamw", "AdamW"),
+            ("torch.optim.lr_scheduler", "ReduceLROnPlateau"),
+            ("__builtin__", "set"),
+        ] {
+            check_global(m, n).unwrap();
+        }
+        for (m, n) in [
+            ("builtins", "eval"),
+            ("builtins", "getattr"),
+            ("subprocess", "Popen"),
+            ("torch.optim", "os_system"),
+            ("monai.losses", "__import__"),
+        ] {
+            assert!(check_global(m, n).is_err(), "{m}.{n}");
+        }
         assert!(
             scan_bytes(b"\x80\x04\x8c\x05")
                 .unwrap_err()

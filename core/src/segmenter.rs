@@ -6,12 +6,15 @@ use image::RgbImage;
 
 use crate::config::{ClipSegConfig, PreprocessConfig};
 use crate::error::{Error, Result};
-use crate::model::clipseg::{ClipSeg, ImageFeatures, pixels_tensor};
+use crate::model::biomedclipseg::{BiomedClipSegConfig, BiomedWeights};
+use crate::model::clipseg::{ClipSeg, DecoderConfig, ImageFeatures, pixels_tensor};
+use crate::model::{Arch, BiomedClipSeg, Model};
 use crate::preprocess;
-use crate::tokenize::{ClipTokenizer, TokenizedPrompt, TokenizerSettings};
+use crate::tokenize::{PromptTokenizer, TokenizedPrompt, TokenizerSettings};
 use crate::weights::Weights;
 
-/// The files of a Hugging Face CLIPSeg checkpoint, as bytes.
+/// The files of a model folder, as bytes: a Hugging Face CLIPSeg checkpoint, or vlsm's
+/// BiomedCLIPSeg folder (`config.json` with `"model_type": "biomedclipseg"`, `vocab.txt`).
 #[derive(Default, Clone, Copy)]
 pub struct ModelFiles<'a> {
     pub config_json: &'a [u8],
@@ -20,20 +23,112 @@ pub struct ModelFiles<'a> {
     pub preprocessor_config_json: Option<&'a [u8]>,
     pub tokenizer_json: Option<&'a [u8]>,
     pub vocab_json: Option<&'a [u8]>,
+    /// BERT's `vocab.txt` (BiomedCLIPSeg).
+    pub vocab_txt: Option<&'a [u8]>,
     pub merges_txt: Option<&'a [u8]>,
     pub tokenizer_config_json: Option<&'a [u8]>,
     pub special_tokens_map_json: Option<&'a [u8]>,
 }
 
+/// A model's configuration, by family.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    ClipSeg(ClipSegConfig),
+    BiomedClipSeg(BiomedClipSegConfig),
+}
+
+impl ModelConfig {
+    pub fn arch(&self) -> Arch {
+        match self {
+            ModelConfig::ClipSeg(_) => Arch::ClipSeg,
+            ModelConfig::BiomedClipSeg(c) => c.arch,
+        }
+    }
+
+    pub fn decoder(&self) -> DecoderConfig {
+        match self {
+            ModelConfig::ClipSeg(c) => DecoderConfig::of(c),
+            ModelConfig::BiomedClipSeg(c) => c.decoder.clone(),
+        }
+    }
+
+    /// The family `config.json` declares (`model_type`; CLIPSeg when absent).
+    pub fn arch_of_json(json: &[u8]) -> Result<Arch> {
+        let v: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| Error::Config(format!("config.json: not valid JSON ({e})")))?;
+        match v.get("model_type").and_then(serde_json::Value::as_str) {
+            None => Ok(Arch::ClipSeg),
+            Some(name) => Arch::from_name(name).ok_or_else(|| {
+                Error::Config(format!(
+                    "config.json: model_type `{name}` is not a model vlsm runs ({})",
+                    Arch::ALL.map(Arch::name).join(", ")
+                ))
+            }),
+        }
+    }
+}
+
 /// Everything besides the weights: config, preprocessing, tokenizer.
 pub struct Pipeline {
-    pub config: ClipSegConfig,
+    pub config: ModelConfig,
     pub preprocess: PreprocessConfig,
-    pub tokenizer: ClipTokenizer,
+    pub tokenizer: PromptTokenizer,
 }
 
 impl Pipeline {
     pub fn from_files(files: &ModelFiles) -> Result<Self> {
+        match ModelConfig::arch_of_json(files.config_json)? {
+            Arch::ClipSeg => Self::clipseg(files),
+            _ => {
+                let config = BiomedClipSegConfig::from_vlsm_json(files.config_json)?;
+                let vocab = files.vocab_txt.ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "{} needs BERT's vocab.txt beside its config.json",
+                        config.arch.display_name()
+                    ))
+                })?;
+                Self::biomedclipseg(config, vocab, files.tokenizer_config_json)
+            }
+        }
+    }
+
+    /// BiomedCLIPSeg's pipeline: BERT WordPiece from `vocab.txt` (`do_lower_case` from
+    /// `tokenizer_config.json`, default true), plain bilinear resize to the ViT's size, CLIP
+    /// mean/std, as medvlsm's experiment configs.
+    pub fn biomedclipseg(
+        config: BiomedClipSegConfig,
+        vocab_txt: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+    ) -> Result<Self> {
+        let lowercase = match tokenizer_config_json {
+            None => true,
+            Some(json) => {
+                let v: serde_json::Value = serde_json::from_slice(json)
+                    .map_err(|e| Error::Tokenizer(format!("tokenizer_config.json: {e}")))?;
+                v.get("do_lower_case")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true)
+            }
+        };
+        let tokenizer =
+            PromptTokenizer::from_bert_vocab(vocab_txt, lowercase, config.context_length())?;
+        let preprocess = PreprocessConfig {
+            size: config.vit.img_size,
+            do_resize: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: crate::config::CLIP_MEAN,
+            image_std: crate::config::CLIP_STD,
+        };
+        Ok(Self {
+            config: ModelConfig::BiomedClipSeg(config),
+            preprocess,
+            tokenizer,
+        })
+    }
+
+    fn clipseg(files: &ModelFiles) -> Result<Self> {
         let config = ClipSegConfig::from_json(files.config_json)?;
         let preprocess = match files.preprocessor_config_json {
             Some(json) => PreprocessConfig::from_json(json, &config.vision_config)?,
@@ -48,9 +143,17 @@ impl Pipeline {
         }
         let max_len = config.text_config.max_position_embeddings;
         let tokenizer = match (files.tokenizer_json, files.vocab_json, files.merges_txt) {
-            (Some(json), _, _) => ClipTokenizer::from_tokenizer_json(json, &settings, max_len)?,
+            (Some(json), _, _) => PromptTokenizer::from_tokenizer_json(json, &settings, max_len)
+                .map_err(|e| Error::Tokenizer(format!("CLIPSeg needs CLIP's BPE tokenizer: {e}")))?,
             (None, Some(vocab), Some(merges)) => {
-                ClipTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
+                PromptTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
+            }
+            _ if files.vocab_txt.is_some() => {
+                return Err(Error::Tokenizer(
+                    "vocab.txt is a BERT WordPiece vocabulary, but config.json is CLIPSeg's, \
+                     which needs CLIP's BPE (tokenizer.json, or vocab.json and merges.txt)"
+                        .into(),
+                ));
             }
             _ => {
                 return Err(Error::Tokenizer(
@@ -59,10 +162,14 @@ impl Pipeline {
             }
         };
         Ok(Self {
-            config,
+            config: ModelConfig::ClipSeg(config),
             preprocess,
             tokenizer,
         })
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.config.arch()
     }
 }
 
@@ -103,9 +210,9 @@ impl Logits {
     }
 }
 
-/// A loaded CLIPSeg model with its tokenizer and preprocessing, on one device.
+/// A loaded model with its tokenizer and preprocessing, on one device.
 pub struct Segmenter {
-    pub model: ClipSeg,
+    pub model: Model,
     pub pipeline: Pipeline,
     pub device: Device,
 }
@@ -118,23 +225,60 @@ impl Segmenter {
         Self::from_weights(pipeline, &weights, device)
     }
 
+    /// Builds the model from one checkpoint holding all of it: a CLIPSeg checkpoint, or
+    /// vlsm's BiomedCLIPSeg folder (towers under the hub's keys, decoder under `decoder.`).
     pub fn from_weights(pipeline: Pipeline, weights: &Weights, device: &Device) -> Result<Self> {
-        let model = ClipSeg::load(&pipeline.config, weights, pipeline.preprocess.size, device)?;
-        Ok(Self {
+        let model = match &pipeline.config {
+            ModelConfig::ClipSeg(cfg) => Model::ClipSeg(ClipSeg::load(
+                cfg,
+                weights,
+                pipeline.preprocess.size,
+                device,
+            )?),
+            ModelConfig::BiomedClipSeg(cfg) => {
+                let model = BiomedClipSeg::load(
+                    cfg,
+                    &BiomedWeights {
+                        towers: weights,
+                        towers_prefix: "",
+                        decoder: weights,
+                        decoder_prefix: "decoder",
+                    },
+                    device,
+                )?;
+                weights.check_unused(|key| BiomedClipSeg::unused_tower_key(cfg, key))?;
+                Model::BiomedClipSeg(model)
+            }
+        };
+        Ok(Self::new(model, pipeline, device))
+    }
+
+    pub fn new(model: Model, pipeline: Pipeline, device: &Device) -> Self {
+        Self {
             model,
             pipeline,
             device: device.clone(),
-        })
+        }
     }
 
-    /// Loads a Hugging Face model directory: `config.json`, `model.safetensors` or
-    /// `pytorch_model.bin`, tokenizer files, optional `preprocessor_config.json`.
+    /// Loads a model directory: a Hugging Face CLIPSeg checkpoint (`config.json`,
+    /// `model.safetensors` or `pytorch_model.bin`, tokenizer files, optional
+    /// `preprocessor_config.json`) or vlsm's BiomedCLIPSeg folder.
     #[cfg(feature = "std")]
     pub fn from_dir(dir: &std::path::Path, device: &Device) -> Result<Self> {
         let dir_files = crate::files::DirFiles::read(dir)?;
         let pipeline = Pipeline::from_files(&dir_files.model_files())?;
         let weights = dir_files.weights()?;
         Self::from_weights(pipeline, &weights, device)
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.pipeline.arch()
+    }
+
+    /// The study's threshold for this model.
+    pub fn default_threshold(&self) -> f32 {
+        self.arch().default_threshold()
     }
 
     pub fn input_size(&self) -> usize {

@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
+const BERT_CLS: &str = "[CLS]";
+const BERT_SEP: &str = "[SEP]";
+const BERT_PAD: &str = "[PAD]";
+const BERT_UNK: &str = "[UNK]";
 
 /// A prompt as model input: `ids` and `attention_mask`, both `max_length` long.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +32,10 @@ impl TokenizedPrompt {
     }
 }
 
-/// CLIP BPE with BOS/EOS, truncation and padding.
+/// A prompt tokenizer: CLIP BPE (CLIPSeg) or BERT WordPiece (BiomedCLIPSeg), with its
+/// begin/end tokens (BOS/EOS, [CLS]/[SEP]), truncation and padding to a fixed length.
 #[derive(Clone)]
-pub struct ClipTokenizer {
+pub struct PromptTokenizer {
     inner: Tokenizer,
     bos: u32,
     eos: u32,
@@ -38,9 +43,9 @@ pub struct ClipTokenizer {
     max_length: usize,
 }
 
-impl std::fmt::Debug for ClipTokenizer {
+impl std::fmt::Debug for PromptTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
+        f.debug_struct("PromptTokenizer")
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("pad", &self.pad)
@@ -81,7 +86,7 @@ impl TokenizerSettings {
     }
 }
 
-impl ClipTokenizer {
+impl PromptTokenizer {
     /// From a `tokenizer.json` (the `tokenizers` crate's own format).
     pub fn from_tokenizer_json(
         json: &[u8],
@@ -152,7 +157,61 @@ impl ClipTokenizer {
         Self::new(inner, settings, max_length)
     }
 
-    fn new(mut inner: Tokenizer, settings: &TokenizerSettings, max_length: usize) -> Result<Self> {
+    /// BERT's uncased WordPiece from `vocab.txt` (one token per line, the line number its
+    /// id), as transformers' `BertTokenizer` with `do_lower_case` runs it: clean the text,
+    /// split CJK characters, lowercase and strip accents, split on whitespace and
+    /// punctuation, greedy longest-match pieces with `##`; [CLS] … [SEP], padded with [PAD]
+    /// to `max_length` (BiomedCLIPSeg: 256).
+    pub fn from_bert_vocab(vocab_txt: &[u8], lowercase: bool, max_length: usize) -> Result<Self> {
+        let text = std::str::from_utf8(vocab_txt)
+            .map_err(|_| Error::Tokenizer("vocab.txt is not UTF-8".into()))?;
+        let mut vocab = serde_json::Map::new();
+        // transformers keeps the last id of a repeated token.
+        // Python's `readlines()`: the text after the last newline is a line only if non-empty.
+        let lines = text.strip_suffix('\n').unwrap_or(text);
+        for (id, token) in lines.split('\n').enumerate() {
+            vocab.insert(token.to_string(), json!(id));
+        }
+        for special in [BERT_CLS, BERT_SEP, BERT_PAD, BERT_UNK] {
+            if !vocab.contains_key(special) {
+                return Err(Error::Tokenizer(format!("vocab.txt has no `{special}` token")));
+            }
+        }
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                           "handle_chinese_chars": true, "strip_accents": null,
+                           "lowercase": lowercase},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordPiece", "unk_token": BERT_UNK,
+                      "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+                      "vocab": vocab}
+        });
+        let bytes = serde_json::to_vec(&spec).expect("a JSON value serialises");
+        let inner = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::Tokenizer(format!("vocab.txt: {e}")))?;
+        let settings = TokenizerSettings {
+            pad_token: Some(BERT_PAD.into()),
+            model_max_length: None,
+        };
+        Self::with_specials(inner, [BERT_CLS, BERT_SEP], &settings, max_length)
+    }
+
+    fn new(inner: Tokenizer, settings: &TokenizerSettings, max_length: usize) -> Result<Self> {
+        Self::with_specials(inner, [START_OF_TEXT, END_OF_TEXT], settings, max_length)
+    }
+
+    fn with_specials(
+        mut inner: Tokenizer,
+        [begin, end]: [&str; 2],
+        settings: &TokenizerSettings,
+        max_length: usize,
+    ) -> Result<Self> {
         // Truncation and padding are ours to do (below), whatever the file says.
         inner
             .with_truncation(None)
@@ -163,9 +222,9 @@ impl ClipTokenizer {
                 .token_to_id(tok)
                 .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no `{tok}` token")))
         };
-        let bos = id(START_OF_TEXT)?;
-        let eos = id(END_OF_TEXT)?;
-        let pad = id(settings.pad_token.as_deref().unwrap_or(END_OF_TEXT))?;
+        let bos = id(begin)?;
+        let eos = id(end)?;
+        let pad = id(settings.pad_token.as_deref().unwrap_or(end))?;
         let max_length = settings
             .model_max_length
             .unwrap_or(max_length)

@@ -785,15 +785,7 @@ pub fn export_model(
     write_synced(&out.join("model.safetensors"), &bytes)
 }
 
-/// Writes a file through a temporary name, synced, then renamed into place.
-pub fn write_synced(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+pub use crate::files::write_synced;
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
+/// Where a Lightning checkpoint keeps the model's tensors (pytorch-reader flattens nested
+/// dicts with dots).
+#[cfg(feature = "pytorch")]
+const LIGHTNING_STATE_DICT: &str = "state_dict.";
+
 /// Element types a checkpoint may store floats in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -122,6 +127,20 @@ impl<'a> Weights<'a> {
                 },
             );
         }
+        // A training checkpoint (Lightning's `best.ckpt`) holds the weights under
+        // `state_dict`, beside optimizer state and hyper-parameters: keep `state_dict` only.
+        if entries.keys().any(|k| k.starts_with(LIGHTNING_STATE_DICT)) {
+            fn strip<V>(map: BTreeMap<String, V>) -> BTreeMap<String, V> {
+                map.into_iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix(LIGHTNING_STATE_DICT)
+                            .map(|rest| (rest.to_string(), v))
+                    })
+                    .collect()
+            }
+            entries = strip(entries);
+            non_float = strip(non_float);
+        }
         let mut weights = Weights::new(entries, &source);
         weights.non_float = non_float;
         Ok(weights)
@@ -209,6 +228,19 @@ impl<'a> Weights<'a> {
     }
 
     /// All float tensor names in the checkpoint.
+    /// What the checkpoint is called in error messages (its path).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether some float tensor's key starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.entries
+            .range(prefix.to_string()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix))
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }

@@ -4,12 +4,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use sha2::{Digest, Sha256};
-use vlsm::tokenize::{ClipTokenizer, TokenizerSettings};
+use vlsm::tokenize::{PromptTokenizer, TokenizerSettings};
 use vlsm_tests::{fixture, shared};
 
-fn from_vocab_merges() -> ClipTokenizer {
+fn from_vocab_merges() -> PromptTokenizer {
     let dir = fixture("tokenizer");
-    ClipTokenizer::from_vocab_merges(
+    PromptTokenizer::from_vocab_merges(
         &std::fs::read(dir.join("vocab.json")).unwrap(),
         &std::fs::read(dir.join("merges.txt")).unwrap(),
         &TokenizerSettings::default(),
@@ -18,9 +18,9 @@ fn from_vocab_merges() -> ClipTokenizer {
     .unwrap()
 }
 
-fn from_tokenizer_json() -> ClipTokenizer {
+fn from_tokenizer_json() -> PromptTokenizer {
     let json = std::fs::read(shared("fixtures/tokenizer/tokenizer.json")).unwrap();
-    ClipTokenizer::from_tokenizer_json(&json, &TokenizerSettings::default(), 77).unwrap()
+    PromptTokenizer::from_tokenizer_json(&json, &TokenizerSettings::default(), 77).unwrap()
 }
 
 fn hex16(bytes: &[u8]) -> String {

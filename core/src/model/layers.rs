@@ -29,6 +29,27 @@ pub fn linear(
     Ok(Linear { weight, bias })
 }
 
+/// A `Linear` from a PyTorch `[d_out, d_in]` weight held in memory (e.g. one third of a
+/// fused qkv projection) and its bias.
+pub fn linear_from_rows(
+    rows: &[f32],
+    bias: Option<&[f32]>,
+    d_in: usize,
+    d_out: usize,
+    device: &Device,
+) -> Linear {
+    let weight = crate::weights::transpose(rows, d_out, d_in);
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(weight, [d_in, d_out]),
+            device,
+        )),
+        bias: bias.map(|b| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(b.to_vec(), [d_out]), device))
+        }),
+    }
+}
+
 /// `nn.LayerNorm(d, eps)` at `{prefix}.weight` / `{prefix}.bias`.
 pub fn layer_norm(
     w: &Weights,
@@ -215,11 +236,11 @@ impl TransformerLayer {
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 
-    /// Post-norm: `ln1(x + attn(x))`, then `ln2(x + mlp(x))` (the CLIPSeg decoder).
-    pub fn forward_post_norm(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Post-norm: `ln1(x + attn(x))`, then `ln2(x + mlp(x))` (the CLIPSeg decoder, BERT).
+    pub fn forward_post_norm(&self, x: Tensor<3>, key_mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
         let x = self
             .layer_norm1
-            .forward(x.clone() + self.self_attn.forward(x, None, false));
+            .forward(x.clone() + self.self_attn.forward(x, key_mask, false));
         self.layer_norm2.forward(x.clone() + self.mlp.forward(x))
     }
 }

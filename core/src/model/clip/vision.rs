@@ -2,15 +2,21 @@
 //! keys under `clip.vision_model.`): patch embedding, class token, position embeddings
 //! (bicubically resized once for the model's input size), pre-LayerNorm, pre-norm blocks.
 //! Only the blocks up to the deepest one the decoder taps are loaded and run.
+//!
+//! timm's `VisionTransformer` (BiomedCLIP's image tower, keys under `visual.trunk.`) is the
+//! same network with a biased patch embedding, no pre-LayerNorm and a fused qkv projection:
+//! [`VisionTransformer::load_timm`] loads it into the same blocks.
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::config::VisionConfig;
+use crate::config::{Activation, VisionConfig};
 use crate::error::{Error, Result};
+use crate::model::biomedclipseg::TimmVitConfig;
 use crate::model::layers::{
-    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, named, values,
+    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, export_norm, layer_norm,
+    linear, linear_from_rows, named, values,
 };
 use crate::weights::Weights;
 
@@ -21,7 +27,8 @@ pub struct VisionTransformer {
     pub patch_embedding: Linear,
     /// Position embeddings for [`Self::input_size`], class row first: `[1 + g², D]`.
     pub position_embedding: Param<Tensor<2>>,
-    pub pre_layrnorm: LayerNorm,
+    /// CLIP's `pre_layrnorm`; timm ViTs have none (`norm_pre` is Identity).
+    pub pre_layrnorm: Option<LayerNorm>,
     pub layers: Vec<TransformerLayer>,
     pub patch_size: usize,
     pub num_channels: usize,
@@ -86,17 +93,67 @@ impl VisionTransformer {
                 TensorData::new(positions, [new_grid * new_grid + 1, d]),
                 device,
             )),
-            pre_layrnorm: layer_norm(
+            pre_layrnorm: Some(layer_norm(
                 w,
                 &format!("{prefix}.pre_layrnorm"),
                 d,
                 cfg.layer_norm_eps,
                 device,
-            )?,
+            )?),
             layers,
             patch_size: p,
             num_channels: c,
             input_size,
+        })
+    }
+
+    /// Loads a timm `VisionTransformer` (`{prefix}.cls_token`, `.pos_embed`,
+    /// `.patch_embed.proj`, `.blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`):
+    /// its first `num_layers` blocks, for inputs of the size it was built for (timm does not
+    /// resize its position table, and neither does medvlsm).
+    pub fn load_timm(
+        w: &Weights,
+        prefix: &str,
+        cfg: &TimmVitConfig,
+        num_layers: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let (d, p, c, s) = (cfg.embed_dim, cfg.patch_size, 3, cfg.img_size);
+        let k = c * p * p;
+        let conv = w.read_f32(&format!("{prefix}.patch_embed.proj.weight"), &[d, c, p, p])?;
+        let grid = s / p;
+        let positions = w.read_f32(&format!("{prefix}.pos_embed"), &[1, grid * grid + 1, d])?;
+        let shape = LayerShape {
+            hidden: d,
+            heads: cfg.num_heads,
+            intermediate: cfg.mlp_hidden(),
+            act: Activation::Gelu,
+            eps: cfg.layer_norm_eps,
+        };
+        let layers = (0..num_layers)
+            .map(|i| load_timm_block(w, &format!("{prefix}.blocks.{i}"), shape, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            class_embedding: Param::from_tensor(Tensor::from_data(
+                TensorData::new(w.read_f32(&format!("{prefix}.cls_token"), &[1, 1, d])?, [d]),
+                device,
+            )),
+            patch_embedding: linear_from_rows(
+                &conv,
+                Some(&w.read_f32(&format!("{prefix}.patch_embed.proj.bias"), &[d])?),
+                k,
+                d,
+                device,
+            ),
+            position_embedding: Param::from_tensor(Tensor::from_data(
+                TensorData::new(positions, [grid * grid + 1, d]),
+                device,
+            )),
+            pre_layrnorm: None,
+            layers,
+            patch_size: p,
+            num_channels: c,
+            input_size: s,
         })
     }
 
@@ -119,11 +176,9 @@ impl VisionTransformer {
             vec![d, c, p, p],
             conv,
         ));
-        export_norm(
-            &mut out,
-            &format!("{prefix}.pre_layrnorm"),
-            &self.pre_layrnorm,
-        )?;
+        if let Some(norm) = &self.pre_layrnorm {
+            export_norm(&mut out, &format!("{prefix}.pre_layrnorm"), norm)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             layer.export(&format!("{prefix}.encoder.layers.{i}"), &mut out)?;
         }
@@ -153,7 +208,10 @@ impl VisionTransformer {
             .repeat_dim(0, b);
         let tokens =
             Tensor::cat(vec![class, patches], 1) + self.position_embedding.val().unsqueeze_dim(0);
-        Ok(self.pre_layrnorm.forward(tokens))
+        Ok(match &self.pre_layrnorm {
+            Some(norm) => norm.forward(tokens),
+            None => tokens,
+        })
     }
 
     /// All hidden states: `[0]` after `pre_layrnorm`, `[k]` after block k (1-based).
@@ -165,6 +223,44 @@ impl VisionTransformer {
         }
         Ok(states)
     }
+}
+
+/// A timm pre-norm block into CLIP's layer: the fused `qkv` weight `[3D, D]` holds the q, k
+/// and v projections one after another (rows `[q; k; v]`), so it splits into three.
+fn load_timm_block(
+    w: &Weights,
+    prefix: &str,
+    s: LayerShape,
+    device: &Device,
+) -> Result<TransformerLayer> {
+    let d = s.hidden;
+    let qkv = w.read_f32(&format!("{prefix}.attn.qkv.weight"), &[3 * d, d])?;
+    let qkv_bias = w.read_f32(&format!("{prefix}.attn.qkv.bias"), &[3 * d])?;
+    let part = |i: usize| {
+        linear_from_rows(
+            &qkv[i * d * d..(i + 1) * d * d],
+            Some(&qkv_bias[i * d..(i + 1) * d]),
+            d,
+            d,
+            device,
+        )
+    };
+    Ok(TransformerLayer {
+        self_attn: SelfAttention {
+            q_proj: part(0),
+            k_proj: part(1),
+            v_proj: part(2),
+            out_proj: linear(w, &format!("{prefix}.attn.proj"), d, d, true, device)?,
+            num_heads: s.heads,
+        },
+        layer_norm1: layer_norm(w, &format!("{prefix}.norm1"), d, s.eps, device)?,
+        mlp: Mlp {
+            fc1: linear(w, &format!("{prefix}.mlp.fc1"), d, s.intermediate, true, device)?,
+            fc2: linear(w, &format!("{prefix}.mlp.fc2"), s.intermediate, d, true, device)?,
+            act: s.act,
+        },
+        layer_norm2: layer_norm(w, &format!("{prefix}.norm2"), d, s.eps, device)?,
+    })
 }
 
 /// Resizes the `grid`×`grid` patch rows of a position table to `new_grid`×`new_grid` as

@@ -1,26 +1,109 @@
-//! CLIPSeg (Lüddecke & Ecker, CVPR 2022) as transformers' `CLIPSegForImageSegmentation`:
-//! frozen CLIP towers, and a small decoder that reads three vision block outputs, is
-//! conditioned on the projected text embedding by FiLM, and paints logits with transposed
-//! convolutions. Keys: `clip.*` and `decoder.*`.
-//!
-//! The image side does not depend on the prompt, so it is split off: [`ClipSeg::encode_image`]
-//! runs the vision tower once (and the decoder's per-tap `reduces`, which are prompt-free
-//! too), then [`ClipSeg::decode`] handles any number of prompts.
+//! transformers' `CLIPSegDecoder`, shared by CLIPSeg and BiomedCLIPSeg(-D): it reads three
+//! vision block outputs, is conditioned on a prompt vector by FiLM, and paints logits with
+//! transposed convolutions. Its sizes come from a CLIPSeg `config.json` ([`DecoderConfig`]).
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::{Device, Tensor, TensorData, activation};
+use burn::tensor::{Device, Tensor, activation};
 
-use crate::config::ClipSegConfig;
+use crate::config::{Activation, ClipSegConfig};
 use crate::error::{Error, Result};
-use crate::model::clip::{TextTransformer, VisionTransformer};
 use crate::model::layers::{
     LayerShape, NamedTensor, PatchConvTranspose, TransformerLayer, export_conv_transpose,
     export_linear, linear, named,
 };
-use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
+
+/// The decoder's sizes: the decoder fields of a CLIPSeg `config.json`, plus the width and
+/// patch size of the vision tower it reads (its `vision_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// Which vision blocks feed the decoder (the model decides how they are indexed).
+    pub extract_layers: Vec<usize>,
+    pub reduce_dim: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub conditional_layer: usize,
+    /// The "refined" head (Conv3×3 + two ConvT) instead of one ConvT.
+    pub refined: bool,
+    /// Width of the conditioning vector (FiLM input).
+    pub projection_dim: usize,
+    /// Width of the tapped vision states.
+    pub vision_width: usize,
+    pub patch_size: usize,
+    /// The decoder's LayerNorms use the vision config's epsilon.
+    pub layer_norm_eps: f64,
+}
+
+impl DecoderConfig {
+    /// The decoder of a CLIPSeg config (not validated: see [`ClipSegConfig::from_json`]).
+    pub fn of(cfg: &ClipSegConfig) -> Self {
+        Self {
+            extract_layers: cfg.extract_layers.clone(),
+            reduce_dim: cfg.reduce_dim,
+            num_heads: cfg.decoder_num_attention_heads,
+            intermediate_size: cfg.decoder_intermediate_size,
+            conditional_layer: cfg.conditional_layer,
+            refined: cfg.use_complex_transposed_convolution,
+            projection_dim: cfg.projection_dim,
+            vision_width: cfg.vision_config.hidden_size,
+            patch_size: cfg.vision_config.patch_size,
+            layer_norm_eps: cfg.vision_config.layer_norm_eps,
+        }
+    }
+
+    /// The decoder fields of a CLIPSeg `config.json` read on their own, as medvlsm reads
+    /// `CIDAS/clipseg-rd64-refined`'s config for BiomedCLIPSeg: the CLIP towers it describes
+    /// are not built, so only the decoder's sizes are checked.
+    pub fn from_clipseg_json(json: &[u8], file: &str) -> Result<Self> {
+        let cfg: ClipSegConfig = serde_json::from_slice(json)
+            .map_err(|e| Error::Config(format!("{file}: not a CLIPSeg config ({e})")))?;
+        let out = Self::of(&cfg);
+        out.validate()
+            .map_err(|e| Error::Config(format!("{file}: {e}")))?;
+        Ok(out)
+    }
+
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        for (name, value, max) in [
+            ("reduce_dim", self.reduce_dim, 2048),
+            ("decoder_num_attention_heads", self.num_heads, 128),
+            ("decoder_intermediate_size", self.intermediate_size, 32768),
+            ("projection_dim", self.projection_dim, 8192),
+            ("vision_config.hidden_size", self.vision_width, 8192),
+            ("vision_config.patch_size", self.patch_size, 64),
+            ("extract_layers (count)", self.extract_layers.len(), 16),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+            if value > max {
+                return Err(format!("{name} is {value}, more than the supported {max}"));
+            }
+        }
+        if !self.reduce_dim.is_multiple_of(self.num_heads) {
+            return Err(format!(
+                "reduce_dim {} is not divisible by decoder_num_attention_heads {}",
+                self.reduce_dim, self.num_heads
+            ));
+        }
+        if self.conditional_layer >= self.extract_layers.len() {
+            return Err(format!(
+                "conditional_layer {} is past the decoder's {} layers",
+                self.conditional_layer,
+                self.extract_layers.len()
+            ));
+        }
+        if self.refined && !self.patch_size.is_multiple_of(4) {
+            return Err(format!(
+                "the refined head needs a patch_size divisible by 4, got {}",
+                self.patch_size
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// `CLIPSegDecoder.transposed_convolution`: either one ConvT(k = s = patch), or the
 /// "refined" Conv3×3 → ReLU → ConvT(patch/4) → ReLU → ConvT(patch/4).
@@ -32,10 +115,10 @@ pub struct DecoderHead {
 }
 
 impl DecoderHead {
-    fn load(w: &Weights, cfg: &ClipSegConfig, device: &Device) -> Result<Self> {
-        let (r, p) = (cfg.reduce_dim, cfg.vision_config.patch_size);
-        let key = "decoder.transposed_convolution";
-        if !cfg.use_complex_transposed_convolution {
+    fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig, device: &Device) -> Result<Self> {
+        let (r, p) = (cfg.reduce_dim, cfg.patch_size);
+        let key = &format!("{prefix}.transposed_convolution");
+        if !cfg.refined {
             return Ok(Self {
                 conv: None,
                 up1: PatchConvTranspose::load(w, key, r, 1, p, device)?,
@@ -90,28 +173,37 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Builds the decoder from the `decoder.*` tensors of a checkpoint (or of a fine-tuning
-    /// checkpoint holding only those).
-    pub fn load(w: &Weights, cfg: &ClipSegConfig, device: &Device) -> Result<Self> {
+    /// Builds the decoder from the `{prefix}.*` tensors of a checkpoint (`decoder` in a
+    /// CLIPSeg checkpoint, `net.decoder` in a medvlsm training checkpoint).
+    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig, device: &Device) -> Result<Self> {
         let (r, n) = (cfg.reduce_dim, cfg.extract_layers.len());
-        let v = &cfg.vision_config;
         // transformers copies the vision config and overrides sizes; the MLP is always ReLU.
         let shape = LayerShape {
             hidden: r,
-            heads: cfg.decoder_num_attention_heads,
-            intermediate: cfg.decoder_intermediate_size,
-            act: crate::config::Activation::Relu,
-            eps: v.layer_norm_eps,
+            heads: cfg.num_heads,
+            intermediate: cfg.intermediate_size,
+            act: Activation::Relu,
+            eps: cfg.layer_norm_eps,
+        };
+        let film = |name: &str| {
+            linear(
+                w,
+                &format!("{prefix}.{name}"),
+                cfg.projection_dim,
+                r,
+                true,
+                device,
+            )
         };
         Ok(Self {
-            film_mul: linear(w, "decoder.film_mul", cfg.projection_dim, r, true, device)?,
-            film_add: linear(w, "decoder.film_add", cfg.projection_dim, r, true, device)?,
+            film_mul: film("film_mul")?,
+            film_add: film("film_add")?,
             reduces: (0..n)
                 .map(|i| {
                     linear(
                         w,
-                        &format!("decoder.reduces.{i}"),
-                        v.hidden_size,
+                        &format!("{prefix}.reduces.{i}"),
+                        cfg.vision_width,
                         r,
                         true,
                         device,
@@ -119,9 +211,9 @@ impl Decoder {
                 })
                 .collect::<Result<_>>()?,
             layers: (0..n)
-                .map(|i| TransformerLayer::load(w, &format!("decoder.layers.{i}"), shape, device))
+                .map(|i| TransformerLayer::load(w, &format!("{prefix}.layers.{i}"), shape, device))
                 .collect::<Result<_>>()?,
-            head: DecoderHead::load(w, cfg, device)?,
+            head: DecoderHead::load(w, prefix, cfg, device)?,
             conditional_layer: cfg.conditional_layer,
         })
     }
@@ -211,7 +303,7 @@ impl Decoder {
                 h = mul.clone() * h + add.clone();
                 film_output = Some(h.clone());
             }
-            let out = layer.forward_post_norm(h);
+            let out = layer.forward_post_norm(h, None);
             layer_outputs.push(out.clone());
             x = Some(out);
         }
@@ -272,142 +364,3 @@ pub struct DecoderTrace {
     pub logits: Tensor<3>,
 }
 
-/// `CLIPSegForImageSegmentation`, minus what segmentation never uses (the vision pooler and
-/// projection, vision blocks past the deepest tap).
-#[derive(Module, Debug)]
-pub struct ClipSeg {
-    pub vision: VisionTransformer,
-    pub text: TextTransformer,
-    pub text_projection: Linear,
-    pub decoder: Decoder,
-    /// Which of the vision hidden states (`hidden_states[i + 1]`) feed the decoder.
-    pub extract_layers: Vec<usize>,
-}
-
-impl ClipSeg {
-    /// Builds the model from checkpoint tensors for `input_size`×`input_size` images, and
-    /// checks that the checkpoint holds nothing the config does not explain.
-    pub fn load(
-        cfg: &ClipSegConfig,
-        w: &Weights,
-        input_size: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let used = cfg.vision_layers_used();
-        let model = Self {
-            vision: VisionTransformer::load(
-                w,
-                "clip.vision_model",
-                &cfg.vision_config,
-                used,
-                input_size,
-                device,
-            )?,
-            text: TextTransformer::load(w, "clip.text_model", &cfg.text_config, device)?,
-            text_projection: linear(
-                w,
-                "clip.text_projection",
-                cfg.text_config.hidden_size,
-                cfg.projection_dim,
-                false,
-                device,
-            )?,
-            decoder: Decoder::load(w, cfg, device)?,
-            extract_layers: cfg.extract_layers.clone(),
-        };
-        let vision_layers = cfg.vision_config.num_hidden_layers;
-        w.check_unused(|key| {
-            // Parts of a CLIP checkpoint that segmentation does not use.
-            key.ends_with("position_ids")
-                || key == "clip.logit_scale"
-                || key.starts_with("clip.visual_projection.")
-                || key.starts_with("clip.vision_model.post_layernorm.")
-                || key
-                    .strip_prefix("clip.vision_model.encoder.layers.")
-                    .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
-                    .is_some_and(|layer| layer >= used && layer < vision_layers)
-        })?;
-        Ok(model)
-    }
-
-    /// Every tensor the model holds, under Hugging Face names and layouts, except the
-    /// vision position table (resampled for the input size at load, so not the checkpoint's;
-    /// full fine-tuning keeps it frozen).
-    pub fn export(&self) -> Result<Vec<NamedTensor>> {
-        let mut out = self.vision.export("clip.vision_model")?;
-        out.extend(self.text.export("clip.text_model")?);
-        export_linear(&mut out, "clip.text_projection", &self.text_projection)?;
-        out.extend(self.decoder.export()?);
-        Ok(out)
-    }
-
-    pub fn input_size(&self) -> usize {
-        self.vision.input_size
-    }
-
-    /// Runs the vision tower on `[B, 3, S, S]` pixels and reduces the tapped states.
-    pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {
-        Ok(self.decoder.reduce(&self.vision_taps(pixels)?))
-    }
-
-    /// The vision hidden states the decoder reads, deepest first, each `[B, 1 + g², H]`:
-    /// what the frozen encoder contributes (training caches these).
-    pub fn vision_taps(&self, pixels: Tensor<4>) -> Result<Vec<Tensor<3>>> {
-        let states = self.vision.hidden_states(pixels)?;
-        Ok(self
-            .extract_layers
-            .iter()
-            .rev()
-            .map(|&i| states[i + 1].clone())
-            .collect())
-    }
-
-    /// Side of the decoder's token grid.
-    pub fn grid(&self) -> usize {
-        self.input_size() / self.vision.patch_size
-    }
-
-    /// The FiLM conditioning vectors `[P, projection_dim]` for tokenized prompts.
-    pub fn embed_prompts(&self, prompts: &[TokenizedPrompt], device: &Device) -> Result<Tensor<2>> {
-        let (_, pooled) = self.text.forward(prompts, true, device)?;
-        Ok(self.text_projection.forward(pooled))
-    }
-
-    /// Logits `[P, S, S]` for one image (batch 1: every prompt on it) or a batch of P images
-    /// paired with P conditioning vectors.
-    pub fn decode(&self, image: &ImageFeatures, conditioning: Tensor<2>) -> Result<Tensor<3>> {
-        Ok(self.decode_traced(image, conditioning)?.logits)
-    }
-
-    pub fn decode_traced(
-        &self,
-        image: &ImageFeatures,
-        conditioning: Tensor<2>,
-    ) -> Result<DecoderTrace> {
-        self.decoder.decode_traced(image, conditioning, self.grid())
-    }
-
-    /// transformers' forward: image `i` with prompt `i`, `[B, 3, S, S]` → `[B, S, S]`.
-    pub fn forward(
-        &self,
-        pixels: Tensor<4>,
-        prompts: &[TokenizedPrompt],
-        device: &Device,
-    ) -> Result<Tensor<3>> {
-        let b = pixels.dims()[0];
-        if b != prompts.len() {
-            return Err(Error::Input(format!(
-                "{b} images but {} prompts",
-                prompts.len()
-            )));
-        }
-        let image = self.encode_image(pixels)?;
-        self.decode(&image, self.embed_prompts(prompts, device)?)
-    }
-}
-
-/// Pixel values `[B, 3, S, S]` on `device` from per-image `[3, S, S]` buffers.
-pub fn pixels_tensor(images: &[Vec<f32>], size: usize, device: &Device) -> Tensor<4> {
-    let data: Vec<f32> = images.iter().flatten().copied().collect();
-    Tensor::from_data(TensorData::new(data, [images.len(), 3, size, size]), device)
-}
