@@ -278,17 +278,47 @@ impl BiomedSources {
 
     /// Loads the model.
     pub fn load(&self, device: &burn::tensor::Device) -> Result<crate::Segmenter> {
+        self.load_with(device, None)
+    }
+
+    /// Loads the towers with a decoder initialised at random from `seed`, as the study
+    /// starts BiomedCLIPSeg's training.
+    pub fn load_fresh_decoder(
+        &self,
+        device: &burn::tensor::Device,
+        seed: u64,
+    ) -> Result<crate::Segmenter> {
+        self.load_with(device, Some(seed))
+    }
+
+    fn load_with(
+        &self,
+        device: &burn::tensor::Device,
+        fresh_decoder: Option<u64>,
+    ) -> Result<crate::Segmenter> {
         use crate::model::biomedclipseg::BiomedWeights;
         use crate::model::{BiomedClipSeg, Model};
         let pipeline = self.pipeline()?;
         let crate::segmenter::ModelConfig::BiomedClipSeg(cfg) = &pipeline.config else {
             unreachable!("a BiomedCLIPSeg pipeline");
         };
-        let (towers, decoder) = self.parts()?;
+        let (towers, decoder) = match fresh_decoder {
+            None => self.parts()?,
+            Some(_) => (
+                self.towers_only()?,
+                Part {
+                    file: PathBuf::new(),
+                    prefix: "decoder".into(),
+                },
+            ),
+        };
         let tw = open_weights(&towers.file)?;
-        let separate = (decoder.file != towers.file)
-            .then(|| open_weights(&decoder.file))
-            .transpose()?;
+        let separate = match fresh_decoder {
+            Some(seed) => Some(Weights::fresh(seed)),
+            None => (decoder.file != towers.file)
+                .then(|| open_weights(&decoder.file))
+                .transpose()?,
+        };
         let dw = separate.as_ref().unwrap_or(&tw);
         let model = BiomedClipSeg::load(
             cfg,

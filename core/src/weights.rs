@@ -64,6 +64,8 @@ pub struct Weights<'a> {
     file: Option<RefCell<std::fs::File>>,
     /// Set for [`Weights::random`]: every requested tensor is made up from this seed.
     random_seed: Option<u64>,
+    /// With `random_seed`: PyTorch's default initialisation instead of test values.
+    fresh: bool,
     used: RefCell<BTreeSet<String>>,
     /// What the checkpoint is called in error messages.
     source: String,
@@ -213,6 +215,7 @@ impl<'a> Weights<'a> {
             #[cfg(feature = "std")]
             file: None,
             random_seed: None,
+            fresh: false,
             used: RefCell::new(BTreeSet::new()),
             source: source.to_string(),
         }
@@ -221,13 +224,20 @@ impl<'a> Weights<'a> {
     /// A stand-in checkpoint that answers every request with deterministic random values of
     /// the requested shape (norm weights near 1, everything else small). For speed
     /// measurements, where weight values do not matter; never for results.
+    /// Freshly initialised weights as PyTorch's modules start (see [`fresh_values`]): what
+    /// BiomedCLIPSeg's decoder is before training.
+    pub fn fresh(seed: u64) -> Weights<'static> {
+        let mut w = Self::random(seed);
+        w.fresh = true;
+        w
+    }
+
     pub fn random(seed: u64) -> Weights<'static> {
         let mut w = Weights::new(BTreeMap::new(), "random weights");
         w.random_seed = Some(seed);
         w
     }
 
-    /// All float tensor names in the checkpoint.
     /// What the checkpoint is called in error messages (its path).
     pub fn source(&self) -> &str {
         &self.source
@@ -241,6 +251,7 @@ impl<'a> Weights<'a> {
             .is_some_and(|(k, _)| k.starts_with(prefix))
     }
 
+    /// All float tensor names in the checkpoint.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }
@@ -262,7 +273,11 @@ impl<'a> Weights<'a> {
     /// The tensor `key` as f32 values, checked against `shape`.
     pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
         if let Some(seed) = self.random_seed {
-            return Ok(random_values(seed, key, shape));
+            return Ok(if self.fresh {
+                fresh_values(seed, key, shape)
+            } else {
+                random_values(seed, key, shape)
+            });
         }
         let entry = self.entries.get(key).ok_or_else(|| match self.non_float.get(key) {
             Some(dtype) => Error::Weights(format!(
@@ -414,6 +429,26 @@ pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// PyTorch's default initialisation, deterministic from `seed`: LayerNorm scale 1 and shift
+/// 0, other biases 0, weights uniform in ±1/√fan_in (`kaiming_uniform_(a=√5)`), fan_in
+/// being `shape[1]` times the kernel size, as `torch.nn.init` computes it.
+fn fresh_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let norm = key.contains("norm");
+    if key.ends_with(".bias") || (norm && !key.ends_with(".weight")) {
+        return vec![0.0; n];
+    }
+    if norm {
+        return vec![1.0; n];
+    }
+    let fan_in = shape.get(1).copied().unwrap_or(1) * shape.iter().skip(2).product::<usize>();
+    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+    random_values(seed, key, shape)
+        .into_iter()
+        .map(|v| v * 20.0 * bound)
+        .collect()
 }
 
 fn random_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {

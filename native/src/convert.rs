@@ -1,6 +1,7 @@
-//! `vlsm convert DIR OUT [--fp16]`: a Hugging Face CLIPSeg directory with its weights
-//! rewritten as `model.safetensors` (HF key names and layouts kept), for the browser and for
-//! anyone who cannot read PyTorch pickles.
+//! `vlsm convert [SOURCE] OUT [--fp16]`: a model as one folder of safetensors weights, for
+//! the browser and for anyone who cannot read PyTorch pickles. A Hugging Face CLIPSeg
+//! directory keeps its HF key names and layouts; BiomedCLIPSeg(-D) (from its hub repos and
+//! a decoder checkpoint, see `--weights`/`--arch`) becomes vlsm's BiomedCLIPSeg folder.
 
 use std::path::PathBuf;
 
@@ -8,20 +9,60 @@ use anyhow::{Context, Result, bail};
 use vlsm::files::DirFiles;
 use vlsm::weights::write_safetensors;
 
+use crate::model_source::{ModelArgs, ModelSource};
 use crate::segment::write_atomic;
+
+struct DirArgs {
+    dir: PathBuf,
+    out: PathBuf,
+    fp16: bool,
+}
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
-    /// Hugging Face model directory (model.safetensors or pytorch_model.bin).
-    dir: PathBuf,
-    /// Output directory (created).
-    out: PathBuf,
+    /// [SOURCE] OUT: the model (a Hugging Face model directory, or what --weights takes;
+    /// or give the model with --model/--weights/--arch) and the output directory (created).
+    #[arg(required = true, num_args = 1..=2, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Store weights as float16 (half the size; logits change slightly).
     #[arg(long)]
     fp16: bool,
 }
 
-pub fn run(args: ConvertArgs) -> Result<()> {
+pub fn run(mut args: ConvertArgs) -> Result<()> {
+    let out = args.paths.pop().expect("one path at least");
+    if let Some(source) = args.paths.pop() {
+        if args.model.weights.is_some() {
+            bail!("give the model either as SOURCE or with --weights, not both");
+        }
+        args.model.weights = Some(source);
+    }
+    let source = args.model.resolve()?;
+    if let ModelSource::Biomed(s) = &source {
+        if out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+            bail!("{}: exists and is not empty", out.display());
+        }
+        // Loading first: a model that cannot run is not worth writing.
+        s.load(&vlsm::burn::tensor::Device::flex())?;
+        s.write_folder(&out, args.fp16, None)?;
+        println!(
+            "{} ({}) → {}",
+            s.arch.display_name(),
+            if args.fp16 { "float16" } else { "float32" },
+            out.display()
+        );
+        return Ok(());
+    }
+    let ModelSource::Dir(dir) = source else {
+        unreachable!("handled above")
+    };
+    let args = DirArgs {
+        dir,
+        out,
+        fp16: args.fp16,
+    };
     let files = DirFiles::read(&args.dir)?;
     // Parse the config and tokenizer first: a directory we cannot use is not worth copying.
     vlsm::Pipeline::from_files(&files.model_files())?;

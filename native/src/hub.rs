@@ -3,6 +3,7 @@
 //! `huggingface_hub` itself uses (`models--OWNER--NAME/{blobs,snapshots,refs}`), so Python
 //! and vlsm share downloads. `HF_ENDPOINT` points it at a mirror (the tests use a server on
 //! 127.0.0.1). Every file goes through [`crate::download`]: capped, timed, http(s) only.
+//! A local mirror folder (`--hub-mirror`) comes before both.
 
 use std::path::{Path, PathBuf};
 
@@ -64,8 +65,35 @@ fn is_hex_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// Downloads (or finds in the cache) the model's files; returns the snapshot directory.
-pub fn fetch(model_id: &str) -> Result<PathBuf> {
+/// Where a hub repository's files come from, in order: a local mirror folder
+/// (`--hub-mirror ROOT` / `VLSM_HUB_MIRROR`: `ROOT/<org>/<name>/`, what an air-gapped site
+/// keeps), the Hugging Face cache, the network (`HF_ENDPOINT`, default huggingface.co).
+pub struct Repo {
+    id: String,
+    mirror: Option<PathBuf>,
+    cache: RepoCache,
+    endpoint: String,
+}
+
+/// The mirror root's environment variable (`--hub-mirror` wins over it).
+pub const MIRROR_VAR: &str = "VLSM_HUB_MIRROR";
+
+static MIRROR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `--hub-mirror ROOT`, for every command of this process.
+pub fn set_mirror(root: PathBuf) {
+    let _ = MIRROR.set(root);
+}
+
+fn mirror_root() -> Option<PathBuf> {
+    MIRROR.get().cloned().or_else(|| {
+        std::env::var_os(MIRROR_VAR)
+            .filter(|root| !root.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+pub fn check_id(model_id: &str) -> Result<()> {
     let valid = model_id.split('/').count() == 2
         && model_id.split('/').all(|part| {
             !part.is_empty()
@@ -78,51 +106,100 @@ pub fn fetch(model_id: &str) -> Result<PathBuf> {
     if !valid {
         bail!("`{model_id}` is not a Hugging Face model id (expected OWNER/NAME)");
     }
-    let cache = RepoCache::new(model_id)?;
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-    let endpoint = endpoint.trim_end_matches('/').to_string();
-    let cached = cache.get("config.json").is_some();
-    let unreachable = |e: &anyhow::Error| {
-        e.chain()
-            .any(|c| c.downcast_ref::<ureq::Transport>().is_some())
-    };
-    let get = |file: &str| -> Result<Option<PathBuf>> {
-        if let Some(path) = cache.get(file) {
+    Ok(())
+}
+
+impl Repo {
+    pub fn open(model_id: &str) -> Result<Self> {
+        check_id(model_id)?;
+        let mirror = mirror_root()
+            .map(|root| root.join(model_id))
+            .filter(|dir| dir.is_dir());
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        Ok(Self {
+            id: model_id.to_string(),
+            cache: RepoCache::new(model_id)?,
+            mirror,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// One file of the repository, or `None` when the repository has no such file.
+    pub fn file(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(dir) = &self.mirror {
+            // A mirrored repository is authoritative: no download behind its back.
+            let path = dir.join(file);
+            return Ok(path.is_file().then_some(path));
+        }
+        if let Some(path) = self.cache.get(file) {
             return Ok(Some(path));
         }
-        download_into_cache(&cache, &endpoint, model_id, file).map_err(|e| {
-            if unreachable(&e) {
+        let (endpoint, model_id) = (&self.endpoint, &self.id);
+        download_into_cache(&self.cache, endpoint, model_id, file).map_err(|e| {
+            let unreachable = e
+                .chain()
+                .any(|c| c.downcast_ref::<ureq::Transport>().is_some());
+            if unreachable {
                 anyhow!(
                     "cannot reach the Hugging Face hub at {endpoint} to fetch `{model_id}` ({e:#}); \
-                     offline? pass a local model directory with --weights DIR"
+                     offline? pass a local model directory with --weights DIR, or a mirror with \
+                     --hub-mirror ROOT (ROOT/{model_id}/)"
                 )
             } else {
                 e.context(format!("fetching {file} of `{model_id}` from {endpoint}"))
             }
         })
-    };
-    let config = get("config.json")?.with_context(|| {
-        format!("`{model_id}` has no config.json on the Hugging Face hub at {endpoint} (unknown model id?)")
-    })?;
-    let weights = match get("model.safetensors")? {
-        Some(path) => path,
-        None => get("pytorch_model.bin")?.with_context(|| {
-            format!("`{model_id}` has no model.safetensors or pytorch_model.bin at {endpoint}")
-        })?,
-    };
-    for file in OPTIONAL {
-        match get(file) {
-            Ok(_) => {}
-            // An earlier run cached this model: an unreachable hub is no error for the
-            // optional files the hub may simply not have.
-            Err(_) if cached => {}
-            Err(e) => return Err(e),
-        }
     }
-    let dir = config
-        .parent()
-        .context("hub cache path has no parent")?
-        .to_path_buf();
+
+    /// The first of `files` the repository has, or an error naming what is missing.
+    pub fn one_of(&self, files: &[&str], why: &str) -> Result<PathBuf> {
+        for file in files {
+            if let Some(path) = self.file(file)? {
+                return Ok(path);
+            }
+        }
+        bail!(
+            "`{}` has no {} ({why}){}",
+            self.id,
+            files.join(" or "),
+            match &self.mirror {
+                Some(dir) => format!(" in the mirror {}", dir.display()),
+                None => format!(" at {}", self.endpoint),
+            }
+        )
+    }
+
+    /// Optional files (tokenizer, preprocessing): fetched when present; an unreachable hub
+    /// is no error once the repository's main file is cached.
+    pub fn optional(&self, files: &[&str]) -> Result<()> {
+        for file in files {
+            match self.file(file) {
+                Ok(_) => {}
+                Err(_) if self.mirror.is_none() && self.cache.commit().is_some() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The folder holding the repository's files (mirror folder or cache snapshot).
+    pub fn dir_of(path: &Path) -> Result<PathBuf> {
+        Ok(path
+            .parent()
+            .context("hub file path has no parent")?
+            .to_path_buf())
+    }
+}
+
+/// Downloads (or finds in the mirror or cache) a CLIPSeg checkpoint's files; returns the
+/// folder holding them.
+pub fn fetch(model_id: &str) -> Result<PathBuf> {
+    let repo = Repo::open(model_id)?;
+    let config = repo.one_of(&["config.json"], "unknown model id?")?;
+    let weights = repo.one_of(&["model.safetensors", "pytorch_model.bin"], "the weights")?;
+    repo.optional(&OPTIONAL)?;
+    let dir = Repo::dir_of(&config)?;
     anyhow::ensure!(
         weights.parent() == Some(dir.as_path()),
         "hub cache files are not in one snapshot"

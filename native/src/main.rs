@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod download;
 mod hub;
+mod model_source;
 mod plot;
 mod prompts;
 mod report;
@@ -32,6 +33,11 @@ struct Cli {
     /// ones are refused from their header before decoding. At most 900000000.
     #[arg(long, global = true, value_name = "N", default_value_t = vlsm::preprocess::DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
+    /// A local mirror of Hugging Face repositories, laid out ROOT/<org>/<name>/ (what an
+    /// air-gapped site keeps): hub ids resolve there first, then in the Hugging Face cache,
+    /// then on the network [env: VLSM_HUB_MIRROR].
+    #[arg(long, global = true, value_name = "ROOT")]
+    hub_mirror: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +121,13 @@ fn main() -> ExitCode {
     if let Err(e) = vlsm::preprocess::set_max_pixels(cli.max_pixels) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(root) = cli.hub_mirror {
+        if !root.is_dir() {
+            eprintln!("error: --hub-mirror {}: not a folder", root.display());
+            return ExitCode::from(2);
+        }
+        hub::set_mirror(root);
     }
     let result = match cli.command {
         Command::Segment(args) => segment::run(args),

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use vlsm::{Segmenter, preprocess, render};
+use vlsm::{preprocess, render};
 
 use crate::backend::{self, Backend};
-use crate::hub;
+use crate::model_source::ModelArgs;
 use crate::timing::Timings;
 
 #[derive(clap::Args)]
@@ -22,15 +22,11 @@ pub struct SegmentArgs {
     /// A text prompt; repeat for several. Each image is encoded once for all of them.
     #[arg(long = "prompt", short = 'p', required = true)]
     prompts: Vec<String>,
-    /// Hugging Face model id, fetched from the hub (cached).
-    #[arg(long, default_value = hub::DEFAULT_MODEL, conflicts_with = "weights")]
-    model: String,
-    /// A local Hugging Face model directory (config.json, weights, tokenizer files).
-    #[arg(long, value_name = "DIR")]
-    weights: Option<PathBuf>,
-    /// Foreground where sigmoid(logit) > threshold.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
-    threshold: f32,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Foreground where sigmoid(logit) > threshold [default: the study's for the model, 0.5].
+    #[arg(long, value_parser = parse_threshold)]
+    threshold: Option<f32>,
     /// Output directory for mask and overlay PNGs (one folder per image; images found in a
     /// folder keep their path below it).
     #[arg(long, default_value = "vlsm-out")]
@@ -158,13 +154,11 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             .with_context(|| format!("--save-logits: creating {}", parent.display()))?;
     }
     let device = backend::device(args.backend)?;
-    let dir = match &args.weights {
-        Some(dir) => dir.clone(),
-        None => hub::fetch(&args.model)?,
-    };
-    let segmenter = timings.measure("load model", || {
-        Segmenter::from_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))
-    })?;
+    let source = args.model.resolve()?;
+    let segmenter = timings.measure("load model", || source.load(&device))?;
+    let threshold = args
+        .threshold
+        .unwrap_or_else(|| segmenter.default_threshold());
     let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
     // The text tower runs once for all images.
     let embedded = timings.measure("decode prompts", || segmenter.embed_prompts(&prompts))?;
@@ -202,7 +196,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             let dir = args.out.join(name);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
-                let mask = l.mask_at(args.threshold, image.width(), image.height());
+                let mask = l.mask_at(threshold, image.width(), image.height());
                 let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
                 let mask_path = dir.join(format!("{stem}.mask.png"));
                 write_atomic(

@@ -16,22 +16,21 @@ use vlsm::model::clipseg::{Decoder, pixels_tensor};
 use vlsm::model::layers::NamedTensor;
 use vlsm::train::{
     CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Precision, Progress, PromptChoices,
-    Recipe, Trainer, TrainingModel, export_model, target_tensor, write_synced,
+    Recipe, Trainer, TrainingModel, target_tensor, write_synced,
 };
+use vlsm::model::Arch;
 use vlsm::{Segmenter, preprocess};
 
 use crate::backend::{self, Backend};
-use crate::hub;
+use crate::model_source::{ModelArgs, ModelSource};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// The base model: a local Hugging Face CLIPSeg directory (default: --model's).
-    #[arg(long, value_name = "DIR", conflicts_with = "model")]
-    weights: Option<PathBuf>,
-    /// The base model from the Hugging Face hub (cached) [default: CIDAS/clipseg-rd64-refined,
-    /// or the --config file's `base`].
-    #[arg(long, value_name = "HF_ID")]
-    model: Option<String>,
+    /// The base model (or the --config file's `base`). BiomedCLIPSeg (`--arch
+    /// biomedclipseg` on the BiomedCLIP towers) starts from a decoder initialised at random
+    /// from the seed, as the study; BiomedCLIPSeg-D from CIDAS's decoder.
+    #[command(flatten)]
+    model: ModelArgs,
     /// The folder holding `<dataset>/anns/{train,val}.json`, `images/`, `masks/` (or the
     /// --config file's `data`).
     #[arg(long, value_name = "ROOT")]
@@ -184,14 +183,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if prompt != "random" && dataset::prompt_number(&prompt) == u32::MAX {
         bail!("--prompt {prompt}: expected p0…p9 or random");
     }
-    let base = match (&args.weights, &args.model, &file.base) {
-        (Some(dir), _, _) => dir.clone(),
-        (None, Some(id), _) => hub::fetch(id)?,
-        (None, None, Some(base)) => PathBuf::from(base),
-        (None, None, None) => hub::fetch(hub::DEFAULT_MODEL)?,
-    };
+    let mut model_args = args.model.clone();
+    if model_args.model.is_none()
+        && model_args.weights.is_none()
+        && let Some(base) = &file.base
+    {
+        model_args.weights = Some(PathBuf::from(base));
+    }
+    let source = model_args.resolve()?;
     let config = RunConfig {
-        base: base.display().to_string(),
+        base: match (&model_args.weights, &model_args.model) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(id)) => id.clone(),
+            (None, None) => source.describe(),
+        },
         data: data_root.display().to_string(),
         datasets: datasets.clone(),
         prompt: prompt.clone(),
@@ -224,8 +229,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = backend::device(args.backend)?;
     recipe.precision.check(&device)?;
-    let segmenter = Segmenter::from_dir(&base, &device)
-        .with_context(|| format!("loading {}", base.display()))?;
+    let segmenter = match &source {
+        ModelSource::Biomed(s) if s.arch == Arch::BiomedClipSeg && s.decoder.is_none() => {
+            if args.full {
+                bail!("--full: BiomedCLIPSeg trains its decoder on frozen towers, as in the study");
+            }
+            eprintln!(
+                "BiomedCLIPSeg: the decoder starts at random from seed {}, as in the study",
+                recipe.seed
+            );
+            s.load_fresh_decoder(&device, recipe.seed)?
+        }
+        _ => source.load(&device)?,
+    };
     let data = Data {
         root: &data_root,
         datasets: &datasets,
@@ -235,7 +251,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let run = Run {
         args: &args,
-        base: &base,
+        source: &source,
         config: &config,
         recipe: &recipe,
         segmenter: &segmenter,
@@ -251,7 +267,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             val.len(),
             started.elapsed().as_secs_f64()
         );
-        fit(&run, segmenter.model.clone(), train, val, None)
+        fit(&run, segmenter.model.clipseg()?.clone(), train, val, None)
     } else {
         let started = std::time::Instant::now();
         let train = cached_samples(&segmenter, &data, "train")?;
@@ -276,7 +292,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ))
         };
         let model = DecoderModel {
-            decoder: segmenter.model.decoder.clone(),
+            decoder: segmenter.model.decoder().clone(),
             grid: segmenter.model.grid(),
         };
         fit(
@@ -292,7 +308,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// What one `vlsm train` invocation works with.
 struct Run<'a> {
     args: &'a TrainArgs,
-    base: &'a Path,
+    source: &'a ModelSource,
     config: &'a RunConfig,
     recipe: &'a Recipe,
     segmenter: &'a Segmenter,
@@ -415,14 +431,10 @@ fn fit<M: Trained>(
     let best = checkpoint::find(&checkpoint_dir, "best").context("no best checkpoint")?;
     let (model, progress, _, _) = checkpoint::read::<M>(&best, run)?;
     let model_dir = args.out.join("model");
-    export_model(run.base, model.export()?, &model_dir, false)?;
+    run.source.export(model.export()?, &model_dir, false)?;
     if args.fp16 {
-        export_model(
-            run.base,
-            model.export()?,
-            &args.out.join("model-fp16"),
-            true,
-        )?;
+        run.source
+            .export(model.export()?, &args.out.join("model-fp16"), true)?;
     }
     println!(
         "best val Dice {:.4} at epoch {} → {}",
@@ -457,7 +469,12 @@ impl Trained for DecoderModel {
             .with_context(|| format!("{}/decoder.safetensors", dir.display()))?;
         let weights = vlsm::Weights::from_safetensors(&bytes, "decoder.safetensors")?;
         Ok(DecoderModel {
-            decoder: Decoder::load(&weights, &run.segmenter.pipeline.config, run.device)?,
+            decoder: Decoder::load(
+                &weights,
+                "decoder",
+                &run.segmenter.pipeline.config.decoder(),
+                run.device,
+            )?,
             grid: run.segmenter.model.grid(),
         })
     }
@@ -470,13 +487,15 @@ impl Trained for ClipSeg {
 
     /// The whole model, as a Hugging Face directory.
     fn save(&self, dir: &Path, run: &Run) -> Result<()> {
-        Ok(export_model(run.base, ClipSeg::export(self)?, dir, false)?)
+        run.source.export(ClipSeg::export(self)?, dir, false)
     }
 
     fn load(dir: &Path, run: &Run) -> Result<Self> {
         Ok(Segmenter::from_dir(dir, run.device)
             .with_context(|| dir.display().to_string())?
-            .model)
+            .model
+            .clipseg()?
+            .clone())
     }
 }
 
