@@ -154,6 +154,12 @@ impl Repo {
 
     /// The first of `files` the repository has, or an error naming what is missing.
     pub fn one_of(&self, files: &[&str], why: &str) -> Result<PathBuf> {
+        // Whatever is cached wins before the network is asked for an alternative.
+        if self.mirror.is_none()
+            && let Some(path) = files.iter().find_map(|f| self.cache.get(f))
+        {
+            return Ok(path);
+        }
         for file in files {
             if let Some(path) = self.file(file)? {
                 return Ok(path);
