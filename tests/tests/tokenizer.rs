@@ -177,3 +177,79 @@ fn ids_equal_the_shared_independent_reference() {
         assert_eq!(&got.ids[..ids.len()], &ids[..], "{prompt:?}");
     }
 }
+
+/// BiomedCLIPSeg's tokenizer on the fixture vocabulary (tools/make_bert_tokens.py).
+fn bert() -> PromptTokenizer {
+    PromptTokenizer::from_bert_vocab(&std::fs::read(fixture("bert/vocab.txt")).unwrap(), true, 256)
+        .unwrap()
+}
+
+fn reference_digests(file: &str) -> HashMap<String, String> {
+    std::fs::read_to_string(fixture(file))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('\t').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn bert_ids_equal_transformers_on_every_medvlsm_prompt() {
+    let reference = reference_digests("tokens/bert_medvlsm_ids.tsv");
+    let prompts = medvlsm_prompts();
+    assert_eq!(prompts.len(), reference.len(), "prompt count differs");
+    let t = bert();
+    let wrong: Vec<&String> = prompts
+        .iter()
+        .filter(|p| {
+            let ids = t.encode(p).unwrap().ids;
+            assert_eq!(ids.len(), 256);
+            Some(&ids_digest(&ids)) != reference.get(&hex16(p.as_bytes()))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} prompts differ from BertTokenizer, e.g. {:?}",
+        wrong.len(),
+        prompts.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+#[test]
+fn bert_ids_equal_transformers_on_edge_cases() {
+    let extra: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("tokens/bert_extra.json")).unwrap())
+            .unwrap();
+    let t = bert();
+    let ints = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    for case in extra.as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let got = t.encode(prompt).unwrap();
+        assert_eq!(got.ids, ints(&case["input_ids"]), "ids for {prompt:?}");
+        assert_eq!(
+            got.attention_mask,
+            ints(&case["attention_mask"]),
+            "attention mask for {prompt:?}"
+        );
+    }
+}
+
+#[test]
+fn bert_vocabularies_without_their_special_tokens_are_refused() {
+    let e = PromptTokenizer::from_bert_vocab(b"a\nb\n", true, 256)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("vocab.txt has no `[CLS]`"), "{e}");
+    assert!(PromptTokenizer::from_bert_vocab(b"\xff\xfe", true, 256).is_err());
+}
