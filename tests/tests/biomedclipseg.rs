@@ -251,3 +251,105 @@ fn prompts_beyond_256_tokens_are_truncated() {
     let logits = seg.decode(&seg.encode_image(&rgb).unwrap(), &[long.as_str()]).unwrap();
     assert!(logits[0].values.iter().all(|v| v.is_finite()));
 }
+
+/// vlsm's own fixture (tools/make_biomed_fixtures.py): reference tensors under `tag.`.
+fn check_own(seg: &Segmenter, tag: &str, tol: f32) {
+    let device = Device::flex();
+    let dir = vlsm_tests::fixture("biomedclipseg");
+    let r = Reference::read(&dir.join("reference.safetensors"));
+    let m = manifest(&dir);
+    let pairs = m["pairs"].as_array().unwrap();
+    let prompts: Vec<&str> = pairs.iter().map(|p| p["prompt"].as_str().unwrap()).collect();
+    let tokens = seg.tokenize(&prompts).unwrap();
+    let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
+    assert_eq!(ids, r.i64_rows("input_ids"), "{tag}: token ids");
+    let s = seg.input_size();
+    assert_eq!(s, 64);
+    let images = m["images"].as_array().unwrap();
+    for (i, name) in images.iter().enumerate() {
+        let path = vlsm_tests::fixture("images").join(name.as_str().unwrap());
+        let rgb = preprocess::decode_rgb(&std::fs::read(path).unwrap()).unwrap();
+        let px = preprocess::pixel_values(&rgb, &seg.pipeline.preprocess).unwrap();
+        assert_close(
+            &format!("{tag}: pixels of {name}"),
+            &px,
+            &rows(&r, "pixel_values", &[i]),
+            1e-5,
+        );
+    }
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(r.f32("pixel_values"), [images.len(), 3, s, s]),
+        &device,
+    );
+    for (tap, block) in seg.model.vision_taps(pixels.clone()).unwrap().iter().zip([10, 7, 4]) {
+        assert_close(
+            &format!("{tag}: block output {block}"),
+            &values(tap.clone()),
+            &r.f32(&format!("{tag}.vision.block_output.{block}")),
+            tol,
+        );
+    }
+    let vlsm::Model::BiomedClipSeg(model) = &seg.model else {
+        panic!("{tag}: not BiomedCLIPSeg");
+    };
+    assert_close(
+        &format!("{tag}: pooled text"),
+        &values(model.pooled_text(&tokens, &device).unwrap()),
+        &r.f32(&format!("{tag}.text.pooled")),
+        tol,
+    );
+    let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
+    assert_close(
+        &format!("{tag}: FiLM vector"),
+        &values(conditioning.clone()),
+        &r.f32(&format!("{tag}.text.projected")),
+        tol,
+    );
+    let index: Vec<i64> = r.get("image_index").1.iter().map(|&i| i as i64).collect();
+    let n = index.len();
+    let batch = pixels.select(0, Tensor::from_data(TensorData::new(index, [n]), &device));
+    let logits = seg
+        .model
+        .decode(&seg.model.encode_image(batch).unwrap(), conditioning)
+        .unwrap();
+    assert_close(
+        &format!("{tag}: logits"),
+        &values(logits),
+        &r.f32(&format!("{tag}.logits")),
+        tol,
+    );
+}
+
+fn own(arch: Arch, decoder: Option<&str>) -> Segmenter {
+    let dir = vlsm_tests::fixture("biomedclipseg");
+    sources(&dir, arch, decoder.map(|d| dir.join(d)))
+        .load(&Device::flex())
+        .unwrap_or_else(|e| panic!("{decoder:?}: {e}"))
+}
+
+#[test]
+fn own_fixture_every_checkpoint_format_matches_medvlsm() {
+    check_own(&own(Arch::BiomedClipSeg, Some("checkpoints/best.ckpt")), "trained", TOL);
+    check_own(
+        &own(Arch::BiomedClipSeg, Some("checkpoints/best.safetensors")),
+        "trained",
+        TOL,
+    );
+    // float16 weights, against the float64 forward of the same rounded weights.
+    check_own(&own(Arch::BiomedClipSeg, Some("checkpoints/best-fp16.ckpt")), "fp16", TOL);
+    // Towers from the hub's pickle, decoder from CIDAS's safetensors.
+    check_own(&own(Arch::BiomedClipSegD, None), "d", TOL);
+}
+
+#[test]
+fn own_fixture_trained_decoder_exported_and_reloaded() {
+    // vlsm's folder from the Lightning checkpoint, read back from disk and from bytes.
+    let dir = vlsm_tests::fixture("biomedclipseg");
+    let out = tempfile::tempdir().unwrap();
+    sources(&dir, Arch::BiomedClipSeg, Some(dir.join("checkpoints/best.ckpt")))
+        .write_folder(out.path(), false, None)
+        .unwrap();
+    let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
+    assert_eq!(seg.arch(), Arch::BiomedClipSeg);
+    check_own(&seg, "trained", TOL);
+}
