@@ -270,3 +270,104 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+fn synthetic(root: &Path) {
+    let out = vlsm(
+        &["synthetic", s(root), "--train", "64", "--val", "16", "--test", "8"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Mean `dice_model` per model of a bench run's results.csv.
+fn mean_dice_by_model(out: &Path) -> std::collections::BTreeMap<String, f64> {
+    let mut reader = csv::Reader::from_path(out.join("results.csv")).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (model, dice) = (col("model"), col("dice_model"));
+    let mut sums: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for r in reader.records() {
+        let r = r.unwrap();
+        let e = sums.entry(r[model].to_string()).or_default();
+        e.0 += r[dice].parse::<f64>().unwrap();
+        e.1 += 1;
+    }
+    sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
+}
+
+/// BiomedCLIPSeg trains from a random decoder on frozen towers, -D from CIDAS's; both
+/// exports load in `segment` and `bench` (one run, one row per model, beside CLIPSeg).
+#[test]
+fn training_then_bench_and_segment_with_both_variants() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let hub = common::fixture("biomedclipseg/hub");
+    let mut bests = Vec::new();
+    for arch in ["biomedclipseg", "biomedclipseg-d"] {
+        let run = tmp.path().join(arch);
+        let out = vlsm(
+            &[
+                "train", "--hub-mirror", s(&hub), "--arch", arch, "--data", s(&root),
+                "--datasets", "ellipses", "--out", s(&run), "--prompt", "p1", "--epochs", "200",
+                "--batch-size", "16",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{arch}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(
+            err.contains("the decoder starts at random"),
+            arch == "biomedclipseg",
+            "{err}"
+        );
+        // metrics.csv: epoch, train loss, val loss, val Dice, …
+        let best = std::fs::read_to_string(run.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(3).unwrap().parse::<f64>().unwrap())
+            .fold(0.0, f64::max);
+        eprintln!("{arch}: best val Dice {best}");
+        assert!(best >= 0.8, "{arch}: val Dice reached only {best}");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("model/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["model_type"], "biomedclipseg");
+        bests.push(best);
+        // The export segments.
+        let seg_out = tmp.path().join(format!("{arch}-seg"));
+        let image = root.join("ellipses/images");
+        let first = std::fs::read_dir(&image).unwrap().next().unwrap().unwrap().path();
+        let out = vlsm(
+            &["segment", s(&first), "-p", "an ellipse", "--weights", s(&run.join("model")),
+              "--out", s(&seg_out)],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // One bench run over the two exports and a CLIPSeg folder: the exports score on the
+    // validation split exactly what training measured.
+    let bench = tmp.path().join("bench");
+    let clipseg = common::fixture("clipseg_refined");
+    let out = vlsm(
+        &[
+            "bench", "--data", s(&root), "--datasets", "ellipses",
+            "--weights", s(&tmp.path().join("biomedclipseg/model")),
+            "--weights", s(&tmp.path().join("biomedclipseg-d/model")),
+            "--weights", s(&clipseg),
+            "--prompts", "p1", "--split", "val", "--out", s(&bench),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let means = mean_dice_by_model(&bench);
+    assert_eq!(means.len(), 3, "{means:?}");
+    for (name, best) in [("biomedclipseg", bests[0]), ("biomedclipseg-d", bests[1])] {
+        let mean = means[name];
+        assert!((mean - best).abs() < 1e-6, "{name}: bench {mean}, training {best}");
+    }
+    let report = tmp.path().join("report");
+    let out = vlsm(&["report", s(&bench), "--out", s(&report)], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
