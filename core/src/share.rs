@@ -78,6 +78,9 @@ pub struct ShareState {
     pub weights_url: String,
     /// sha256 of the model's `model.safetensors`, lowercase hex, when known.
     pub weights_sha256: Option<String>,
+    /// The model family ([`crate::model::Arch::name`]), when known: a reproduction with
+    /// another family is a mismatch even if it loads.
+    pub model: Option<String>,
     pub prompts: Vec<String>,
     /// Foreground where `sigmoid(logit) > threshold`.
     pub threshold: f32,
@@ -106,6 +109,8 @@ struct WireWeights {
     url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -164,6 +169,15 @@ impl ShareState {
                 "weights URL must start with http:// or https://, got {:?}",
                 truncate(&self.weights_url, 80)
             ));
+        }
+        if let Some(model) = &self.model
+            && crate::model::Arch::from_name(model).is_none()
+        {
+            return Err(Error::Input(format!(
+                "unknown model family {:?} (expected one of {})",
+                truncate(model, 40),
+                crate::model::Arch::ALL.map(crate::model::Arch::name).join(", ")
+            )));
         }
         if let Some(sha) = &self.weights_sha256
             && !is_sha256(sha)
@@ -236,6 +250,7 @@ impl ShareState {
             weights: WireWeights {
                 url: self.weights_url.clone(),
                 sha256: self.weights_sha256.clone(),
+                model: self.model.clone(),
             },
             prompts: self.prompts.clone(),
             threshold: self.threshold,
@@ -336,6 +351,7 @@ impl ShareState {
         let state = ShareState {
             weights_url: wire.weights.url,
             weights_sha256: wire.weights.sha256,
+            model: wire.weights.model,
             prompts: wire.prompts,
             threshold: wire.threshold,
             view: wire.view,
@@ -425,6 +441,7 @@ mod tests {
         ShareState {
             weights_url: "https://huggingface.co/CIDAS/clipseg-rd64-refined/resolve/main".into(),
             weights_sha256: Some("ab".repeat(32)),
+            model: Some("biomedclipseg-d".into()),
             prompts: vec![
                 "polyp".into(),
                 "".into(),
@@ -561,6 +578,10 @@ mod tests {
             (
                 Box::new(|s| s.weights_url = "javascript:alert(1)".into()),
                 "weights URL",
+            ),
+            (
+                Box::new(|s| s.model = Some("cris-9000".into())),
+                "model family",
             ),
             (
                 Box::new(|s| s.weights_sha256 = Some("xyz".into())),

@@ -63,6 +63,8 @@ pub struct LoadedInfo {
     pub from_cache: bool,
     pub download_ms: f64,
     pub load_ms: f64,
+    /// The model family, as the link names it.
+    pub model: String,
 }
 
 #[derive(Clone, PartialEq)]
@@ -352,6 +354,7 @@ impl Page {
                 from_cache,
                 download_ms,
                 load_ms,
+                model,
                 ..
             } => {
                 let url = match self.model.get_untracked() {
@@ -370,6 +373,7 @@ impl Page {
                     from_cache,
                     download_ms,
                     load_ms,
+                    model,
                 }));
                 if let Some(pending) = self.pending.get_untracked()
                     && let Some(expected) = &pending.weights_sha256
@@ -613,10 +617,14 @@ impl Page {
             Some(r) => r.results.iter().map(|r| r.prompt.clone()).collect(),
             None => self.prompts.get_untracked(),
         };
-        let (weights_url, weights_sha256) = match self.model.get_untracked() {
-            ModelState::Loaded(info) => (info.url, Some(info.sha256).filter(|s| s.len() == 64)),
+        let (weights_url, weights_sha256, model) = match self.model.get_untracked() {
+            ModelState::Loaded(info) => (
+                info.url,
+                Some(info.sha256).filter(|s| s.len() == 64),
+                Some(info.model),
+            ),
             _ => match logic::normalize_weights_url(&self.weights_input.get_untracked()) {
-                Ok(url) => (url, None),
+                Ok(url) => (url, None, None),
                 Err(e) => return self.fail(e),
             },
         };
@@ -647,6 +655,7 @@ impl Page {
         let state = ShareState {
             weights_url,
             weights_sha256,
+            model,
             prompts,
             threshold: self.threshold.get_untracked(),
             view: ViewSettings {
@@ -835,7 +844,8 @@ fn ModelPanel(page: Page) -> impl IntoView {
                 ModelState::Loading { url } => format!("Loading {url} — {}", page.worker_status.get()),
                 ModelState::Failed { message } => format!("Failed: {message}"),
                 ModelState::Loaded(info) => format!(
-                    "Loaded on {} · {} {} ({} in {:.0} ms), built in {:.0} ms",
+                    "{} loaded on {} · {} {} ({} in {:.0} ms), built in {:.0} ms",
+                    vlsm::model::Arch::from_name(&info.model).map_or("Model", |a| a.display_name()),
                     info.device,
                     logic::human_bytes(info.bytes as f64),
                     info.dtype,

@@ -69,6 +69,8 @@ pub enum FromWorker {
         download_ms: f64,
         load_ms: f64,
         input_size: usize,
+        /// The model family (`clipseg`, `biomedclipseg`, `biomedclipseg-d`).
+        model: String,
     },
     /// One logits buffer per prompt follows, `size`×`size` f32 each.
     Segmented {

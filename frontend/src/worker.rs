@@ -331,20 +331,42 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     .await?
     .ok_or("config.json is missing")?;
     // Fail fast on a wrong URL before downloading hundreds of megabytes.
-    vlsm::ClipSegConfig::from_json(&config.bytes)
-        .map_err(|e| format!("{}: {e}", file("config.json")))?;
-    let mut optional = Vec::new();
-    for name in [
-        "preprocessor_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        status(format!("fetching {name}"));
-        optional.push(fetch_file(cache.as_ref(), &file(name), name, true, false).await?);
+    let config_error = |e: vlsm::Error| format!("{}: {e}", file("config.json"));
+    let arch = vlsm::ModelConfig::arch_of_json(&config.bytes).map_err(config_error)?;
+    if arch.is_biomedclip() {
+        vlsm::model::biomedclipseg::BiomedClipSegConfig::from_vlsm_json(&config.bytes)
+            .map_err(config_error)?;
+    } else {
+        vlsm::ClipSegConfig::from_json(&config.bytes).map_err(config_error)?;
     }
+    // BiomedCLIPSeg folders carry BERT's vocab.txt; CLIPSeg ones CLIP's BPE files.
+    let names: &[&str] = if arch.is_biomedclip() {
+        &["vocab.txt", "tokenizer_config.json"]
+    } else {
+        &[
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ]
+    };
+    let mut optional = Vec::new();
+    for &name in names {
+        status(format!("fetching {name}"));
+        optional.push((
+            name,
+            fetch_file(cache.as_ref(), &file(name), name, true, false).await?,
+        ));
+    }
+    let optional_file = |name: &str| {
+        optional
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, f)| f.as_ref())
+            .map(|f| f.bytes.as_slice())
+    };
     let (mut vocab, mut merges) = (None, None);
-    if optional[1].is_none() {
+    if !arch.is_biomedclip() && optional_file("tokenizer.json").is_none() {
         vocab = fetch_file(
             cache.as_ref(),
             &file("vocab.json"),
@@ -385,11 +407,12 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     let files = ModelFiles {
         config_json: &config.bytes,
         safetensors: &weights.bytes,
-        preprocessor_config_json: bytes_of(&optional[0]),
-        tokenizer_json: bytes_of(&optional[1]),
-        tokenizer_config_json: bytes_of(&optional[2]),
-        special_tokens_map_json: bytes_of(&optional[3]),
+        preprocessor_config_json: optional_file("preprocessor_config.json"),
+        tokenizer_json: optional_file("tokenizer.json"),
+        tokenizer_config_json: optional_file("tokenizer_config.json"),
+        special_tokens_map_json: optional_file("special_tokens_map.json"),
         vocab_json: bytes_of(&vocab),
+        vocab_txt: optional_file("vocab.txt"),
         merges_txt: bytes_of(&merges),
     };
     let (device, used, note) = device_for(backend).await;
@@ -424,6 +447,7 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
             download_ms,
             load_ms,
             input_size,
+            model: arch.name().to_string(),
         },
         Vec::new(),
     );

@@ -33,8 +33,9 @@ pub struct ShareArgs {
     /// downloading it from --weights-url.
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
-    threshold: f32,
+    /// Foreground where sigmoid(logit) > threshold [default: the study's for the model].
+    #[arg(long, value_parser = parse_threshold)]
+    threshold: Option<f32>,
     /// Overlay opacity the page shows (view setting).
     #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
     opacity: f32,
@@ -78,6 +79,17 @@ pub fn share(args: ShareArgs) -> Result<()> {
         .unwrap_or_else(|| "image".into());
     let weights_url = normalize_weights_url(&args.weights_url)
         .map_err(|e| anyhow::anyhow!("--weights-url: {e}"))?;
+    // The model family, from the folder's config.json (the page reads the same file).
+    let config = match &args.weights {
+        Some(dir) => std::fs::read(dir.join("config.json"))
+            .with_context(|| format!("{}/config.json", dir.display()))?,
+        None => download::get_bytes(
+            &file_url(&weights_url, "config.json"),
+            vlsm::limits::download_cap("config.json"),
+        )?
+        .context("the weights URL has no config.json")?,
+    };
+    let arch = vlsm::ModelConfig::arch_of_json(&config)?;
     let weights_sha256 = match &args.weights {
         Some(dir) => {
             let path = dir.join("model.safetensors");
@@ -119,8 +131,9 @@ pub fn share(args: ShareArgs) -> Result<()> {
     let state = ShareState {
         weights_url,
         weights_sha256: Some(weights_sha256),
+        model: Some(arch.name().to_string()),
         prompts: args.prompts,
-        threshold: args.threshold,
+        threshold: args.threshold.unwrap_or(arch.default_threshold()),
         view: ViewSettings {
             opacity: args.opacity,
             selected: 0,
@@ -210,6 +223,15 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     let device = backend::device(args.backend)?;
     let segmenter =
         Segmenter::from_dir(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(model) = &state.model
+        && model.as_str() != segmenter.arch().name()
+    {
+        eprintln!(
+            "warning: the link's model is {model}, these weights are {}",
+            segmenter.arch().name()
+        );
+        mismatches.push("model family");
+    }
     let encoded = segmenter.encode_image(&rgb)?;
     let prompts: Vec<&str> = state.prompts.iter().map(String::as_str).collect();
     let logits = segmenter.decode(&encoded, &prompts)?;
@@ -273,6 +295,7 @@ fn fetch_model(base: &str) -> Result<PathBuf> {
         ("tokenizer.json", false),
         ("vocab.json", false),
         ("merges.txt", false),
+        ("vocab.txt", false),
         ("tokenizer_config.json", false),
         ("special_tokens_map.json", false),
     ] {

@@ -184,6 +184,7 @@ fn link(image: vlsm::share::ImageSource, image_sha256: String, weights_url: &str
     vlsm::share::ShareState {
         weights_url: weights_url.into(),
         weights_sha256: None,
+        model: None,
         prompts: vec!["a polyp".into()],
         threshold: 0.5,
         view: vlsm::share::ViewSettings {

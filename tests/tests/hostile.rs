@@ -309,6 +309,7 @@ fn mutated_share_links_never_panic() {
     let state = vlsm::share::ShareState {
         weights_url: "https://huggingface.co/CIDAS/clipseg-rd64-refined/resolve/main/".into(),
         weights_sha256: Some("ab".repeat(32)),
+        model: Some("clipseg".into()),
         prompts: vec!["a polyp".into(), "a red lesion".into()],
         threshold: 0.5,
         view: vlsm::share::ViewSettings {

@@ -68,7 +68,7 @@ fn exporting_an_untrained_model_gives_back_the_checkpoint() {
     for name in ["clipseg_refined", "clipseg_simple"] {
         let dir = fixture(name);
         let segmenter = Segmenter::from_dir(&dir, &Device::flex()).unwrap();
-        let exported = segmenter.model.decoder.export().unwrap();
+        let exported = segmenter.model.decoder().export().unwrap();
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let weights = Weights::from_safetensors(&bytes, "model.safetensors").unwrap();
         let decoder_keys: Vec<&str> = weights
@@ -143,7 +143,7 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
         precision,
         ..Recipe::default()
     };
-    let mut straight = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    let mut straight = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
     straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
     let saved_weights = straight.trained().export().unwrap();
     let saved_optimizer = straight.optimizer.into_bytes().unwrap();
@@ -154,7 +154,12 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
     // Rebuild: the base checkpoint with the saved tensors, a fresh trainer, the saved state.
     let dir2 = tempfile::tempdir().unwrap();
     vlsm::train::export_model(&dir, saved_weights, dir2.path(), false).unwrap();
-    let rebuilt: ClipSeg = Segmenter::from_dir(dir2.path(), &device).unwrap().model;
+    let rebuilt: ClipSeg = Segmenter::from_dir(dir2.path(), &device)
+        .unwrap()
+        .model
+        .clipseg()
+        .unwrap()
+        .clone();
     // Full fine-tuning keeps the (resampled) vision position table fixed.
     let table = |m: &ClipSeg| {
         m.vision
@@ -164,7 +169,7 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
             .try_into_vec::<f32>()
             .unwrap()
     };
-    assert_eq!(table(&saved_model), table(&segmenter.model));
+    assert_eq!(table(&saved_model), table(segmenter.model.clipseg().unwrap()));
     let mut resumed = Trainer::new(rebuilt, recipe, &device).unwrap();
     resumed.progress = saved_progress;
     resumed.optimizer = resumed
@@ -209,7 +214,7 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
     let weights = |t: &Trainer<vlsm::model::ClipSeg>| t.trained().export().unwrap();
 
     // A scale no float16 gradient survives: every step is skipped, nothing moves.
-    let mut trainer = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    let mut trainer = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
     let before = weights(&trainer);
     trainer.progress.loss_scale = 2f64.powi(120);
     let log = trainer
@@ -225,7 +230,7 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
     );
 
     // A scale that overflows at first: halved until the gradients fit, then steps are taken.
-    let mut trainer = Trainer::new(segmenter.model.clone(), recipe.clone(), &device).unwrap();
+    let mut trainer = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
     trainer.progress.loss_scale = 2f64.powi(40);
     let log = trainer
         .epoch(&samples, &samples[..1], |_, _, _| {})
@@ -238,7 +243,7 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
 
     // float32 training ignores the loss scale.
     let mut trainer = Trainer::new(
-        segmenter.model.clone(),
+        segmenter.model.clipseg().unwrap().clone(),
         Recipe {
             precision: Precision::F32,
             ..recipe
@@ -288,7 +293,7 @@ fn float16_training_logits_stay_finite_on_large_activations() {
     let ad = device.autodiff();
     let model = vlsm::train::trainable(
         DecoderModel {
-            decoder: segmenter.model.decoder.clone(),
+            decoder: segmenter.model.decoder().clone(),
             grid: segmenter.model.grid(),
         }
         .fork(&ad),
@@ -344,7 +349,7 @@ fn every_epoch_draws_each_sample_a_prompt() {
     };
     let train = |conditioning: Vec<Vec<Tensor<2>>>| -> Vec<f32> {
         let model = DecoderModel {
-            decoder: segmenter.model.decoder.clone(),
+            decoder: segmenter.model.decoder().clone(),
             grid: segmenter.model.grid(),
         };
         let recipe = Recipe {
