@@ -183,11 +183,13 @@ impl BiomedSources {
                 "{shown}: {} bytes, more than a {name} may have",
                 meta.len()
             ))),
-            Ok(_) => Ok((std::fs::read(&path).map_err(|e| Error::io(&path, e))?, shown)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Input(format!(
-                "{}: no {name}",
-                dir.display()
-            ))),
+            Ok(_) => Ok((
+                std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+                shown,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::Input(format!("{}: no {name}", dir.display())))
+            }
             Err(e) => Err(Error::io(&path, e)),
         }
     }
@@ -399,7 +401,11 @@ impl BiomedSources {
                 for key in dw.keys() {
                     if let Some(rest) = key.strip_prefix(prefix.as_str()) {
                         let shape = dw.shape(key).expect("listed key").to_vec();
-                        tensors.push((format!("decoder.{rest}"), shape.clone(), dw.read_f32(key, &shape)?));
+                        tensors.push((
+                            format!("decoder.{rest}"),
+                            shape.clone(),
+                            dw.read_f32(key, &shape)?,
+                        ));
                     }
                 }
             }
@@ -464,4 +470,3 @@ pub fn write_synced(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
-

@@ -66,10 +66,16 @@ fn is_training_extra(module: &str, name: &str) -> bool {
     matches!(
         (module, name),
         ("functools", "partial")
-            | ("builtins" | "__builtin__", "set" | "frozenset" | "slice" | "complex")
+            | (
+                "builtins" | "__builtin__",
+                "set" | "frozenset" | "slice" | "complex"
+            )
             | ("collections", "defaultdict" | "deque")
             | ("torch", "device" | "dtype")
-            | ("numpy.core.multiarray" | "numpy._core.multiarray", "scalar" | "_reconstruct")
+            | (
+                "numpy.core.multiarray" | "numpy._core.multiarray",
+                "scalar" | "_reconstruct"
+            )
             | ("numpy", "dtype" | "ndarray")
     ) || (class_name
         && (module.starts_with("monai.losses")

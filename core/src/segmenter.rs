@@ -144,7 +144,9 @@ impl Pipeline {
         let max_len = config.text_config.max_position_embeddings;
         let tokenizer = match (files.tokenizer_json, files.vocab_json, files.merges_txt) {
             (Some(json), _, _) => PromptTokenizer::from_tokenizer_json(json, &settings, max_len)
-                .map_err(|e| Error::Tokenizer(format!("CLIPSeg needs CLIP's BPE tokenizer: {e}")))?,
+                .map_err(|e| {
+                    Error::Tokenizer(format!("CLIPSeg needs CLIP's BPE tokenizer: {e}"))
+                })?,
             (None, Some(vocab), Some(merges)) => {
                 PromptTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
             }

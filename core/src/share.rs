@@ -176,7 +176,9 @@ impl ShareState {
             return Err(Error::Input(format!(
                 "unknown model family {:?} (expected one of {})",
                 truncate(model, 40),
-                crate::model::Arch::ALL.map(crate::model::Arch::name).join(", ")
+                crate::model::Arch::ALL
+                    .map(crate::model::Arch::name)
+                    .join(", ")
             )));
         }
         if let Some(sha) = &self.weights_sha256

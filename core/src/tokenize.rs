@@ -174,7 +174,9 @@ impl PromptTokenizer {
         }
         for special in [BERT_CLS, BERT_SEP, BERT_PAD, BERT_UNK] {
             if !vocab.contains_key(special) {
-                return Err(Error::Tokenizer(format!("vocab.txt has no `{special}` token")));
+                return Err(Error::Tokenizer(format!(
+                    "vocab.txt has no `{special}` token"
+                )));
             }
         }
         let spec = json!({

@@ -41,7 +41,12 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
     }
     let source = args.model.resolve()?;
     if let ModelSource::Biomed(s) = &source {
-        if out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if out.exists()
+            && out
+                .read_dir()
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
             bail!("{}: exists and is not empty", out.display());
         }
         // Loading first: a model that cannot run is not worth writing.

@@ -75,8 +75,16 @@ pub enum ModelSource {
 impl ModelSource {
     /// Resolves the options. `weights`: a model folder, a BiomedCLIP repo folder, or a
     /// decoder checkpoint file (`best.ckpt`, …); `model`: a hub id; `arch`: the family.
-    pub fn resolve(model: Option<&str>, weights: Option<&Path>, arch: Option<Arch>) -> Result<Self> {
+    pub fn resolve(
+        model: Option<&str>,
+        weights: Option<&Path>,
+        arch: Option<Arch>,
+    ) -> Result<Self> {
         let source = match weights {
+            Some(path) if path.is_dir() && model.is_some() => bail!(
+                "--model and --weights {} both name the model: give one (--model goes with --weights only for a decoder checkpoint file)",
+                path.display()
+            ),
             Some(path) if path.is_dir() => {
                 if path.join("config.json").is_file() {
                     Self::Dir(path.to_path_buf())
@@ -150,6 +158,25 @@ impl ModelSource {
                 .with_context(|| format!("loading {}", dir.display()))?,
             Self::Biomed(s) => s.load(device)?,
         })
+    }
+
+    /// The model a training run starts from: BiomedCLIPSeg without a decoder gets one
+    /// initialised at random from `seed`, as the study starts it.
+    pub fn load_for_training(&self, device: &Device, seed: u64, full: bool) -> Result<Segmenter> {
+        match self {
+            Self::Biomed(s) if s.arch == Arch::BiomedClipSeg && s.decoder.is_none() => {
+                if full {
+                    bail!(
+                        "--full: BiomedCLIPSeg trains its decoder on frozen towers, as in the study"
+                    );
+                }
+                eprintln!(
+                    "BiomedCLIPSeg: the decoder starts at random from seed {seed}, as in the study"
+                );
+                Ok(s.load_fresh_decoder(device, seed)?)
+            }
+            _ => self.load(device),
+        }
     }
 
     /// What config files and logs call it.
@@ -226,7 +253,10 @@ fn biomed(arch: Arch, dir: PathBuf, decoder: Option<PathBuf>) -> Result<BiomedSo
     let cidas = Repo::open(hub::DEFAULT_MODEL)?;
     let cidas_dir = Repo::dir_of(&cidas.one_of(&["config.json"], "the decoder config")?)?;
     if arch == Arch::BiomedClipSegD && decoder.is_none() {
-        cidas.one_of(&["model.safetensors", "pytorch_model.bin"], "CIDAS's decoder")?;
+        cidas.one_of(
+            &["model.safetensors", "pytorch_model.bin"],
+            "CIDAS's decoder",
+        )?;
     }
     Ok(BiomedSources {
         arch,

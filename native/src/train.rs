@@ -18,7 +18,6 @@ use vlsm::train::{
     CachedSample, DecoderModel, EpochLog, ImageSample, Loss, Precision, Progress, PromptChoices,
     Recipe, Trainer, TrainingModel, target_tensor, write_synced,
 };
-use vlsm::model::Arch;
 use vlsm::{Segmenter, preprocess};
 
 use crate::backend::{self, Backend};
@@ -229,19 +228,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = backend::device(args.backend)?;
     recipe.precision.check(&device)?;
-    let segmenter = match &source {
-        ModelSource::Biomed(s) if s.arch == Arch::BiomedClipSeg && s.decoder.is_none() => {
-            if args.full {
-                bail!("--full: BiomedCLIPSeg trains its decoder on frozen towers, as in the study");
-            }
-            eprintln!(
-                "BiomedCLIPSeg: the decoder starts at random from seed {}, as in the study",
-                recipe.seed
-            );
-            s.load_fresh_decoder(&device, recipe.seed)?
-        }
-        _ => source.load(&device)?,
-    };
+    let segmenter = source.load_for_training(&device, recipe.seed, args.full)?;
     let data = Data {
         root: &data_root,
         datasets: &datasets,

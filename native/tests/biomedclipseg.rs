@@ -16,7 +16,11 @@ fn shared(path: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared")
         .join(path);
-    assert!(p.exists(), "{} is missing (the shared/ folder)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing (the shared/ folder)",
+        p.display()
+    );
     p
 }
 
@@ -97,15 +101,9 @@ fn converted_folder_and_the_environment_mirror_give_the_same_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let folder = tmp.path().join("biomedclipseg-d");
     let env = [("VLSM_HUB_MIRROR", s(&hub)), ("HF_HOME", s(tmp.path()))];
-    let run = vlsm(
-        &["convert", "--arch", "biomedclipseg-d", s(&folder)],
-        &env,
-    );
+    let run = vlsm(&["convert", "--arch", "biomedclipseg-d", s(&folder)], &env);
     assert!(run.status.success(), "{}", stderr(&run));
-    check_pairs(
-        "fixtures/tiny_biomedclipseg_d",
-        &["--weights", s(&folder)],
-    );
+    check_pairs("fixtures/tiny_biomedclipseg_d", &["--weights", s(&folder)]);
     // fp16 weights: half the size, logits close.
     let half = tmp.path().join("half");
     let run = vlsm(
@@ -113,8 +111,15 @@ fn converted_folder_and_the_environment_mirror_give_the_same_logits() {
         &env,
     );
     assert!(run.status.success(), "{}", stderr(&run));
-    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
-    assert!(size(&half) * 10 < size(&folder) * 6, "fp16 is not half the size");
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&half) * 10 < size(&folder) * 6,
+        "fp16 is not half the size"
+    );
 }
 
 #[test]
@@ -231,7 +236,12 @@ fn bad_inputs_are_one_clear_error() {
 
     // --arch that contradicts the folder.
     let run = segment(
-        &["--weights", s(&common::fixture("clipseg_refined")), "--arch", "biomedclipseg-d"],
+        &[
+            "--weights",
+            s(&common::fixture("clipseg_refined")),
+            "--arch",
+            "biomedclipseg-d",
+        ],
         &[],
     );
     assert_clean_error(&run, "is a CLIPSeg model");
@@ -258,7 +268,11 @@ fn a_2000_word_prompt_is_truncated_with_a_warning() {
         &[("HF_HOME", s(tmp.path()))],
     );
     assert!(run.status.success(), "{}", stderr(&run));
-    assert!(stderr(&run).contains("longer than the model's 256 tokens"), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("longer than the model's 256 tokens"),
+        "{}",
+        stderr(&run)
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -273,7 +287,16 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn synthetic(root: &Path) {
     let out = vlsm(
-        &["synthetic", s(root), "--train", "64", "--val", "16", "--test", "8"],
+        &[
+            "synthetic",
+            s(root),
+            "--train",
+            "64",
+            "--val",
+            "16",
+            "--test",
+            "8",
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -292,7 +315,9 @@ fn mean_dice_by_model(out: &Path) -> std::collections::BTreeMap<String, f64> {
         e.0 += r[dice].parse::<f64>().unwrap();
         e.1 += 1;
     }
-    sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
+    sums.into_iter()
+        .map(|(k, (s, n))| (k, s / n as f64))
+        .collect()
 }
 
 /// BiomedCLIPSeg trains from a random decoder on frozen towers, -D from CIDAS's; both
@@ -308,9 +333,23 @@ fn training_then_bench_and_segment_with_both_variants() {
         let run = tmp.path().join(arch);
         let out = vlsm(
             &[
-                "train", "--hub-mirror", s(&hub), "--arch", arch, "--data", s(&root),
-                "--datasets", "ellipses", "--out", s(&run), "--prompt", "p1", "--epochs", "200",
-                "--batch-size", "16",
+                "train",
+                "--hub-mirror",
+                s(&hub),
+                "--arch",
+                arch,
+                "--data",
+                s(&root),
+                "--datasets",
+                "ellipses",
+                "--out",
+                s(&run),
+                "--prompt",
+                "p1",
+                "--epochs",
+                "200",
+                "--batch-size",
+                "16",
             ],
             &[],
         );
@@ -331,17 +370,29 @@ fn training_then_bench_and_segment_with_both_variants() {
         eprintln!("{arch}: best val Dice {best}");
         assert!(best >= 0.8, "{arch}: val Dice reached only {best}");
         let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(run.join("model/config.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(run.join("model/config.json")).unwrap()).unwrap();
         assert_eq!(config["model_type"], "biomedclipseg");
         bests.push(best);
         // The export segments.
         let seg_out = tmp.path().join(format!("{arch}-seg"));
         let image = root.join("ellipses/images");
-        let first = std::fs::read_dir(&image).unwrap().next().unwrap().unwrap().path();
+        let first = std::fs::read_dir(&image)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let out = vlsm(
-            &["segment", s(&first), "-p", "an ellipse", "--weights", s(&run.join("model")),
-              "--out", s(&seg_out)],
+            &[
+                "segment",
+                s(&first),
+                "-p",
+                "an ellipse",
+                "--weights",
+                s(&run.join("model")),
+                "--out",
+                s(&seg_out),
+            ],
             &[],
         );
         assert!(out.status.success(), "{}", stderr(&out));
@@ -352,11 +403,23 @@ fn training_then_bench_and_segment_with_both_variants() {
     let clipseg = common::fixture("clipseg_refined");
     let out = vlsm(
         &[
-            "bench", "--data", s(&root), "--datasets", "ellipses",
-            "--weights", s(&tmp.path().join("biomedclipseg/model")),
-            "--weights", s(&tmp.path().join("biomedclipseg-d/model")),
-            "--weights", s(&clipseg),
-            "--prompts", "p1", "--split", "val", "--out", s(&bench),
+            "bench",
+            "--data",
+            s(&root),
+            "--datasets",
+            "ellipses",
+            "--weights",
+            s(&tmp.path().join("biomedclipseg/model")),
+            "--weights",
+            s(&tmp.path().join("biomedclipseg-d/model")),
+            "--weights",
+            s(&clipseg),
+            "--prompts",
+            "p1",
+            "--split",
+            "val",
+            "--out",
+            s(&bench),
         ],
         &[],
     );
@@ -365,7 +428,10 @@ fn training_then_bench_and_segment_with_both_variants() {
     assert_eq!(means.len(), 3, "{means:?}");
     for (name, best) in [("biomedclipseg", bests[0]), ("biomedclipseg-d", bests[1])] {
         let mean = means[name];
-        assert!((mean - best).abs() < 1e-6, "{name}: bench {mean}, training {best}");
+        assert!(
+            (mean - best).abs() < 1e-6,
+            "{name}: bench {mean}, training {best}"
+        );
     }
     let report = tmp.path().join("report");
     let out = vlsm(&["report", s(&bench), "--out", s(&report)], &[]);

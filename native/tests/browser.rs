@@ -219,6 +219,21 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         })
         .collect();
 
+    // A second family: BiomedCLIPSeg-D from the repository's own fixture, as `convert` writes it.
+    let biomed = tmp.path().join("biomedclipseg-d");
+    let out = vlsm(
+        &[
+            "convert",
+            "--hub-mirror",
+            fixture("biomedclipseg/hub").to_str().unwrap(),
+            "--arch",
+            "biomedclipseg-d",
+            biomed.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -237,6 +252,8 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg(&truth_path)
         .arg("--huge")
         .arg(&huge_path)
+        .arg("--model2")
+        .arg(&biomed)
         .arg("--shots")
         .arg(&shots);
     for p in PROMPTS {
@@ -317,6 +334,39 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         "{}",
         r["no_webgpu_note"]
     );
+
+    // BiomedCLIPSeg-D in the page: loaded as such, CPU masks equal `vlsm reproduce` of the
+    // page's own link (which names the family), and its link on WebGPU gives them too.
+    let m2 = &r["model2"];
+    assert_eq!(m2["state"], "loaded", "{m2}");
+    assert!(
+        m2["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("BiomedCLIPSeg-D loaded"),
+        "{}",
+        m2["status"]
+    );
+    assert_eq!(m2["cpu"]["run"], "done", "{}", m2["cpu"]);
+    let biomed_page = strings(&m2["cpu"]["fingerprints"]);
+    let m2_link = m2["link"].as_str().unwrap();
+    let state = vlsm::share::ShareState::from_link(m2_link).unwrap();
+    assert_eq!(state.model.as_deref(), Some("biomedclipseg-d"));
+    assert_eq!(
+        native_fingerprints(m2_link, &biomed, tmp.path(), false),
+        biomed_page
+    );
+    assert_ne!(biomed_page, page, "the two models gave the same masks");
+    assert_eq!(m2["webgpu"]["run"], "done", "{}", m2["webgpu"]);
+    assert_eq!(m2["webgpu"]["backend"], "WebGPU");
+    assert_eq!(strings(&m2["webgpu"]["fingerprints"]), biomed_page);
+    // The CLIPSeg folder is not what that link names: reproduce says so.
+    let out = vlsm(
+        &["reproduce", m2_link, "--weights", weights.to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("model family"), "{}", stderr(&out));
 
     // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
     let link = r["share_link"].as_str().unwrap();

@@ -31,7 +31,7 @@ const TYPES = {
   '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
 };
 
-function serve(dist, modelDir, port = 0) {
+function serve(dist, modelDir, port = 0, model2Dir = null) {
   const log = [];
   const state = { modelsOffline: false, truncateWeights: false };
   const server = http.createServer((req, res) => {
@@ -54,6 +54,9 @@ function serve(dist, modelDir, port = 0) {
       if (url.pathname.startsWith('/models/m/')) {
         if (state.modelsOffline) { res.writeHead(503); res.end(); return; }
         file = path.join(modelDir, decodeURIComponent(url.pathname.slice('/models/m/'.length)));
+      } else if (model2Dir && url.pathname.startsWith('/models/m2/')) {
+        file = path.join(model2Dir, decodeURIComponent(url.pathname.slice('/models/m2/'.length)));
+        if (!file.startsWith(model2Dir)) { res.writeHead(403); res.end(); return; }
       } else {
         file = path.join(dist, decodeURIComponent(url.pathname));
         if (url.pathname.endsWith('/')) file = path.join(file, 'index.html');
@@ -142,7 +145,8 @@ async function errorText(page) {
 }
 
 async function e2e(args) {
-  const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0);
+  const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0,
+    args.model2 ? path.resolve(args.model2) : null);
   const base = `http://127.0.0.1:${port}`;
   const modelUrl = `${base}/models/m`;
   const out = { base, console: [], requests: [] };
@@ -242,6 +246,31 @@ async function e2e(args) {
       await mm.goto(args['mismatch-link'].replace(/^[^#]*/, `${base}/?backend=cpu`));
       await mm.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
       out.mismatch_info = await mm.textContent('#info').catch(() => null);
+    }
+
+    // 5c. Another model family (a BiomedCLIPSeg-D folder): CPU run, share, the link on WebGPU.
+    if (args.model2) {
+      const other = await browser.newContext();
+      const p2 = await other.newPage();
+      watch(p2, out);
+      await p2.goto(`${base}/?backend=cpu`);
+      await waitFor(p2, '#load');
+      out.model2 = { state: await loadModel(p2, `${base}/models/m2`) };
+      out.model2.status = await p2.textContent('#model-status');
+      await p2.setInputFiles('#image-file', args.image);
+      await waitFor(p2, '#image-status');
+      await setPrompts(p2, args.prompt);
+      out.model2.cpu = await runAndRead(p2);
+      await p2.click('#share');
+      await waitFor(p2, '#share-link');
+      out.model2.link = await p2.inputValue('#share-link');
+      const g2 = await other.newPage();
+      watch(g2, out);
+      await g2.goto(out.model2.link.replace(/^[^#]*/, `${base}/?backend=webgpu`));
+      await g2.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
+      out.model2.webgpu = await readResults(g2);
+      if (args.shots) await g2.screenshot({ path: path.join(args.shots, 'model2-webgpu.png'), fullPage: true });
+      await other.close();
     }
 
     // 6. Bad input gets a message, not a crash.

@@ -59,12 +59,19 @@ fn check(seg: &Segmenter, dir: &Path, what: &str) {
         .collect();
 
     // Tokens: the BERT WordPiece ids, [CLS] … [SEP], padded with 0 to 256.
-    let prompts: Vec<&str> = pairs.iter().map(|p| p["prompt"].as_str().unwrap()).collect();
+    let prompts: Vec<&str> = pairs
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
     let tokens = seg.tokenize(&prompts).unwrap();
     let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
     assert_eq!(ids, inputs.i64_rows("input_ids"), "{what}: token ids");
     let masks: Vec<Vec<i64>> = tokens.iter().map(|t| t.attention_mask.clone()).collect();
-    assert_eq!(masks, inputs.i64_rows("attention_mask"), "{what}: attention mask");
+    assert_eq!(
+        masks,
+        inputs.i64_rows("attention_mask"),
+        "{what}: attention mask"
+    );
 
     // Preprocessing: medvlsm's dataset output from the PNGs (one greyscale).
     let s = seg.input_size();
@@ -213,7 +220,11 @@ fn vlsm_folder_round_trips() {
     check(&seg, &dir, "vlsm folder");
     // The page's path: the same folder from bytes.
     let read = |n: &str| std::fs::read(out.path().join(n)).unwrap();
-    let (config, weights, vocab) = (read("config.json"), read("model.safetensors"), read("vocab.txt"));
+    let (config, weights, vocab) = (
+        read("config.json"),
+        read("model.safetensors"),
+        read("vocab.txt"),
+    );
     let files = vlsm::ModelFiles {
         config_json: &config,
         safetensors: &weights,
@@ -232,7 +243,10 @@ fn biomedclipseg_without_a_decoder_is_refused() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("no trained decoder") && e.contains("biomedclipseg-d"), "{e}");
+    assert!(
+        e.contains("no trained decoder") && e.contains("biomedclipseg-d"),
+        "{e}"
+    );
     assert!(!e.contains('\n'), "{e}");
 }
 
@@ -248,7 +262,9 @@ fn prompts_beyond_256_tokens_are_truncated() {
     assert_eq!(t[0].ids[255], 3, "[SEP] closes a truncated prompt");
     assert!(t[0].attention_mask.iter().all(|&m| m == 1));
     let rgb = preprocess::decode_rgb(&std::fs::read(dir.join("image0.png")).unwrap()).unwrap();
-    let logits = seg.decode(&seg.encode_image(&rgb).unwrap(), &[long.as_str()]).unwrap();
+    let logits = seg
+        .decode(&seg.encode_image(&rgb).unwrap(), &[long.as_str()])
+        .unwrap();
     assert!(logits[0].values.iter().all(|v| v.is_finite()));
 }
 
@@ -259,7 +275,10 @@ fn check_own(seg: &Segmenter, tag: &str, tol: f32) {
     let r = Reference::read(&dir.join("reference.safetensors"));
     let m = manifest(&dir);
     let pairs = m["pairs"].as_array().unwrap();
-    let prompts: Vec<&str> = pairs.iter().map(|p| p["prompt"].as_str().unwrap()).collect();
+    let prompts: Vec<&str> = pairs
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
     let tokens = seg.tokenize(&prompts).unwrap();
     let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
     assert_eq!(ids, r.i64_rows("input_ids"), "{tag}: token ids");
@@ -281,7 +300,13 @@ fn check_own(seg: &Segmenter, tag: &str, tol: f32) {
         TensorData::new(r.f32("pixel_values"), [images.len(), 3, s, s]),
         &device,
     );
-    for (tap, block) in seg.model.vision_taps(pixels.clone()).unwrap().iter().zip([10, 7, 4]) {
+    for (tap, block) in seg
+        .model
+        .vision_taps(pixels.clone())
+        .unwrap()
+        .iter()
+        .zip([10, 7, 4])
+    {
         assert_close(
             &format!("{tag}: block output {block}"),
             &values(tap.clone()),
@@ -329,14 +354,22 @@ fn own(arch: Arch, decoder: Option<&str>) -> Segmenter {
 
 #[test]
 fn own_fixture_every_checkpoint_format_matches_medvlsm() {
-    check_own(&own(Arch::BiomedClipSeg, Some("checkpoints/best.ckpt")), "trained", TOL);
+    check_own(
+        &own(Arch::BiomedClipSeg, Some("checkpoints/best.ckpt")),
+        "trained",
+        TOL,
+    );
     check_own(
         &own(Arch::BiomedClipSeg, Some("checkpoints/best.safetensors")),
         "trained",
         TOL,
     );
     // float16 weights, against the float64 forward of the same rounded weights.
-    check_own(&own(Arch::BiomedClipSeg, Some("checkpoints/best-fp16.ckpt")), "fp16", TOL);
+    check_own(
+        &own(Arch::BiomedClipSeg, Some("checkpoints/best-fp16.ckpt")),
+        "fp16",
+        TOL,
+    );
     // Towers from the hub's pickle, decoder from CIDAS's safetensors.
     check_own(&own(Arch::BiomedClipSegD, None), "d", TOL);
 }
@@ -346,9 +379,13 @@ fn own_fixture_trained_decoder_exported_and_reloaded() {
     // vlsm's folder from the Lightning checkpoint, read back from disk and from bytes.
     let dir = vlsm_tests::fixture("biomedclipseg");
     let out = tempfile::tempdir().unwrap();
-    sources(&dir, Arch::BiomedClipSeg, Some(dir.join("checkpoints/best.ckpt")))
-        .write_folder(out.path(), false, None)
-        .unwrap();
+    sources(
+        &dir,
+        Arch::BiomedClipSeg,
+        Some(dir.join("checkpoints/best.ckpt")),
+    )
+    .write_folder(out.path(), false, None)
+    .unwrap();
     let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSeg);
     check_own(&seg, "trained", TOL);

@@ -60,7 +60,13 @@ fn check_model(name: &str) {
     // Intermediates on the first image, so a failure says where.
     let px = reference.f32("pixel_values.0");
     let pixels = pixels_tensor(&[px], s, &device);
-    let states = seg.model.clipseg().unwrap().vision.hidden_states(pixels.clone()).unwrap();
+    let states = seg
+        .model
+        .clipseg()
+        .unwrap()
+        .vision
+        .hidden_states(pixels.clone())
+        .unwrap();
     for (k, state) in states.iter().enumerate() {
         assert_close(
             &format!("{name}: vision hidden state {k}"),
@@ -69,7 +75,13 @@ fn check_model(name: &str) {
             TOL,
         );
     }
-    let (hidden, pooled) = seg.model.clipseg().unwrap().text.forward(&tokens, false, &device).unwrap();
+    let (hidden, pooled) = seg
+        .model
+        .clipseg()
+        .unwrap()
+        .text
+        .forward(&tokens, false, &device)
+        .unwrap();
     assert_close(
         &format!("{name}: text last hidden state"),
         &values(hidden),

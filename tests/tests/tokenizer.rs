@@ -180,8 +180,12 @@ fn ids_equal_the_shared_independent_reference() {
 
 /// BiomedCLIPSeg's tokenizer on the fixture vocabulary (tools/make_bert_tokens.py).
 fn bert() -> PromptTokenizer {
-    PromptTokenizer::from_bert_vocab(&std::fs::read(fixture("bert/vocab.txt")).unwrap(), true, 256)
-        .unwrap()
+    PromptTokenizer::from_bert_vocab(
+        &std::fs::read(fixture("bert/vocab.txt")).unwrap(),
+        true,
+        256,
+    )
+    .unwrap()
 }
 
 fn reference_digests(file: &str) -> HashMap<String, String> {
@@ -222,8 +226,7 @@ fn bert_ids_equal_transformers_on_every_medvlsm_prompt() {
 #[test]
 fn bert_ids_equal_transformers_on_edge_cases() {
     let extra: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture("tokens/bert_extra.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(fixture("tokens/bert_extra.json")).unwrap()).unwrap();
     let t = bert();
     let ints = |v: &serde_json::Value| -> Vec<i64> {
         v.as_array()

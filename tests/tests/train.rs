@@ -143,7 +143,12 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
         precision,
         ..Recipe::default()
     };
-    let mut straight = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
+    let mut straight = Trainer::new(
+        segmenter.model.clipseg().unwrap().clone(),
+        recipe.clone(),
+        &device,
+    )
+    .unwrap();
     straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
     let saved_weights = straight.trained().export().unwrap();
     let saved_optimizer = straight.optimizer.into_bytes().unwrap();
@@ -169,7 +174,10 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
             .try_into_vec::<f32>()
             .unwrap()
     };
-    assert_eq!(table(&saved_model), table(segmenter.model.clipseg().unwrap()));
+    assert_eq!(
+        table(&saved_model),
+        table(segmenter.model.clipseg().unwrap())
+    );
     let mut resumed = Trainer::new(rebuilt, recipe, &device).unwrap();
     resumed.progress = saved_progress;
     resumed.optimizer = resumed
@@ -214,7 +222,12 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
     let weights = |t: &Trainer<vlsm::model::ClipSeg>| t.trained().export().unwrap();
 
     // A scale no float16 gradient survives: every step is skipped, nothing moves.
-    let mut trainer = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
+    let mut trainer = Trainer::new(
+        segmenter.model.clipseg().unwrap().clone(),
+        recipe.clone(),
+        &device,
+    )
+    .unwrap();
     let before = weights(&trainer);
     trainer.progress.loss_scale = 2f64.powi(120);
     let log = trainer
@@ -230,7 +243,12 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
     );
 
     // A scale that overflows at first: halved until the gradients fit, then steps are taken.
-    let mut trainer = Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe.clone(), &device).unwrap();
+    let mut trainer = Trainer::new(
+        segmenter.model.clipseg().unwrap().clone(),
+        recipe.clone(),
+        &device,
+    )
+    .unwrap();
     trainer.progress.loss_scale = 2f64.powi(40);
     let log = trainer
         .epoch(&samples, &samples[..1], |_, _, _| {})

@@ -181,7 +181,12 @@ impl Bert {
         }
         let len = prompts
             .iter()
-            .map(|p| p.attention_mask.iter().rposition(|&m| m != 0).map_or(1, |i| i + 1))
+            .map(|p| {
+                p.attention_mask
+                    .iter()
+                    .rposition(|&m| m != 0)
+                    .map_or(1, |i| i + 1)
+            })
             .max()
             .unwrap_or(1);
         if len > self.max_positions() {

@@ -45,7 +45,10 @@ pub fn linear_from_rows(
             device,
         )),
         bias: bias.map(|b| {
-            Param::from_tensor(Tensor::from_data(TensorData::new(b.to_vec(), [d_out]), device))
+            Param::from_tensor(Tensor::from_data(
+                TensorData::new(b.to_vec(), [d_out]),
+                device,
+            ))
         }),
     }
 }

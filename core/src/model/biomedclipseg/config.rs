@@ -313,10 +313,16 @@ impl BiomedClipSegConfig {
             text_config: Value,
             decoder_config: Value,
         }
-        let f: Folder = serde_json::from_slice(json)
-            .map_err(|e| Error::Config(format!("config.json: not a vlsm BiomedCLIPSeg config ({e})")))?;
+        let f: Folder = serde_json::from_slice(json).map_err(|e| {
+            Error::Config(format!(
+                "config.json: not a vlsm BiomedCLIPSeg config ({e})"
+            ))
+        })?;
         let arch = Arch::from_name(&f.model_type).ok_or_else(|| {
-            Error::Config(format!("config.json: unknown model_type `{}`", f.model_type))
+            Error::Config(format!(
+                "config.json: unknown model_type `{}`",
+                f.model_type
+            ))
         })?;
         Self::from_values(
             arch,

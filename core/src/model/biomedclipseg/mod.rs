@@ -60,7 +60,12 @@ impl BiomedClipSeg {
                 Self::blocks_used(cfg),
                 device,
             )?,
-            text: Bert::load(w.towers, &format!("{tp}text.transformer"), &cfg.bert, device)?,
+            text: Bert::load(
+                w.towers,
+                &format!("{tp}text.transformer"),
+                &cfg.bert,
+                device,
+            )?,
             text_proj_in: linear(
                 w.towers,
                 &format!("{tp}text.proj.0"),
@@ -84,7 +89,11 @@ impl BiomedClipSeg {
 
     /// The ViT blocks the mask depends on: up to block output `max(extract_layers) + 1`.
     pub fn blocks_used(cfg: &BiomedClipSegConfig) -> usize {
-        cfg.decoder.extract_layers.iter().max().map_or(0, |&l| l + 2)
+        cfg.decoder
+            .extract_layers
+            .iter()
+            .max()
+            .map_or(0, |&l| l + 2)
     }
 
     /// Whether a tower key is one the mask never reads (open_clip's image head and final

@@ -15,8 +15,8 @@ use crate::config::{Activation, VisionConfig};
 use crate::error::{Error, Result};
 use crate::model::biomedclipseg::TimmVitConfig;
 use crate::model::layers::{
-    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, export_norm, layer_norm,
-    linear, linear_from_rows, named, values,
+    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, export_norm, layer_norm, linear,
+    linear_from_rows, named, values,
 };
 use crate::weights::Weights;
 
@@ -255,8 +255,22 @@ fn load_timm_block(
         },
         layer_norm1: layer_norm(w, &format!("{prefix}.norm1"), d, s.eps, device)?,
         mlp: Mlp {
-            fc1: linear(w, &format!("{prefix}.mlp.fc1"), d, s.intermediate, true, device)?,
-            fc2: linear(w, &format!("{prefix}.mlp.fc2"), s.intermediate, d, true, device)?,
+            fc1: linear(
+                w,
+                &format!("{prefix}.mlp.fc1"),
+                d,
+                s.intermediate,
+                true,
+                device,
+            )?,
+            fc2: linear(
+                w,
+                &format!("{prefix}.mlp.fc2"),
+                s.intermediate,
+                d,
+                true,
+                device,
+            )?,
             act: s.act,
         },
         layer_norm2: layer_norm(w, &format!("{prefix}.norm2"), d, s.eps, device)?,

@@ -363,4 +363,3 @@ pub struct DecoderTrace {
     pub feature_map: Tensor<4>,
     pub logits: Tensor<3>,
 }
-
