@@ -20,7 +20,8 @@ Writes tests/fixtures/biomedclipseg/:
                         CIDAS: config.json + model.safetensors, a full tiny CLIPSeg)
   checkpoints/best.ckpt Lightning-style (state_dict net.*, AdamW state, pickled DiceCELoss
                         and functools.partial objects); best.safetensors (same state_dict);
-                        best-fp16.ckpt (state_dict in float16)
+                        best-fp16.ckpt (state_dict in float16); evil.ckpt (a hyper-parameter
+                        whose unpickling calls os.system: must be refused, never run)
   reference.safetensors float64 reference of the trained model (f32 weights and fp16-rounded
                         weights) and of -D: taps, pooled text, FiLM vector, logits
   manifest.json         prompts, images, versions
@@ -170,6 +171,10 @@ def main():
     }
     torch.save(ckpt, OUT / "checkpoints" / "best.ckpt")
     save_file({k: v.contiguous() for k, v in state.items()}, OUT / "checkpoints" / "best.safetensors")
+    # A hostile checkpoint: real tensors, plus a hyper-parameter whose unpickling would run
+    # `os.system` (torch.load with weights_only=False would). Never loaded here.
+    torch.save(dict(ckpt, optimizer_states=[], hyper_parameters={"loss_fn": Pwn()}),
+               OUT / "checkpoints" / "evil.ckpt")
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     torch.save(dict(ckpt, state_dict=half, optimizer_states=[]), OUT / "checkpoints" / "best-fp16.ckpt")
 
@@ -225,6 +230,12 @@ def main():
     }
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"wrote {len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB")
+
+
+class Pwn:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/vlsm-pwned-by-evil-ckpt",))
 
 
 def randomise(module):

@@ -338,7 +338,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     // BiomedCLIPSeg-D in the page: loaded as such, CPU masks equal `vlsm reproduce` of the
     // page's own link (which names the family), and its link on WebGPU gives them too.
     let m2 = &r["model2"];
-    assert_eq!(m2["state"], "loaded", "{m2}");
+    assert_eq!(m2["state"], "loaded", "{m2} — console: {}", r["console"]);
     assert!(
         m2["status"]
             .as_str()

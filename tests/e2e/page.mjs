@@ -56,12 +56,13 @@ function serve(dist, modelDir, port = 0, model2Dir = null) {
         file = path.join(modelDir, decodeURIComponent(url.pathname.slice('/models/m/'.length)));
       } else if (model2Dir && url.pathname.startsWith('/models/m2/')) {
         file = path.join(model2Dir, decodeURIComponent(url.pathname.slice('/models/m2/'.length)));
-        if (!file.startsWith(model2Dir)) { res.writeHead(403); res.end(); return; }
       } else {
         file = path.join(dist, decodeURIComponent(url.pathname));
         if (url.pathname.endsWith('/')) file = path.join(file, 'index.html');
       }
-      if (!file.startsWith(dist) && !file.startsWith(modelDir)) { res.writeHead(403); res.end(); return; }
+      if (!file.startsWith(dist) && !file.startsWith(modelDir) && !(model2Dir && file.startsWith(model2Dir))) {
+        res.writeHead(403); res.end(); return;
+      }
       fs.readFile(file, (err, data) => {
         if (err) { res.writeHead(404); res.end('not found'); return; }
         res.writeHead(200, {
@@ -142,6 +143,39 @@ async function readResults(page) {
 async function errorText(page) {
   await page.waitForSelector('#error', { timeout: 60_000 });
   return page.textContent('#error');
+}
+
+async function secondModel(browser, base, args, out) {
+  const context = await browser.newContext();
+  const result = {};
+  try {
+    const page = await context.newPage();
+    watch(page, out);
+    await page.goto(`${base}/?backend=cpu`);
+    await waitFor(page, '#load');
+    result.state = await loadModel(page, `${base}/models/m2`);
+    result.status = await page.textContent('#model-status');
+    if (result.state !== 'loaded') {
+      result.error = await page.textContent('#error').catch(() => null);
+      return result;
+    }
+    await page.setInputFiles('#image-file', args.image);
+    await waitFor(page, '#image-status');
+    await setPrompts(page, args.prompt);
+    result.cpu = await runAndRead(page);
+    await page.click('#share');
+    await waitFor(page, '#share-link');
+    result.link = await page.inputValue('#share-link');
+    const gpu = await context.newPage();
+    watch(gpu, out);
+    await gpu.goto(result.link.replace(/^[^#]*/, `${base}/?backend=webgpu`));
+    await gpu.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
+    result.webgpu = await readResults(gpu);
+    if (args.shots) await gpu.screenshot({ path: path.join(args.shots, 'model2-webgpu.png'), fullPage: true });
+    return result;
+  } finally {
+    await context.close();
+  }
 }
 
 async function e2e(args) {
@@ -249,29 +283,7 @@ async function e2e(args) {
     }
 
     // 5c. Another model family (a BiomedCLIPSeg-D folder): CPU run, share, the link on WebGPU.
-    if (args.model2) {
-      const other = await browser.newContext();
-      const p2 = await other.newPage();
-      watch(p2, out);
-      await p2.goto(`${base}/?backend=cpu`);
-      await waitFor(p2, '#load');
-      out.model2 = { state: await loadModel(p2, `${base}/models/m2`) };
-      out.model2.status = await p2.textContent('#model-status');
-      await p2.setInputFiles('#image-file', args.image);
-      await waitFor(p2, '#image-status');
-      await setPrompts(p2, args.prompt);
-      out.model2.cpu = await runAndRead(p2);
-      await p2.click('#share');
-      await waitFor(p2, '#share-link');
-      out.model2.link = await p2.inputValue('#share-link');
-      const g2 = await other.newPage();
-      watch(g2, out);
-      await g2.goto(out.model2.link.replace(/^[^#]*/, `${base}/?backend=webgpu`));
-      await g2.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
-      out.model2.webgpu = await readResults(g2);
-      if (args.shots) await g2.screenshot({ path: path.join(args.shots, 'model2-webgpu.png'), fullPage: true });
-      await other.close();
-    }
+    if (args.model2) out.model2 = await secondModel(browser, base, args, out);
 
     // 6. Bad input gets a message, not a crash.
     const bad = await fresh.newPage();
