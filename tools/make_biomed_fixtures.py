@@ -173,8 +173,8 @@ def main():
     save_file({k: v.contiguous() for k, v in state.items()}, OUT / "checkpoints" / "best.safetensors")
     # A hostile checkpoint: real tensors, plus a hyper-parameter whose unpickling would run
     # `os.system` (torch.load with weights_only=False would). Never loaded here.
-    torch.save(dict(ckpt, optimizer_states=[], hyper_parameters={"loss_fn": Pwn()}),
-               OUT / "checkpoints" / "evil.ckpt")
+    torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("net.decoder.film")},
+                "hyper_parameters": {"loss_fn": Pwn()}}, OUT / "checkpoints" / "evil.ckpt")
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     torch.save(dict(ckpt, state_dict=half, optimizer_states=[]), OUT / "checkpoints" / "best-fp16.ckpt")
 

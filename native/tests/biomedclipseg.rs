@@ -219,10 +219,17 @@ fn bad_inputs_are_one_clear_error() {
     let run = segment(&["--hub-mirror", s(&hub), "--weights", s(&cut)], &[]);
     assert_clean_error(&run, "cut.ckpt");
     let evil = common::fixture("hostile/evil_os_system.bin");
-    let marker = tmp.path().join("pwned");
     let run = segment(&["--hub-mirror", s(&hub), "--weights", s(&evil)], &[]);
     assert_clean_error(&run, "refuses pickle global");
-    assert!(!marker.exists());
+    // A Lightning checkpoint whose hyper-parameters' unpickling would call os.system
+    // (tools/make_biomed_fixtures.py: `touch /tmp/vlsm-pwned-by-evil-ckpt`).
+    let marker = Path::new("/tmp/vlsm-pwned-by-evil-ckpt");
+    let _ = std::fs::remove_file(marker);
+    let evil = common::fixture("biomedclipseg/checkpoints/evil.ckpt");
+    let own_hub = common::fixture("biomedclipseg/hub");
+    let run = segment(&["--hub-mirror", s(&own_hub), "--weights", s(&evil)], &[]);
+    assert_clean_error(&run, "refuses pickle global posix.system");
+    assert!(!marker.exists(), "the pickle ran");
 
     // A CLIPSeg config with a BERT tokenizer.
     let wrong = tmp.path().join("wrong");
