@@ -312,8 +312,11 @@ pub struct PreprocessConfig {
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-/// CLIP's mean and std, which medvlsm's experiment configs give BiomedCLIPSeg and CRIS.
+/// CLIP's mean and std, which medvlsm's experiment configs give BiomedCLIPSeg and CRIS,
+/// written as published (they round to the same f32).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl PreprocessConfig {

@@ -31,6 +31,7 @@ pub struct ModelFiles<'a> {
 }
 
 /// A model's configuration, by family.
+#[allow(clippy::large_enum_variant)] // one per loaded model
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     ClipSeg(ClipSegConfig),

@@ -114,7 +114,7 @@ impl ModelSource {
                 let dir = biomedclip_dir(&repo, Some(file))?;
                 Self::Biomed(biomed(arch, dir, Some(file.to_path_buf()))?)
             }
-            Some(missing) => bail!("--weights {}: no such file or folder", missing.display()),
+            Some(missing) => bail!("{}: no such file or folder", missing.display()),
             None => {
                 let id = model.unwrap_or(match arch {
                     Some(a) if a.is_biomedclip() => BIOMEDCLIP_REPO,

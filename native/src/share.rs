@@ -79,17 +79,6 @@ pub fn share(args: ShareArgs) -> Result<()> {
         .unwrap_or_else(|| "image".into());
     let weights_url = normalize_weights_url(&args.weights_url)
         .map_err(|e| anyhow::anyhow!("--weights-url: {e}"))?;
-    // The model family, from the folder's config.json (the page reads the same file).
-    let config = match &args.weights {
-        Some(dir) => std::fs::read(dir.join("config.json"))
-            .with_context(|| format!("{}/config.json", dir.display()))?,
-        None => download::get_bytes(
-            &file_url(&weights_url, "config.json"),
-            vlsm::limits::download_cap("config.json"),
-        )?
-        .context("the weights URL has no config.json")?,
-    };
-    let arch = vlsm::ModelConfig::arch_of_json(&config)?;
     let weights_sha256 = match &args.weights {
         Some(dir) => {
             let path = dir.join("model.safetensors");
@@ -113,6 +102,17 @@ pub fn share(args: ShareArgs) -> Result<()> {
             hex(&hasher.finalize())
         }
     };
+    // The model family, from the folder's config.json (the page reads the same file).
+    let config = match &args.weights {
+        Some(dir) => std::fs::read(dir.join("config.json"))
+            .with_context(|| format!("{}/config.json", dir.display()))?,
+        None => download::get_bytes(
+            &file_url(&weights_url, "config.json"),
+            vlsm::limits::download_cap("config.json"),
+        )?
+        .context("the weights URL has no config.json")?,
+    };
+    let arch = vlsm::ModelConfig::arch_of_json(&config)?;
     let image = match args.image_url {
         Some(url) => ImageSource::Url { name, url },
         None => match embeddable_png(&rgb)? {

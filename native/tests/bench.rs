@@ -483,7 +483,7 @@ fn bad_data_is_reported_per_entry_and_the_run_goes_on() {
         ],
         &[],
     );
-    assert_clean_error(&out, "not a model directory");
+    assert_clean_error(&out, "/nonexistent: no such file or folder");
     let out = vlsm(
         &["bench", "--data", root.to_str().unwrap(), "--shard", "3/2"],
         &[],

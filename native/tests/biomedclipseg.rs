@@ -444,3 +444,59 @@ fn training_then_bench_and_segment_with_both_variants() {
     let out = vlsm(&["report", s(&bench), "--out", s(&report)], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `bench` takes hub models by family and medvlsm checkpoints as they are, and names them.
+#[test]
+fn bench_resolves_hub_families_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let hub = common::fixture("biomedclipseg/hub");
+    let ckpt = common::fixture("biomedclipseg/checkpoints/best.ckpt");
+    let bench = tmp.path().join("bench");
+    let out = vlsm(
+        &[
+            "bench",
+            "--hub-mirror",
+            s(&hub),
+            "--data",
+            s(&root),
+            "--datasets",
+            "ellipses",
+            "--model",
+            "biomedclipseg-d",
+            "--weights",
+            s(&ckpt),
+            "--prompts",
+            "p0,p1",
+            "--split",
+            "val",
+            "--out",
+            s(&bench),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let means = mean_dice_by_model(&bench);
+    let names: Vec<&str> = means.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["biomedclipseg-best", "biomedclipseg-d"],
+        "{means:?}"
+    );
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            s(&root),
+            "--datasets",
+            "ellipses",
+            "--model",
+            "cris:x/y",
+            "--out",
+            s(&tmp.path().join("b2")),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "not a model family");
+}

@@ -72,6 +72,8 @@ impl std::fmt::Display for Arch {
 
 /// A loaded model of any family. Every shell (CLI, bench, train, share, the page) calls
 /// these methods; the family is matched here and nowhere else.
+// A process holds one or a few models and rarely moves them: no boxing needed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Model {
     ClipSeg(ClipSeg),

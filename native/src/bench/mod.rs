@@ -15,10 +15,12 @@ use rayon::prelude::*;
 use vlsm::burn::tensor::Tensor;
 use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
 use vlsm::metrics::Scores;
+use vlsm::model::Arch;
 use vlsm::{Segmenter, preprocess};
 
 use crate::backend::{self, Backend};
 use crate::hub;
+use crate::model_source::ModelSource;
 use crate::segment::parse_threshold;
 use results::{Appender, ModelId, RESULTS, Row, RowKey, RunConfig};
 
@@ -54,11 +56,13 @@ pub struct RunArgs {
     /// Comma-separated dataset folder names, or `all` (every folder under ROOT with `anns/`).
     #[arg(long, default_value = "all")]
     datasets: String,
-    /// A local Hugging Face model directory; repeat to compare models.
-    #[arg(long = "weights", value_name = "DIR")]
+    /// A model folder (Hugging Face CLIPSeg, or vlsm's BiomedCLIPSeg folder) or a
+    /// BiomedCLIPSeg decoder checkpoint (medvlsm's best.ckpt); repeat to compare models.
+    #[arg(long = "weights", value_name = "PATH")]
     weights: Vec<PathBuf>,
-    /// A Hugging Face model id, fetched from the hub (cached); repeatable. Default when no
-    /// --weights: CIDAS/clipseg-rd64-refined.
+    /// A hub model (mirror, cache, then network), repeatable: a Hugging Face id, a family
+    /// name for its default repositories (`biomedclipseg-d`: BiomedCLIP with CIDAS's decoder),
+    /// or FAMILY:ID. Default when no --weights: CIDAS/clipseg-rd64-refined.
     #[arg(long = "model", value_name = "HF_ID")]
     models: Vec<String>,
     /// Comma-separated prompt ids (p0,p3,…) or `all` (each dataset's own: the study's
@@ -150,7 +154,7 @@ pub fn shard_of(dataset: &str, split: &str, entry: Option<usize>, n: usize) -> u
 /// A model to evaluate.
 struct ModelSpec {
     id: ModelId,
-    dir: PathBuf,
+    source: ModelSource,
 }
 
 /// One entry of an annotation file (or a problem reading it), with the rows it should give.
@@ -311,8 +315,7 @@ fn bench(args: RunArgs) -> Result<()> {
                 continue;
             }
             bar.set_message(format!("loading {}", model.id.name));
-            let segmenter = Segmenter::from_dir(&model.dir, &device)
-                .with_context(|| format!("loading {}", model.dir.display()))?;
+            let segmenter = model.source.load(&device)?;
             let mut evaluator = Evaluator {
                 segmenter: &segmenter,
                 model: &model.id.name,
@@ -457,35 +460,55 @@ fn parse_prompt_list(list: &str) -> Result<Vec<String>> {
 
 fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>> {
     let mut models = Vec::new();
-    for dir in weights {
-        // Fails early, before any work, on a folder that is not a model.
-        vlsm::files::DirFiles::read(dir).with_context(|| format!("--weights {}", dir.display()))?;
-        let name = model_name(dir);
-        models.push((name, dir.display().to_string(), dir.clone()));
+    for path in weights {
+        // Fails early, before any work, on something that is not a model.
+        let source = ModelSource::resolve(None, Some(path), None)
+            .with_context(|| format!("--weights {}", path.display()))?;
+        if let ModelSource::Dir(dir) = &source {
+            vlsm::files::DirFiles::read(dir)
+                .with_context(|| format!("--weights {}", dir.display()))?;
+        }
+        models.push((model_name(path), path.display().to_string(), source));
     }
     let ids: Vec<String> = if ids.is_empty() && weights.is_empty() {
         vec![hub::DEFAULT_MODEL.to_string()]
     } else {
         ids.to_vec()
     };
-    for id in ids {
-        let dir = hub::fetch(&id)?;
-        models.push((id.clone(), id, dir));
+    for spec in ids {
+        let (arch, id) = match spec.split_once(':') {
+            Some((arch, id)) => (Some(arch), Some(id)),
+            None if Arch::from_name(&spec).is_some() => (Some(spec.as_str()), None),
+            None => (None, Some(spec.as_str())),
+        };
+        let arch = arch
+            .map(|a| {
+                Arch::from_name(a).with_context(|| {
+                    format!(
+                        "--model {spec}: `{a}` is not a model family ({})",
+                        Arch::ALL.map(Arch::name).join(", ")
+                    )
+                })
+            })
+            .transpose()?;
+        let source =
+            ModelSource::resolve(id, None, arch).with_context(|| format!("--model {spec}"))?;
+        models.push((spec.clone(), spec, source));
     }
     let mut seen = std::collections::HashSet::new();
     let mut specs = Vec::new();
-    for (name, source, dir) in models {
+    for (name, origin, source) in models {
         if !seen.insert(name.clone()) {
             bail!("two models are named `{name}`: give their folders different names");
         }
-        let weights_sha256 = weights_sha256(&dir)?;
+        let weights_sha256 = weights_sha256(&source)?;
         specs.push(ModelSpec {
             id: ModelId {
                 name,
-                source,
+                source: origin,
                 weights_sha256,
             },
-            dir,
+            source,
         });
     }
     Ok(specs)
@@ -493,11 +516,28 @@ fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>>
 
 /// A model folder's name in the results: the folder's own name, except for the exports
 /// of `vlsm train` (`RUN/model/`, `RUN/model-fp16/`), named by their run (`RUN`,
-/// `RUN-fp16`), so two trained runs can be compared.
+/// `RUN-fp16`), so two trained runs can be compared. A checkpoint file is named by its
+/// stem, except medvlsm's `<run>/checkpoints/{best,last}.ckpt`: by the run (`<run>-best`).
 fn model_name(dir: &Path) -> String {
     let Some(canonical) = dir.canonicalize().ok() else {
         return dir.display().to_string();
     };
+    if canonical.is_file() {
+        let stem = canonical
+            .file_stem()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let run = canonical
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().to_string());
+        return match run {
+            Some(run) => format!("{run}-{stem}"),
+            None => stem,
+        };
+    }
     let own = canonical
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -514,13 +554,27 @@ fn model_name(dir: &Path) -> String {
     }
 }
 
-fn weights_sha256(dir: &Path) -> Result<String> {
-    let path = ["model.safetensors", "pytorch_model.bin"]
+/// The sha256 of the model's weight file; of several (BiomedCLIPSeg's towers and decoder
+/// checkpoints), the sha256 of their hashes, one per line, in order.
+fn weights_sha256(source: &ModelSource) -> Result<String> {
+    let files = match source {
+        ModelSource::Dir(dir) => vec![
+            ["model.safetensors", "pytorch_model.bin"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.is_file())
+                .with_context(|| format!("{}: no weights file", dir.display()))?,
+        ],
+        ModelSource::Biomed(s) => s.weight_files()?,
+    };
+    let hashes = files
         .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{}: no weights file", dir.display()))?;
-    crate::share::hash_file(&path)
+        .map(|f| crate::share::hash_file(f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(match hashes.as_slice() {
+        [one] => one.clone(),
+        several => vlsm::share::sha256_hex(several.join("\n").as_bytes()),
+    })
 }
 
 /// Reads every annotation file and lists the rows each entry should give, for this shard.
