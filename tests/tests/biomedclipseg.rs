@@ -42,59 +42,122 @@ fn rows(r: &Reference, name: &str, index: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// Runs the model on the fixture's own inputs and compares every checked tensor with the
-/// float64 reference (and the float32 one where only that exists).
-fn check(seg: &Segmenter, dir: &Path, what: &str) {
+/// A reference to check a model against: the inputs (pixels, image index, token ids), the
+/// images they come from, and reference tensors (float64 where there are), named
+/// `{prefix}{name}`.
+struct Case {
+    what: String,
+    images: Vec<PathBuf>,
+    prompts: Vec<String>,
+    inputs: Reference,
+    reference: Reference,
+    /// Float32 intermediates the float64 file lacks (the decoder layers), if any.
+    reference_f32: Option<Reference>,
+    prefix: String,
+}
+
+impl Case {
+    /// An independent shared fixture (`../shared/fixtures/<name>`).
+    fn shared(name: &str) -> Self {
+        let dir = shared(&format!("fixtures/{name}"));
+        let inputs = Reference::read(&dir.join("inputs.safetensors"));
+        let pairs = manifest(&dir)["pairs"].as_array().unwrap().clone();
+        let index = inputs.get("image_index").1.clone();
+        let mut images = vec![PathBuf::new(); inputs.get("pixel_values").0[0]];
+        for (pair, &i) in pairs.iter().zip(&index) {
+            images[i as usize] = dir.join(pair["image"].as_str().unwrap());
+        }
+        Self {
+            what: name.into(),
+            images,
+            prompts: pairs
+                .iter()
+                .map(|p| p["prompt"].as_str().unwrap().into())
+                .collect(),
+            inputs,
+            reference: Reference::read(&dir.join("outputs_f64.safetensors")),
+            reference_f32: Some(Reference::read(&dir.join("outputs.safetensors"))),
+            prefix: String::new(),
+        }
+    }
+
+    /// vlsm's own fixture (tools/make_biomed_fixtures.py), reference tensors under `tag.`.
+    fn own(tag: &str) -> Self {
+        let dir = vlsm_tests::fixture("biomedclipseg");
+        let m = manifest(&dir);
+        let images = vlsm_tests::fixture("images");
+        Self {
+            what: format!("own fixture, {tag}"),
+            images: m["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| images.join(n.as_str().unwrap()))
+                .collect(),
+            prompts: m["pairs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["prompt"].as_str().unwrap().into())
+                .collect(),
+            inputs: Reference::read(&dir.join("reference.safetensors")),
+            reference: Reference::read(&dir.join("reference.safetensors")),
+            reference_f32: None,
+            prefix: format!("{tag}."),
+        }
+    }
+
+    fn expected(&self, name: &str) -> Option<Vec<f32>> {
+        let key = format!("{}{name}", self.prefix);
+        self.reference
+            .tensors
+            .contains_key(&key)
+            .then(|| self.reference.f32(&key))
+    }
+}
+
+/// Runs the model on the case's inputs and compares tokens, pixels, taps (block outputs 4,
+/// 7, 10), BERT's CLS row, the FiLM vector, the decoder's intermediates and the logits.
+fn check(seg: &Segmenter, case: &Case) {
     let device = Device::flex();
-    let m = manifest(dir);
-    let inputs = Reference::read(&dir.join("inputs.safetensors"));
-    let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
-    let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
-    let pairs = m["pairs"].as_array().unwrap();
-    let index: Vec<usize> = inputs
+    let what = &case.what;
+    let index: Vec<i64> = case
+        .inputs
         .get("image_index")
         .1
         .iter()
-        .map(|&i| i as usize)
+        .map(|&i| i as i64)
         .collect();
 
     // Tokens: the BERT WordPiece ids, [CLS] … [SEP], padded with 0 to 256.
-    let prompts: Vec<&str> = pairs
-        .iter()
-        .map(|p| p["prompt"].as_str().unwrap())
-        .collect();
+    let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
     let tokens = seg.tokenize(&prompts).unwrap();
     let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
-    assert_eq!(ids, inputs.i64_rows("input_ids"), "{what}: token ids");
+    assert_eq!(ids, case.inputs.i64_rows("input_ids"), "{what}: token ids");
     let masks: Vec<Vec<i64>> = tokens.iter().map(|t| t.attention_mask.clone()).collect();
     assert_eq!(
         masks,
-        inputs.i64_rows("attention_mask"),
+        case.inputs.i64_rows("attention_mask"),
         "{what}: attention mask"
     );
 
-    // Preprocessing: medvlsm's dataset output from the PNGs (one greyscale).
+    // Preprocessing: medvlsm's dataset output from the image files (one greyscale).
     let s = seg.input_size();
-    let (px_shape, _) = inputs.get("pixel_values");
-    let n_images = px_shape[0];
-    let mut image_names = vec![String::new(); n_images];
-    for (pair, &i) in pairs.iter().zip(&index) {
-        image_names[i] = pair["image"].as_str().unwrap().to_string();
-    }
-    for (i, name) in image_names.iter().enumerate() {
-        let rgb = preprocess::decode_rgb(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+    for (i, path) in case.images.iter().enumerate() {
+        let rgb = preprocess::decode_rgb(&std::fs::read(path).unwrap()).unwrap();
         let px = preprocess::pixel_values(&rgb, &seg.pipeline.preprocess).unwrap();
         assert_close(
-            &format!("{what}: pixel values of {name}"),
+            &format!("{what}: pixel values of {}", path.display()),
             &px,
-            &rows(&inputs, "pixel_values", &[i]),
+            &rows(&case.inputs, "pixel_values", &[i]),
             1e-5,
         );
     }
-
-    // Vision: block outputs 4, 7, 10 are the taps.
     let pixels = Tensor::<4>::from_data(
-        TensorData::new(inputs.f32("pixel_values"), [n_images, 3, s, s]),
+        TensorData::new(
+            case.inputs.f32("pixel_values"),
+            [case.images.len(), 3, s, s],
+        ),
         &device,
     );
     let taps = seg.model.vision_taps(pixels.clone()).unwrap();
@@ -102,75 +165,80 @@ fn check(seg: &Segmenter, dir: &Path, what: &str) {
         assert_close(
             &format!("{what}: vision block output {block}"),
             &values(tap.clone()),
-            &f64_ref.f32(&format!("vision.block_output.{block}")),
+            &case
+                .expected(&format!("vision.block_output.{block}"))
+                .unwrap(),
             TOL,
         );
     }
-
-    // Text: CLS of BERT's last state, then the MLP projection (the FiLM vector).
     let vlsm::Model::BiomedClipSeg(model) = &seg.model else {
         panic!("{what}: not loaded as BiomedCLIPSeg");
     };
-    let pooled = model.pooled_text(&tokens, &device).unwrap();
     assert_close(
         &format!("{what}: pooled text"),
-        &values(pooled),
-        &f64_ref.f32("text.pooled"),
+        &values(model.pooled_text(&tokens, &device).unwrap()),
+        &case.expected("text.pooled").unwrap(),
         TOL,
     );
     let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
     assert_close(
         &format!("{what}: projected text"),
         &values(conditioning.clone()),
-        &f64_ref.f32("text.projected"),
+        &case.expected("text.projected").unwrap(),
         TOL,
     );
 
     // Decoder and logits, image index[b] with prompt b.
-    let rows_of = |t: Tensor<4>| {
-        let idx = TensorData::new(index.iter().map(|&i| i as i64).collect(), [index.len()]);
-        t.select(0, Tensor::from_data(idx, &device))
-    };
-    let image = seg.model.encode_image(rows_of(pixels)).unwrap();
+    let n = index.len();
+    let batch = pixels.select(0, Tensor::from_data(TensorData::new(index, [n]), &device));
+    let image = seg.model.encode_image(batch).unwrap();
     let trace = seg.model.decode_traced(&image, conditioning).unwrap();
-    assert_close(
-        &format!("{what}: FiLM output"),
-        &values(trace.film_output),
-        &f64_ref.f32("decoder.film_output"),
-        TOL,
-    );
-    for (i, out) in trace.layer_outputs.iter().enumerate() {
+    if let Some(film) = case.expected("decoder.film_output") {
         assert_close(
-            &format!("{what}: decoder layer {i}"),
-            &values(out.clone()),
-            &f32_ref.f32(&format!("decoder.layer_output.{i}")),
+            &format!("{what}: FiLM output"),
+            &values(trace.film_output),
+            &film,
             TOL,
         );
     }
-    assert_close(
-        &format!("{what}: feature map"),
-        &values(trace.feature_map),
-        &f64_ref.f32("decoder.feature_map"),
-        TOL,
-    );
+    if let Some(f32_ref) = &case.reference_f32 {
+        for (i, out) in trace.layer_outputs.iter().enumerate() {
+            assert_close(
+                &format!("{what}: decoder layer {i}"),
+                &values(out.clone()),
+                &f32_ref.f32(&format!("decoder.layer_output.{i}")),
+                TOL,
+            );
+        }
+    }
+    if let Some(map) = case.expected("decoder.feature_map") {
+        assert_close(
+            &format!("{what}: feature map"),
+            &values(trace.feature_map),
+            &map,
+            TOL,
+        );
+    }
+    let expected_logits = case.expected("logits").unwrap();
     assert_close(
         &format!("{what}: logits"),
         &values(trace.logits),
-        &f64_ref.f32("logits"),
+        &expected_logits,
         TOL,
     );
 
     // The high-level path (encode once per image, decode each prompt) gives the same.
-    for (b, pair) in pairs.iter().enumerate() {
-        let name = pair["image"].as_str().unwrap();
-        let rgb = preprocess::decode_rgb(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+    let per_pair = s * s;
+    for (b, &i) in case.inputs.get("image_index").1.iter().enumerate() {
+        let path = &case.images[i as usize];
+        let rgb = preprocess::decode_rgb(&std::fs::read(path).unwrap()).unwrap();
         let encoded = seg.encode_image(&rgb).unwrap();
         let logits = seg.decode(&encoded, &[prompts[b]]).unwrap().remove(0);
         assert_eq!(logits.size, s);
         assert_close(
             &format!("{what}: segmenter logits of pair {b}"),
             &logits.values,
-            &rows(&f64_ref, "logits", &[b]),
+            &expected_logits[b * per_pair..(b + 1) * per_pair],
             TOL,
         );
     }
@@ -185,7 +253,7 @@ fn biomedclipseg_from_lightning_checkpoint_matches_medvlsm() {
         .unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSeg);
     assert_eq!(seg.default_threshold(), 0.5);
-    check(&seg, &dir, "best.ckpt");
+    check(&seg, &Case::shared("tiny_biomedclipseg"));
 }
 
 #[test]
@@ -195,7 +263,7 @@ fn biomedclipseg_from_checkpoint_safetensors_matches_medvlsm() {
     let seg = sources(&dir, Arch::BiomedClipSeg, Some(st))
         .load(&Device::flex())
         .unwrap();
-    check(&seg, &dir, "best.safetensors");
+    check(&seg, &Case::shared("tiny_biomedclipseg"));
 }
 
 #[test]
@@ -205,7 +273,7 @@ fn biomedclipseg_d_from_hub_repos_matches_medvlsm() {
         .load(&Device::flex())
         .unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSegD);
-    check(&seg, &dir, "BiomedCLIPSeg-D");
+    check(&seg, &Case::shared("tiny_biomedclipseg_d"));
 }
 
 #[test]
@@ -217,7 +285,7 @@ fn vlsm_folder_round_trips() {
         .unwrap();
     let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSegD);
-    check(&seg, &dir, "vlsm folder");
+    check(&seg, &Case::shared("tiny_biomedclipseg_d"));
     // The page's path: the same folder from bytes.
     let read = |n: &str| std::fs::read(out.path().join(n)).unwrap();
     let (config, weights, vocab) = (
@@ -232,7 +300,7 @@ fn vlsm_folder_round_trips() {
         ..Default::default()
     };
     let seg = Segmenter::from_files(&files, &Device::flex()).unwrap();
-    check(&seg, &dir, "vlsm folder from bytes");
+    check(&seg, &Case::shared("tiny_biomedclipseg_d"));
 }
 
 #[test]
@@ -268,83 +336,6 @@ fn prompts_beyond_256_tokens_are_truncated() {
     assert!(logits[0].values.iter().all(|v| v.is_finite()));
 }
 
-/// vlsm's own fixture (tools/make_biomed_fixtures.py): reference tensors under `tag.`.
-fn check_own(seg: &Segmenter, tag: &str, tol: f32) {
-    let device = Device::flex();
-    let dir = vlsm_tests::fixture("biomedclipseg");
-    let r = Reference::read(&dir.join("reference.safetensors"));
-    let m = manifest(&dir);
-    let pairs = m["pairs"].as_array().unwrap();
-    let prompts: Vec<&str> = pairs
-        .iter()
-        .map(|p| p["prompt"].as_str().unwrap())
-        .collect();
-    let tokens = seg.tokenize(&prompts).unwrap();
-    let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
-    assert_eq!(ids, r.i64_rows("input_ids"), "{tag}: token ids");
-    let s = seg.input_size();
-    assert_eq!(s, 64);
-    let images = m["images"].as_array().unwrap();
-    for (i, name) in images.iter().enumerate() {
-        let path = vlsm_tests::fixture("images").join(name.as_str().unwrap());
-        let rgb = preprocess::decode_rgb(&std::fs::read(path).unwrap()).unwrap();
-        let px = preprocess::pixel_values(&rgb, &seg.pipeline.preprocess).unwrap();
-        assert_close(
-            &format!("{tag}: pixels of {name}"),
-            &px,
-            &rows(&r, "pixel_values", &[i]),
-            1e-5,
-        );
-    }
-    let pixels = Tensor::<4>::from_data(
-        TensorData::new(r.f32("pixel_values"), [images.len(), 3, s, s]),
-        &device,
-    );
-    for (tap, block) in seg
-        .model
-        .vision_taps(pixels.clone())
-        .unwrap()
-        .iter()
-        .zip([10, 7, 4])
-    {
-        assert_close(
-            &format!("{tag}: block output {block}"),
-            &values(tap.clone()),
-            &r.f32(&format!("{tag}.vision.block_output.{block}")),
-            tol,
-        );
-    }
-    let vlsm::Model::BiomedClipSeg(model) = &seg.model else {
-        panic!("{tag}: not BiomedCLIPSeg");
-    };
-    assert_close(
-        &format!("{tag}: pooled text"),
-        &values(model.pooled_text(&tokens, &device).unwrap()),
-        &r.f32(&format!("{tag}.text.pooled")),
-        tol,
-    );
-    let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
-    assert_close(
-        &format!("{tag}: FiLM vector"),
-        &values(conditioning.clone()),
-        &r.f32(&format!("{tag}.text.projected")),
-        tol,
-    );
-    let index: Vec<i64> = r.get("image_index").1.iter().map(|&i| i as i64).collect();
-    let n = index.len();
-    let batch = pixels.select(0, Tensor::from_data(TensorData::new(index, [n]), &device));
-    let logits = seg
-        .model
-        .decode(&seg.model.encode_image(batch).unwrap(), conditioning)
-        .unwrap();
-    assert_close(
-        &format!("{tag}: logits"),
-        &values(logits),
-        &r.f32(&format!("{tag}.logits")),
-        tol,
-    );
-}
-
 fn own(arch: Arch, decoder: Option<&str>) -> Segmenter {
     let dir = vlsm_tests::fixture("biomedclipseg");
     sources(&dir, arch, decoder.map(|d| dir.join(d)))
@@ -354,24 +345,21 @@ fn own(arch: Arch, decoder: Option<&str>) -> Segmenter {
 
 #[test]
 fn own_fixture_every_checkpoint_format_matches_medvlsm() {
-    check_own(
+    check(
         &own(Arch::BiomedClipSeg, Some("checkpoints/best.ckpt")),
-        "trained",
-        TOL,
+        &Case::own("trained"),
     );
-    check_own(
+    check(
         &own(Arch::BiomedClipSeg, Some("checkpoints/best.safetensors")),
-        "trained",
-        TOL,
+        &Case::own("trained"),
     );
     // float16 weights, against the float64 forward of the same rounded weights.
-    check_own(
+    check(
         &own(Arch::BiomedClipSeg, Some("checkpoints/best-fp16.ckpt")),
-        "fp16",
-        TOL,
+        &Case::own("fp16"),
     );
     // Towers from the hub's pickle, decoder from CIDAS's safetensors.
-    check_own(&own(Arch::BiomedClipSegD, None), "d", TOL);
+    check(&own(Arch::BiomedClipSegD, None), &Case::own("d"));
 }
 
 #[test]
@@ -388,5 +376,5 @@ fn own_fixture_trained_decoder_exported_and_reloaded() {
     .unwrap();
     let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSeg);
-    check_own(&seg, "trained", TOL);
+    check(&seg, &Case::own("trained"));
 }

@@ -80,16 +80,7 @@ fn medvlsm_prompts() -> BTreeSet<String> {
 
 #[test]
 fn ids_equal_transformers_on_every_medvlsm_prompt() {
-    let reference: HashMap<String, String> =
-        std::fs::read_to_string(fixture("tokens/medvlsm_ids.tsv"))
-            .unwrap()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| {
-                let (k, v) = l.split_once('\t').unwrap();
-                (k.to_string(), v.to_string())
-            })
-            .collect();
+    let reference = reference_digests("tokens/medvlsm_ids.tsv");
     let prompts = medvlsm_prompts();
     assert_eq!(
         prompts.len(),

@@ -6,12 +6,15 @@
 use burn::module::{Module, Param};
 use burn::nn::LayerNorm;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Activation;
 use crate::error::{Error, Result};
-use crate::model::layers::{LayerShape, Mlp, SelfAttention, TransformerLayer, layer_norm, linear};
+use crate::model::layers::{
+    LayerShape, Mlp, SelfAttention, TransformerLayer, check_prompt_batch, layer_norm, linear,
+    padding_mask, prompt_ids,
+};
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
 
@@ -155,30 +158,7 @@ impl Bert {
     /// longest prompt's length: padding beyond it is never computed. Padded keys are masked,
     /// so every real row (the CLS row included) is what the full-length forward gives.
     pub fn forward(&self, prompts: &[TokenizedPrompt], device: &Device) -> Result<Tensor<3>> {
-        let n = prompts.len();
-        if n == 0 {
-            return Err(Error::Input("no prompts given".into()));
-        }
-        let full = prompts[0].ids.len();
-        if full == 0
-            || prompts
-                .iter()
-                .any(|p| p.ids.len() != full || p.attention_mask.len() != full)
-        {
-            return Err(Error::Input(
-                "prompts must be tokenized to one common, non-zero length".into(),
-            ));
-        }
-        if let Some(bad) = prompts
-            .iter()
-            .flat_map(|p| &p.ids)
-            .find(|&&i| i < 0 || i as usize >= self.vocab_size)
-        {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
-        }
+        check_prompt_batch(prompts, self.vocab_size)?;
         let len = prompts
             .iter()
             .map(|p| {
@@ -195,11 +175,7 @@ impl Bert {
                 self.max_positions()
             )));
         }
-        let ids: Vec<i64> = prompts
-            .iter()
-            .flat_map(|p| p.ids[..len].iter().copied())
-            .collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
+        let ids = prompt_ids(prompts, len, device);
         let d = self.token_type_0.dims()[0];
         let positions = self
             .position_embeddings
@@ -210,17 +186,7 @@ impl Bert {
             + positions
             + self.token_type_0.val().reshape([1, 1, d]);
         let mut x = self.embeddings_norm.forward(x);
-        let padded = prompts.iter().any(|p| p.attention_mask[..len].contains(&0));
-        let mask = padded.then(|| {
-            let h = self.num_heads;
-            let ignore: Vec<bool> = prompts
-                .iter()
-                .flat_map(|p| p.attention_mask[..len].iter().map(|&m| m == 0))
-                .collect();
-            Tensor::<2, Bool>::from_data(TensorData::new(ignore, [n, len]), device)
-                .reshape([n, 1, 1, len])
-                .expand([n, h, len, len])
-        });
+        let mask = padding_mask(prompts, len, self.num_heads, device);
         for layer in &self.layers {
             x = layer.forward_post_norm(x, mask.clone());
         }

@@ -5,11 +5,71 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData, activation};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData, activation};
 
 use crate::config::Activation;
 use crate::error::{Error, Result};
+use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
+
+/// Checks a batch of prompts for a text tower: at least one, one common non-zero length, no
+/// id outside `vocab_size`. Returns the common length.
+pub fn check_prompt_batch(prompts: &[TokenizedPrompt], vocab_size: usize) -> Result<usize> {
+    let full = prompts
+        .first()
+        .ok_or_else(|| Error::Input("no prompts given".into()))?
+        .ids
+        .len();
+    if full == 0
+        || prompts
+            .iter()
+            .any(|p| p.ids.len() != full || p.attention_mask.len() != full)
+    {
+        return Err(Error::Input(
+            "prompts must be tokenized to one common, non-zero length".into(),
+        ));
+    }
+    if let Some(bad) = prompts
+        .iter()
+        .flat_map(|p| &p.ids)
+        .find(|&&i| i < 0 || i as usize >= vocab_size)
+    {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the vocabulary of {vocab_size}"
+        )));
+    }
+    Ok(full)
+}
+
+/// The first `len` ids of each prompt, `[P, len]`.
+pub fn prompt_ids(prompts: &[TokenizedPrompt], len: usize, device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| p.ids[..len].iter().copied())
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [prompts.len(), len]), device)
+}
+
+/// The attention masks over the first `len` tokens as attention's key mask
+/// (`[P, heads, len, len]`, true = ignore that key), or `None` when nothing there is padding.
+pub fn padding_mask(
+    prompts: &[TokenizedPrompt],
+    len: usize,
+    heads: usize,
+    device: &Device,
+) -> Option<Tensor<4, Bool>> {
+    let n = prompts.len();
+    let padded = prompts.iter().any(|p| p.attention_mask[..len].contains(&0));
+    padded.then(|| {
+        let ignore: Vec<bool> = prompts
+            .iter()
+            .flat_map(|p| p.attention_mask[..len].iter().map(|&m| m == 0))
+            .collect();
+        Tensor::<2, Bool>::from_data(TensorData::new(ignore, [n, len]), device)
+            .reshape([n, 1, 1, len])
+            .expand([n, heads, len, len])
+    })
+}
 
 /// `nn.Linear(d_in, d_out, bias)` at `{prefix}.weight` / `{prefix}.bias`.
 pub fn linear(

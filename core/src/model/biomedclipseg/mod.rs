@@ -121,14 +121,9 @@ impl BiomedClipSeg {
 
     /// The tapped block outputs, deepest first, each `[B, 1 + g², D]`.
     pub fn vision_taps(&self, pixels: Tensor<4>) -> Result<Vec<Tensor<3>>> {
-        // `hidden_states[0]` is the embedding, `[k]` the output of block k − 1.
-        let states = self.vision.hidden_states(pixels)?;
-        Ok(self
-            .extract_layers
-            .iter()
-            .rev()
-            .map(|&i| states[i + 2].clone())
-            .collect())
+        // Block output i + 1 is hidden state i + 2 (state 0 is the embedding).
+        let wanted: Vec<usize> = self.extract_layers.iter().map(|&i| i + 2).collect();
+        self.vision.states_deepest_first(pixels, &wanted)
     }
 
     pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {

@@ -5,12 +5,13 @@
 use burn::module::{Module, Param};
 use burn::nn::LayerNorm;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    LayerShape, NamedTensor, TransformerLayer, export_norm, layer_norm, named,
+    LayerShape, NamedTensor, TransformerLayer, check_prompt_batch, export_norm, layer_norm, named,
+    padding_mask, prompt_ids,
 };
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -126,33 +127,11 @@ impl TextTransformer {
         device: &Device,
     ) -> Result<(Tensor<3>, Tensor<2>)> {
         let n = prompts.len();
-        if n == 0 {
-            return Err(Error::Input("no prompts given".into()));
-        }
-        let full = prompts[0].ids.len();
-        if full == 0
-            || prompts
-                .iter()
-                .any(|p| p.ids.len() != full || p.attention_mask.len() != full)
-        {
-            return Err(Error::Input(
-                "prompts must be tokenized to one common, non-zero length".into(),
-            ));
-        }
+        let full = check_prompt_batch(prompts, self.vocab_size)?;
         if full > self.max_positions() {
             return Err(Error::Input(format!(
                 "prompts are {full} tokens long, the model has {} positions",
                 self.max_positions()
-            )));
-        }
-        if let Some(bad) = prompts
-            .iter()
-            .flat_map(|p| &p.ids)
-            .find(|&&i| i < 0 || i as usize >= self.vocab_size)
-        {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.vocab_size
             )));
         }
         let pooled: Vec<usize> = prompts.iter().map(|p| self.pooled_index(&p.ids)).collect();
@@ -161,11 +140,7 @@ impl TextTransformer {
         } else {
             full
         };
-        let ids: Vec<i64> = prompts
-            .iter()
-            .flat_map(|p| p.ids[..len].iter().copied())
-            .collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
+        let ids = prompt_ids(prompts, len, device);
         let positions = self
             .position_embedding
             .val()
@@ -173,17 +148,7 @@ impl TextTransformer {
             .unsqueeze_dim(0);
         let mut x = embedding(self.token_embedding.val(), ids) + positions;
 
-        let padded = prompts.iter().any(|p| p.attention_mask[..len].contains(&0));
-        let mask = padded.then(|| {
-            let h = self.num_heads;
-            let ignore: Vec<bool> = prompts
-                .iter()
-                .flat_map(|p| p.attention_mask[..len].iter().map(|&m| m == 0))
-                .collect();
-            Tensor::<2, Bool>::from_data(TensorData::new(ignore, [n, len]), device)
-                .reshape([n, 1, 1, len])
-                .expand([n, h, len, len])
-        });
+        let mask = padding_mask(prompts, len, self.num_heads, device);
         for layer in &self.layers {
             x = layer.forward_pre_norm(x, mask.clone(), true);
         }

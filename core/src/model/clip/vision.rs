@@ -214,6 +214,28 @@ impl VisionTransformer {
         })
     }
 
+    /// The hidden states numbered `wanted` (see [`Self::hidden_states`]), last first: the
+    /// decoder takes its taps deepest first.
+    pub fn states_deepest_first(
+        &self,
+        pixels: Tensor<4>,
+        wanted: &[usize],
+    ) -> Result<Vec<Tensor<3>>> {
+        let states = self.hidden_states(pixels)?;
+        wanted
+            .iter()
+            .rev()
+            .map(|&k| {
+                states.get(k).cloned().ok_or_else(|| {
+                    Error::Config(format!(
+                        "hidden state {k} is tapped, but only {} blocks are loaded",
+                        self.layers.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// All hidden states: `[0]` after `pre_layrnorm`, `[k]` after block k (1-based).
     pub fn hidden_states(&self, pixels: Tensor<4>) -> Result<Vec<Tensor<3>>> {
         let mut states = vec![self.embed(pixels)?];

@@ -103,13 +103,8 @@ impl ClipSeg {
     /// The vision hidden states the decoder reads, deepest first, each `[B, 1 + g², H]`:
     /// what the frozen encoder contributes (training caches these).
     pub fn vision_taps(&self, pixels: Tensor<4>) -> Result<Vec<Tensor<3>>> {
-        let states = self.vision.hidden_states(pixels)?;
-        Ok(self
-            .extract_layers
-            .iter()
-            .rev()
-            .map(|&i| states[i + 1].clone())
-            .collect())
+        let wanted: Vec<usize> = self.extract_layers.iter().map(|&i| i + 1).collect();
+        self.vision.states_deepest_first(pixels, &wanted)
     }
 
     /// Side of the decoder's token grid.
