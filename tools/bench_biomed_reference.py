@@ -163,18 +163,9 @@ def bench_torch(out: Path):
 
 
 def bench_ort(out: Path):
-    import onnxruntime as ort
+    import bench_reference
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    for n in (1, 10):
-        px, ids, mask = inputs(out / "hub", n)
-        feed = {k: v for k, v in dict(input_ids=ids, pixel_values=px, attention_mask=mask).items() if k in names}
-        wall, cpu = timed(lambda: sess.run(None, feed))
-        print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
+    bench_reference.bench_ort(out, lambda n: inputs(out / "hub", n))
 
 
 if __name__ == "__main__":

@@ -129,8 +129,11 @@ def bench_torch(out: Path):
         print(json.dumps(dict(framework=f"PyTorch {torch.__version__} (transformers)", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
 
 
-def bench_ort(out: Path):
+def bench_ort(out: Path, make_inputs=None):
+    """ONNX Runtime on DIR/model.onnx, one thread; `make_inputs(n)` gives the feed arrays."""
     import onnxruntime as ort
+
+    make_inputs = make_inputs or inputs
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -138,7 +141,7 @@ def bench_ort(out: Path):
     sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     for n in (1, 10):
-        px, ids, mask = inputs(n)
+        px, ids, mask = make_inputs(n)
         feed = {k: v for k, v in dict(input_ids=ids, pixel_values=px, attention_mask=mask).items() if k in names}
         wall, cpu = timed(lambda: sess.run(None, feed))
         print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_clean_error, max_abs_diff, read_npy, serve_hub, stderr, vlsm};
+use common::{assert_clean_error, max_abs_diff, read_npy, serve_hub, stderr, synthetic, vlsm};
 
 const BIOMEDCLIP: &str = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224";
 const BERT: &str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract";
@@ -290,23 +290,6 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
         }
     }
-}
-
-fn synthetic(root: &Path) {
-    let out = vlsm(
-        &[
-            "synthetic",
-            s(root),
-            "--train",
-            "64",
-            "--val",
-            "16",
-            "--test",
-            "8",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// Mean `dice_model` per model of a bench run's results.csv.

@@ -7,24 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_error, fixture, stderr, stdout, vlsm};
-
-fn synthetic(root: &Path) {
-    let out = vlsm(
-        &[
-            "synthetic",
-            root.to_str().unwrap(),
-            "--train",
-            "64",
-            "--val",
-            "16",
-            "--test",
-            "8",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-}
+use common::{assert_clean_error, fixture, stderr, stdout, synthetic, vlsm};
 
 /// `vlsm train` arguments on the synthetic `ellipses` dataset under `root`, then `extra`.
 fn train_args(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> Vec<String> {

@@ -205,3 +205,21 @@ fn answer(mut stream: TcpStream, repos: &[(String, PathBuf)]) -> std::io::Result
     )?;
     stream.write_all(body)
 }
+
+/// `vlsm synthetic ROOT` with 64 training, 16 validation and 8 test images.
+pub fn synthetic(root: &Path) {
+    let out = vlsm(
+        &[
+            "synthetic",
+            root.to_str().unwrap(),
+            "--train",
+            "64",
+            "--val",
+            "16",
+            "--test",
+            "8",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
