@@ -426,6 +426,19 @@ fn training_then_bench_and_segment_with_both_variants() {
     let report = tmp.path().join("report");
     let out = vlsm(&["report", s(&bench), "--out", s(&report)], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // One table per model, and one line each in the plot's legend.
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    let svg = std::fs::read_to_string(report.join("dice_vs_prompt.svg")).unwrap();
+    for name in ["biomedclipseg", "biomedclipseg-d", "clipseg_refined"] {
+        assert!(
+            md.contains(&format!("### {name}\n")),
+            "{name} missing: {md}"
+        );
+        assert!(
+            svg.lines().any(|l| l.trim() == name),
+            "{name} not in the plot"
+        );
+    }
 }
 
 /// `bench` takes hub models by family and medvlsm checkpoints as they are, and names them.
@@ -482,4 +495,64 @@ fn bench_resolves_hub_families_and_checkpoints() {
         &[],
     );
     assert_clean_error(&out, "not a model family");
+}
+
+/// `share` names the family in the link; `reproduce` recomputes it with the same folder and
+/// refuses another family's weights.
+#[test]
+fn share_and_reproduce_a_biomedclipseg_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("d");
+    let hub = common::fixture("biomedclipseg/hub");
+    let run = vlsm(
+        &[
+            "convert",
+            "--hub-mirror",
+            s(&hub),
+            "--arch",
+            "biomedclipseg-d",
+            s(&folder),
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let image = common::fixture("images/rgb_64x64.png");
+    let run = vlsm(
+        &[
+            "share",
+            s(&image),
+            "-p",
+            "polyp",
+            "-p",
+            "",
+            "--weights-url",
+            "https://example.org/models/d",
+            "--weights",
+            s(&folder),
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let link = common::stdout(&run).trim().to_string();
+    let state = vlsm::share::ShareState::from_link(&link).unwrap();
+    assert_eq!(state.model.as_deref(), Some("biomedclipseg-d"));
+    assert_eq!(state.threshold, 0.5);
+    let fingerprints =
+        common::reproduced_fingerprints(&vlsm(&["reproduce", &link, "--weights", s(&folder)], &[]));
+    assert_eq!(fingerprints.len(), 2);
+    let run = vlsm(
+        &[
+            "reproduce",
+            &link,
+            "--weights",
+            s(&common::fixture("clipseg_refined")),
+        ],
+        &[],
+    );
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("the link's model is biomedclipseg-d"),
+        "{}",
+        stderr(&run)
+    );
 }
