@@ -811,6 +811,10 @@ fn ModelPanel(page: Page) -> impl IntoView {
                     {move || if matches!(page.model.get(), ModelState::Failed { .. }) { "Retry" } else { "Load" }}
                 </button>
             </div>
+            <p class="hint">"CLIPSeg: any Hugging Face CLIPSeg folder with model.safetensors. \
+                BiomedCLIPSeg / BiomedCLIPSeg-D: a folder written by vlsm convert or vlsm train \
+                (BiomedCLIP's hub repo is a PyTorch pickle, which the page does not read). \
+                The model family is read from its config.json."</p>
             <label for="backend">"Run on"</label>
             <select id="backend"
                 on:change=move |ev| {
