@@ -30,7 +30,7 @@ pub fn shared(path: &str) -> PathBuf {
     p
 }
 
-/// A reference tensor file: name → (shape, f32 or i64 values as f64).
+/// A reference tensor file: name → (shape, f32, f64, i64 or u8 values as f64).
 pub struct Reference {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
 }
@@ -55,6 +55,7 @@ impl Reference {
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
                     .collect(),
+                safetensors::Dtype::U8 => data.iter().map(|&b| b as f64).collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             tensors.insert(name, (view.shape().to_vec(), values));

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod biomedclipseg;
 pub mod clip;
 pub mod clipseg;
+pub mod cris;
 pub mod layers;
 
 use burn::tensor::{Device, Tensor};

@@ -1,0 +1,53 @@
+//! CRIS's parts against medvlsm's CRIS (the independent fixture in
+//! ../shared/fixtures/tiny_cris, loaded from its `cris.pt` as it is: pickle protocol 5).
+//! So far: the image backbone.
+
+use vlsm::Weights;
+use vlsm::burn::tensor::{Device, Tensor, TensorData};
+use vlsm::model::cris::{ModifiedResNet, ResNetConfig};
+use vlsm_tests::{Reference, assert_close, shared, values};
+
+#[test]
+fn backbone_matches_medvlsm_c3_c4_c5() {
+    let device = Device::flex();
+    let dir = shared("fixtures/tiny_cris");
+    let w = Weights::from_pytorch_file(&dir.join("pretrained/cris.pt")).unwrap();
+    let cfg = ResNetConfig::from_weights(&w, "backbone.visual").unwrap();
+    assert_eq!(cfg.layers, [1, 2, 1, 1]);
+    assert_eq!(
+        (cfg.width, cfg.output_dim, cfg.heads, cfg.pos_grid),
+        (4, 80, 2, 4)
+    );
+    let net = ModifiedResNet::load(&w, "backbone.visual", &cfg, &device).unwrap();
+    let inputs = Reference::read(&dir.join("inputs.safetensors"));
+    let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
+    let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(inputs.f32("pixel_values"), [1, 3, 160, 160]),
+        &device,
+    );
+    assert_close(
+        "stem",
+        &values(net.stem(pixels.clone())),
+        &f32_ref.f32("vision.stem"),
+        1e-4,
+    );
+    assert_close(
+        "layer4",
+        &values(net.layer4(pixels.clone())),
+        &f32_ref.f32("vision.layer4"),
+        1e-4,
+    );
+    // The 4×4 position grid resized bicubically to layer4's 5×5, laid out [1, C, HW].
+    let positions = net.attnpool.positions_for(5, 5).unwrap();
+    assert_close(
+        "resized positions",
+        &values(positions.swap_dims(0, 1)),
+        &f64_ref.f32("vision.attnpool.pos_embed_resized"),
+        1e-5,
+    );
+    let features = net.forward(pixels).unwrap();
+    assert_close("C3", &values(features.c3), &f32_ref.f32("vision.C3"), 1e-4);
+    assert_close("C4", &values(features.c4), &f32_ref.f32("vision.C4"), 1e-4);
+    assert_close("C5", &values(features.c5), &f64_ref.f32("vision.C5"), 1e-4);
+}
