@@ -1,6 +1,6 @@
 //! CRIS's parts against medvlsm's CRIS (the independent fixture in
 //! ../shared/fixtures/tiny_cris, loaded from its `cris.pt` as it is: pickle protocol 5).
-//! So far: the image backbone.
+//! So far: the image backbone and the text tower.
 
 use vlsm::Weights;
 use vlsm::burn::tensor::{Device, Tensor, TensorData};
@@ -50,4 +50,41 @@ fn backbone_matches_medvlsm_c3_c4_c5() {
     assert_close("C3", &values(features.c3), &f32_ref.f32("vision.C3"), 1e-4);
     assert_close("C4", &values(features.c4), &f32_ref.f32("vision.C4"), 1e-4);
     assert_close("C5", &values(features.c5), &f64_ref.f32("vision.C5"), 1e-4);
+}
+
+#[test]
+fn text_tower_matches_medvlsm_word_features_and_state() {
+    let device = Device::flex();
+    let dir = shared("fixtures/tiny_cris");
+    let w = Weights::from_pytorch_file(&dir.join("pretrained/cris.pt")).unwrap();
+    let text = vlsm::model::clip::TextTransformer::load_openai(&w, "backbone", &device).unwrap();
+    let inputs = Reference::read(&dir.join("inputs.safetensors"));
+    let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
+    let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
+    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
+        .i64_rows("input_ids")
+        .into_iter()
+        .zip(inputs.i64_rows("attention_mask"))
+        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
+        .collect();
+    // Pads are processed (causal mask only): the word features include their rows.
+    let (words, pooled) = text.forward(&prompts, false, &device).unwrap();
+    assert_close(
+        "word features",
+        &values(words),
+        &f32_ref.f32("text.word_features"),
+        1e-4,
+    );
+    let projection = w
+        .tensor("backbone.text_projection", [64, 80], &device)
+        .unwrap();
+    assert_close(
+        "sentence state",
+        &values(pooled.matmul(projection)),
+        &f64_ref.f32("text.state"),
+        1e-4,
+    );
 }

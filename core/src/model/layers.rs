@@ -113,6 +113,28 @@ pub fn linear_from_rows(
     }
 }
 
+/// The q, k and v projections of a packed `[3D, D]` weight and `[3D]` bias (timm's `qkv`,
+/// PyTorch's `in_proj_*`): rows `[q; k; v]`.
+pub fn split_packed_qkv(
+    w: &Weights,
+    weight_key: &str,
+    bias_key: &str,
+    d: usize,
+    device: &Device,
+) -> Result<[Linear; 3]> {
+    let packed = w.read_f32(weight_key, &[3 * d, d])?;
+    let bias = w.read_f32(bias_key, &[3 * d])?;
+    Ok([0, 1, 2].map(|i| {
+        linear_from_rows(
+            &packed[i * d * d..(i + 1) * d * d],
+            Some(&bias[i * d..(i + 1) * d]),
+            d,
+            d,
+            device,
+        )
+    }))
+}
+
 /// `nn.LayerNorm(d, eps)` at `{prefix}.weight` / `{prefix}.bias`.
 pub fn layer_norm(
     w: &Weights,

@@ -10,8 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    LayerShape, NamedTensor, TransformerLayer, check_prompt_batch, export_norm, layer_norm, named,
-    padding_mask, prompt_ids,
+    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, check_prompt_batch, export_norm,
+    layer_norm, linear, named, padding_mask, prompt_ids, split_packed_qkv,
 };
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -28,6 +28,9 @@ pub struct TextTransformer {
     pub eos_token_id: usize,
     pub legacy_pooling: bool,
     pub vocab_size: usize,
+    /// transformers masks padded keys besides the causal mask; OpenAI's CLIP (as CRIS runs
+    /// it) does not, which changes only the pad rows (CRIS's decoder reads those).
+    pub mask_padding: bool,
 }
 
 impl TextTransformer {
@@ -97,6 +100,76 @@ impl TextTransformer {
             eos_token_id: cfg.eos_token_id.max(0) as usize,
             legacy_pooling: cfg.eos_token_id == 2,
             vocab_size: cfg.vocab_size,
+            mask_padding: true,
+        })
+    }
+
+    /// Loads OpenAI's CLIP text tower (`{prefix}.token_embedding.weight`,
+    /// `.positional_embedding`, `.transformer.resblocks.N.{ln_1, attn.in_proj_*,
+    /// attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `.ln_final`), sizes from the shapes as
+    /// CLIP's `build_model` derives them (heads = width / 64): the layout CRIS checkpoints
+    /// keep. Pooling is CLIP's `argmax(ids)`; pads are not masked.
+    pub fn load_openai(w: &Weights, prefix: &str, device: &Device) -> Result<Self> {
+        let shape = |key: &str| {
+            w.shape(&format!("{prefix}.{key}"))
+                .map(<[usize]>::to_vec)
+                .ok_or_else(|| Error::Weights(format!("{}: missing `{prefix}.{key}`", w.source())))
+        };
+        let emb = shape("token_embedding.weight")?;
+        let (vocab, d) = (emb[0], emb[1]);
+        let context = shape("positional_embedding")?[0];
+        let mut layers = 0;
+        while w.contains(&format!(
+            "{prefix}.transformer.resblocks.{layers}.ln_1.weight"
+        )) {
+            layers += 1;
+        }
+        if layers == 0
+            || layers > 64
+            || d == 0
+            || d > 8192
+            || context > crate::config::MAX_TEXT_POSITIONS
+        {
+            return Err(Error::Weights(format!(
+                "{}: not a CLIP text tower ({layers} blocks, width {d}, {context} positions)",
+                w.source()
+            )));
+        }
+        let heads = (d / 64).max(1);
+        let shape = LayerShape {
+            hidden: d,
+            heads,
+            intermediate: 4 * d,
+            act: crate::config::Activation::QuickGelu,
+            eps: 1e-5,
+        };
+        Ok(Self {
+            token_embedding: w.param(
+                &format!("{prefix}.token_embedding.weight"),
+                [vocab, d],
+                device,
+            )?,
+            position_embedding: w.param(
+                &format!("{prefix}.positional_embedding"),
+                [context, d],
+                device,
+            )?,
+            layers: (0..layers)
+                .map(|i| {
+                    load_openai_block(
+                        w,
+                        &format!("{prefix}.transformer.resblocks.{i}"),
+                        shape,
+                        device,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            final_layer_norm: layer_norm(w, &format!("{prefix}.ln_final"), d, 1e-5, device)?,
+            num_heads: heads,
+            eos_token_id: 0,
+            legacy_pooling: true,
+            vocab_size: vocab,
+            mask_padding: false,
         })
     }
 
@@ -148,7 +221,10 @@ impl TextTransformer {
             .unsqueeze_dim(0);
         let mut x = embedding(self.token_embedding.val(), ids) + positions;
 
-        let mask = padding_mask(prompts, len, self.num_heads, device);
+        let mask = self
+            .mask_padding
+            .then(|| padding_mask(prompts, len, self.num_heads, device))
+            .flatten();
         for layer in &self.layers {
             x = layer.forward_pre_norm(x, mask.clone(), true);
         }
@@ -163,4 +239,52 @@ impl TextTransformer {
         let pooled = x.clone().reshape([n * len, d]).select(0, rows);
         Ok((x, pooled))
     }
+}
+
+/// An OpenAI CLIP `ResidualAttentionBlock` into the transformers layer: the packed
+/// `in_proj_weight` `[3D, D]` holds q, k and v one after another.
+fn load_openai_block(
+    w: &Weights,
+    prefix: &str,
+    s: LayerShape,
+    device: &Device,
+) -> Result<TransformerLayer> {
+    let d = s.hidden;
+    let [q_proj, k_proj, v_proj] = split_packed_qkv(
+        w,
+        &format!("{prefix}.attn.in_proj_weight"),
+        &format!("{prefix}.attn.in_proj_bias"),
+        d,
+        device,
+    )?;
+    Ok(TransformerLayer {
+        self_attn: SelfAttention {
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj: linear(w, &format!("{prefix}.attn.out_proj"), d, d, true, device)?,
+            num_heads: s.heads,
+        },
+        layer_norm1: layer_norm(w, &format!("{prefix}.ln_1"), d, s.eps, device)?,
+        mlp: Mlp {
+            fc1: linear(
+                w,
+                &format!("{prefix}.mlp.c_fc"),
+                d,
+                s.intermediate,
+                true,
+                device,
+            )?,
+            fc2: linear(
+                w,
+                &format!("{prefix}.mlp.c_proj"),
+                s.intermediate,
+                d,
+                true,
+                device,
+            )?,
+            act: s.act,
+        },
+        layer_norm2: layer_norm(w, &format!("{prefix}.ln_2"), d, s.eps, device)?,
+    })
 }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::biomedclipseg::TimmVitConfig;
 use crate::model::layers::{
     LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, export_norm, layer_norm, linear,
-    linear_from_rows, named, values,
+    linear_from_rows, named, split_packed_qkv, values,
 };
 use crate::weights::Weights;
 
@@ -256,22 +256,18 @@ fn load_timm_block(
     device: &Device,
 ) -> Result<TransformerLayer> {
     let d = s.hidden;
-    let qkv = w.read_f32(&format!("{prefix}.attn.qkv.weight"), &[3 * d, d])?;
-    let qkv_bias = w.read_f32(&format!("{prefix}.attn.qkv.bias"), &[3 * d])?;
-    let part = |i: usize| {
-        linear_from_rows(
-            &qkv[i * d * d..(i + 1) * d * d],
-            Some(&qkv_bias[i * d..(i + 1) * d]),
-            d,
-            d,
-            device,
-        )
-    };
+    let [q_proj, k_proj, v_proj] = split_packed_qkv(
+        w,
+        &format!("{prefix}.attn.qkv.weight"),
+        &format!("{prefix}.attn.qkv.bias"),
+        d,
+        device,
+    )?;
     Ok(TransformerLayer {
         self_attn: SelfAttention {
-            q_proj: part(0),
-            k_proj: part(1),
-            v_proj: part(2),
+            q_proj,
+            k_proj,
+            v_proj,
             out_proj: linear(w, &format!("{prefix}.attn.proj"), d, d, true, device)?,
             num_heads: s.heads,
         },

@@ -3,9 +3,12 @@
 //! vision-language decoder and a projector with a per-sample dynamic kernel. Keys as
 //! medvlsm's `cris.pt` (`backbone.*`, `neck.*`, `decoder.*`, `proj.*`).
 //!
-//! Built so far: the image backbone ([`resnet`]), checked against medvlsm's C3/C4/C5. The
-//! text tower, neck, decoder and projector, and the wiring into [`crate::model::Model`],
-//! are still to come; until then CRIS checkpoints are not loadable from the CLI.
+//! Built so far: the image backbone ([`resnet`]), checked against medvlsm's C3/C4/C5, and the
+//! text tower (CLIP's, loaded from OpenAI's layout by
+//! [`crate::model::clip::TextTransformer::load_openai`]), checked against its word features
+//! and sentence state. The neck, decoder and projector, and the wiring into
+//! [`crate::model::Model`], are still to come; until then CRIS checkpoints are not loadable
+//! from the CLI.
 
 pub mod resnet;
 
