@@ -117,7 +117,7 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn load(
+    pub fn load(
         w: &Weights,
         conv: &str,
         bn: &str,
@@ -132,7 +132,7 @@ impl ConvBn {
         })
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let k = self.weight.dims()[2];
         let options = ConvOptions::new([self.stride; 2], [k / 2; 2], [1, 1], 1);
         self.bn.forward(conv2d(x, self.weight.val(), None, options))
