@@ -369,13 +369,11 @@ impl BiomedSources {
         if trained.is_some() {
             cfg.arch = crate::model::Arch::BiomedClipSeg;
         }
-        // A fresh decoder (training from scratch) needs no decoder file.
-        let (towers, decoder) = match (&trained, self.parts()) {
-            (Some(_), Err(_)) if self.decoder.is_none() => (self.towers_only()?, None),
-            (_, parts) => {
-                let (t, d) = parts?;
-                (t, Some(d))
-            }
+        let (towers, decoder) = match self.parts() {
+            Ok((towers, decoder)) => (towers, Some(decoder)),
+            // Trained from a fresh decoder: no decoder file, the hub's towers.
+            Err(_) if trained.is_some() && self.decoder.is_none() => (self.towers_only()?, None),
+            Err(e) => return Err(e),
         };
         let tw = open_weights(&towers.file)?;
         let mut tensors = Vec::new();

@@ -113,18 +113,55 @@ pub fn linear_from_rows(
     }
 }
 
-/// The q, k and v projections of a packed `[3D, D]` weight and `[3D]` bias (timm's `qkv`,
-/// PyTorch's `in_proj_*`): rows `[q; k; v]`.
-pub fn split_packed_qkv(
+/// Where a pre-norm block with a packed `[3D, D]` q/k/v projection (rows `[q; k; v]`)
+/// keeps its tensors, relative to the block's prefix: timm's ViT and OpenAI's CLIP name the
+/// same layer differently.
+pub struct PackedBlockKeys {
+    pub qkv_weight: &'static str,
+    pub qkv_bias: &'static str,
+    pub out_proj: &'static str,
+    pub norm1: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    pub norm2: &'static str,
+}
+
+/// timm's `Block` (`attn.qkv`, `attn.proj`, `norm1`, `mlp.fc1`, …).
+pub const TIMM_BLOCK: PackedBlockKeys = PackedBlockKeys {
+    qkv_weight: "attn.qkv.weight",
+    qkv_bias: "attn.qkv.bias",
+    out_proj: "attn.proj",
+    norm1: "norm1",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+    norm2: "norm2",
+};
+
+/// OpenAI CLIP's `ResidualAttentionBlock` (`attn.in_proj_*`, `ln_1`, `mlp.c_fc`, …).
+pub const OPENAI_BLOCK: PackedBlockKeys = PackedBlockKeys {
+    qkv_weight: "attn.in_proj_weight",
+    qkv_bias: "attn.in_proj_bias",
+    out_proj: "attn.out_proj",
+    norm1: "ln_1",
+    fc1: "mlp.c_fc",
+    fc2: "mlp.c_proj",
+    norm2: "ln_2",
+};
+
+/// A packed-qkv pre-norm block loaded into [`TransformerLayer`] (the packed projection
+/// split into q, k and v).
+pub fn load_packed_block(
     w: &Weights,
-    weight_key: &str,
-    bias_key: &str,
-    d: usize,
+    prefix: &str,
+    keys: &PackedBlockKeys,
+    s: LayerShape,
     device: &Device,
-) -> Result<[Linear; 3]> {
-    let packed = w.read_f32(weight_key, &[3 * d, d])?;
-    let bias = w.read_f32(bias_key, &[3 * d])?;
-    Ok([0, 1, 2].map(|i| {
+) -> Result<TransformerLayer> {
+    let d = s.hidden;
+    let key = |name: &str| format!("{prefix}.{name}");
+    let packed = w.read_f32(&key(keys.qkv_weight), &[3 * d, d])?;
+    let bias = w.read_f32(&key(keys.qkv_bias), &[3 * d])?;
+    let [q_proj, k_proj, v_proj] = [0, 1, 2].map(|i| {
         linear_from_rows(
             &packed[i * d * d..(i + 1) * d * d],
             Some(&bias[i * d..(i + 1) * d]),
@@ -132,7 +169,23 @@ pub fn split_packed_qkv(
             d,
             device,
         )
-    }))
+    });
+    Ok(TransformerLayer {
+        self_attn: SelfAttention {
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj: linear(w, &key(keys.out_proj), d, d, true, device)?,
+            num_heads: s.heads,
+        },
+        layer_norm1: layer_norm(w, &key(keys.norm1), d, s.eps, device)?,
+        mlp: Mlp {
+            fc1: linear(w, &key(keys.fc1), d, s.intermediate, true, device)?,
+            fc2: linear(w, &key(keys.fc2), s.intermediate, d, true, device)?,
+            act: s.act,
+        },
+        layer_norm2: layer_norm(w, &key(keys.norm2), d, s.eps, device)?,
+    })
 }
 
 /// `nn.LayerNorm(d, eps)` at `{prefix}.weight` / `{prefix}.bias`.

@@ -19,7 +19,7 @@ pub use config::{BiomedClipSegConfig, OpenClipConfig, TimmVitConfig};
 use crate::error::Result;
 use crate::model::bert::Bert;
 use crate::model::clip::VisionTransformer;
-use crate::model::clipseg::{Decoder, DecoderTrace, ImageFeatures};
+use crate::model::clipseg::Decoder;
 use crate::model::layers::linear;
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -126,10 +126,6 @@ impl BiomedClipSeg {
         self.vision.states_deepest_first(pixels, &wanted)
     }
 
-    pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {
-        Ok(self.decoder.reduce(&self.vision_taps(pixels)?))
-    }
-
     /// BERT's CLS row of the last hidden state, `[P, width]` (the pooled text feature).
     pub fn pooled_text(&self, prompts: &[TokenizedPrompt], device: &Device) -> Result<Tensor<2>> {
         let hidden = self.text.forward(prompts, device)?;
@@ -143,13 +139,5 @@ impl BiomedClipSeg {
         Ok(self
             .text_proj_out
             .forward(activation::gelu(self.text_proj_in.forward(pooled))))
-    }
-
-    pub fn decode_traced(
-        &self,
-        image: &ImageFeatures,
-        conditioning: Tensor<2>,
-    ) -> Result<DecoderTrace> {
-        self.decoder.decode_traced(image, conditioning, self.grid())
     }
 }

@@ -10,8 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, check_prompt_batch, export_norm,
-    layer_norm, linear, named, padding_mask, prompt_ids, split_packed_qkv,
+    LayerShape, NamedTensor, OPENAI_BLOCK, TransformerLayer, check_prompt_batch, export_norm,
+    layer_norm, load_packed_block, named, padding_mask, prompt_ids,
 };
 use crate::tokenize::TokenizedPrompt;
 use crate::weights::Weights;
@@ -156,9 +156,10 @@ impl TextTransformer {
             )?,
             layers: (0..layers)
                 .map(|i| {
-                    load_openai_block(
+                    load_packed_block(
                         w,
                         &format!("{prefix}.transformer.resblocks.{i}"),
+                        &OPENAI_BLOCK,
                         shape,
                         device,
                     )
@@ -239,52 +240,4 @@ impl TextTransformer {
         let pooled = x.clone().reshape([n * len, d]).select(0, rows);
         Ok((x, pooled))
     }
-}
-
-/// An OpenAI CLIP `ResidualAttentionBlock` into the transformers layer: the packed
-/// `in_proj_weight` `[3D, D]` holds q, k and v one after another.
-fn load_openai_block(
-    w: &Weights,
-    prefix: &str,
-    s: LayerShape,
-    device: &Device,
-) -> Result<TransformerLayer> {
-    let d = s.hidden;
-    let [q_proj, k_proj, v_proj] = split_packed_qkv(
-        w,
-        &format!("{prefix}.attn.in_proj_weight"),
-        &format!("{prefix}.attn.in_proj_bias"),
-        d,
-        device,
-    )?;
-    Ok(TransformerLayer {
-        self_attn: SelfAttention {
-            q_proj,
-            k_proj,
-            v_proj,
-            out_proj: linear(w, &format!("{prefix}.attn.out_proj"), d, d, true, device)?,
-            num_heads: s.heads,
-        },
-        layer_norm1: layer_norm(w, &format!("{prefix}.ln_1"), d, s.eps, device)?,
-        mlp: Mlp {
-            fc1: linear(
-                w,
-                &format!("{prefix}.mlp.c_fc"),
-                d,
-                s.intermediate,
-                true,
-                device,
-            )?,
-            fc2: linear(
-                w,
-                &format!("{prefix}.mlp.c_proj"),
-                s.intermediate,
-                d,
-                true,
-                device,
-            )?,
-            act: s.act,
-        },
-        layer_norm2: layer_norm(w, &format!("{prefix}.ln_2"), d, s.eps, device)?,
-    })
 }

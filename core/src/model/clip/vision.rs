@@ -15,8 +15,8 @@ use crate::config::{Activation, VisionConfig};
 use crate::error::{Error, Result};
 use crate::model::biomedclipseg::TimmVitConfig;
 use crate::model::layers::{
-    LayerShape, Mlp, NamedTensor, SelfAttention, TransformerLayer, export_norm, layer_norm, linear,
-    linear_from_rows, named, split_packed_qkv, values,
+    LayerShape, NamedTensor, TIMM_BLOCK, TransformerLayer, export_norm, layer_norm,
+    linear_from_rows, load_packed_block, named, values,
 };
 use crate::weights::Weights;
 
@@ -131,7 +131,15 @@ impl VisionTransformer {
             eps: cfg.layer_norm_eps,
         };
         let layers = (0..num_layers)
-            .map(|i| load_timm_block(w, &format!("{prefix}.blocks.{i}"), shape, device))
+            .map(|i| {
+                load_packed_block(
+                    w,
+                    &format!("{prefix}.blocks.{i}"),
+                    &TIMM_BLOCK,
+                    shape,
+                    device,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             class_embedding: Param::from_tensor(Tensor::from_data(
@@ -245,54 +253,6 @@ impl VisionTransformer {
         }
         Ok(states)
     }
-}
-
-/// A timm pre-norm block into CLIP's layer: the fused `qkv` weight `[3D, D]` holds the q, k
-/// and v projections one after another (rows `[q; k; v]`), so it splits into three.
-fn load_timm_block(
-    w: &Weights,
-    prefix: &str,
-    s: LayerShape,
-    device: &Device,
-) -> Result<TransformerLayer> {
-    let d = s.hidden;
-    let [q_proj, k_proj, v_proj] = split_packed_qkv(
-        w,
-        &format!("{prefix}.attn.qkv.weight"),
-        &format!("{prefix}.attn.qkv.bias"),
-        d,
-        device,
-    )?;
-    Ok(TransformerLayer {
-        self_attn: SelfAttention {
-            q_proj,
-            k_proj,
-            v_proj,
-            out_proj: linear(w, &format!("{prefix}.attn.proj"), d, d, true, device)?,
-            num_heads: s.heads,
-        },
-        layer_norm1: layer_norm(w, &format!("{prefix}.norm1"), d, s.eps, device)?,
-        mlp: Mlp {
-            fc1: linear(
-                w,
-                &format!("{prefix}.mlp.fc1"),
-                d,
-                s.intermediate,
-                true,
-                device,
-            )?,
-            fc2: linear(
-                w,
-                &format!("{prefix}.mlp.fc2"),
-                s.intermediate,
-                d,
-                true,
-                device,
-            )?,
-            act: s.act,
-        },
-        layer_norm2: layer_norm(w, &format!("{prefix}.norm2"), d, s.eps, device)?,
-    })
 }
 
 /// Resizes the `grid`×`grid` patch rows of a position table to `new_grid`×`new_grid` as
