@@ -155,3 +155,77 @@ fn neck_matches_medvlsm() {
         TOL,
     );
 }
+
+/// medvlsm's `cris_net_args` from a fixture manifest, as a vlsm config.
+fn manifest_config(dir: &std::path::Path) -> vlsm::model::cris::CrisConfig {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    vlsm::model::cris::CrisConfig::from_json(m["cris_net_args"].to_string().as_bytes()).unwrap()
+}
+
+#[test]
+fn whole_model_matches_medvlsm_stage_by_stage() {
+    let device = Device::flex();
+    let dir = shared("fixtures/tiny_cris");
+    let w = Weights::from_pytorch_file(&dir.join("pretrained/cris.pt")).unwrap();
+    let cfg = manifest_config(&dir);
+    let model = vlsm::model::cris::Cris::load(&w, &cfg, &device).unwrap();
+    let inputs = Reference::read(&dir.join("inputs.safetensors"));
+    let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
+    let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
+    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
+        .i64_rows("input_ids")
+        .into_iter()
+        .zip(inputs.i64_rows("attention_mask"))
+        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
+        .collect();
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(inputs.f32("pixel_values"), [1, 3, 160, 160]),
+        &device,
+    );
+    let image = model.encode_image(pixels).unwrap();
+    let text = model.embed_prompts(&prompts, &device).unwrap();
+    let ignored: Vec<f32> = values(text.ignored.clone().int().float());
+    let expected: Vec<f32> = f32_ref.f32("pad_mask");
+    assert_eq!(ignored, expected, "pad mask (input_ids == 0)");
+    assert!(ignored.iter().any(|&v| v == 1.0), "the fixture masks a '!'");
+    let trace = model.decode_traced(&image, &text).unwrap();
+    assert_close(
+        "neck output",
+        &values(trace.neck.output.clone()),
+        &f64_ref.f32("neck.output"),
+        TOL,
+    );
+    for (i, layer) in trace.layers.iter().enumerate() {
+        // Reference layout (HW, B, C); ours (B, HW, C).
+        assert_close(
+            &format!("decoder layer {i}"),
+            &values(layer.clone().swap_dims(0, 1)),
+            &f32_ref.f32(&format!("decoder.layer_output.{i}")),
+            TOL,
+        );
+    }
+    let [b, c, h, w_] = trace.decoded.dims();
+    assert_close(
+        "decoder output",
+        &values(trace.decoded.clone().reshape([b, c, h * w_])),
+        &f64_ref.f32("decoder.output"),
+        TOL,
+    );
+    assert_close(
+        "projector visual map (first sample)",
+        &values(trace.projector.vis.clone().narrow(0, 0, 1)),
+        &f32_ref.f32("proj.vis"),
+        TOL,
+    );
+    assert_close(
+        "projector output",
+        &values(trace.projector.output.clone()),
+        &f64_ref.f32("proj.output"),
+        TOL,
+    );
+    assert_close("logits", &values(trace.logits), &f64_ref.f32("logits"), TOL);
+}

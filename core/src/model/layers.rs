@@ -159,25 +159,18 @@ pub fn load_packed_block(
 ) -> Result<TransformerLayer> {
     let d = s.hidden;
     let key = |name: &str| format!("{prefix}.{name}");
-    let packed = w.read_f32(&key(keys.qkv_weight), &[3 * d, d])?;
-    let bias = w.read_f32(&key(keys.qkv_bias), &[3 * d])?;
-    let [q_proj, k_proj, v_proj] = [0, 1, 2].map(|i| {
-        linear_from_rows(
-            &packed[i * d * d..(i + 1) * d * d],
-            Some(&bias[i * d..(i + 1) * d]),
-            d,
-            d,
-            device,
-        )
-    });
     Ok(TransformerLayer {
-        self_attn: SelfAttention {
-            q_proj,
-            k_proj,
-            v_proj,
-            out_proj: linear(w, &key(keys.out_proj), d, d, true, device)?,
-            num_heads: s.heads,
-        },
+        self_attn: SelfAttention::load_packed_at(
+            w,
+            [
+                &key(keys.qkv_weight),
+                &key(keys.qkv_bias),
+                &key(keys.out_proj),
+            ],
+            d,
+            s.heads,
+            device,
+        )?,
         layer_norm1: layer_norm(w, &key(keys.norm1), d, s.eps, device)?,
         mlp: Mlp {
             fc1: linear(w, &key(keys.fc1), d, s.intermediate, true, device)?,
@@ -239,6 +232,55 @@ impl SelfAttention {
         })
     }
 
+    /// PyTorch's `nn.MultiheadAttention` at `prefix`: the packed `in_proj_weight` /
+    /// `in_proj_bias` (rows `[q; k; v]`) split, and `out_proj`.
+    pub fn load_packed(
+        w: &Weights,
+        prefix: &str,
+        d: usize,
+        heads: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_packed_at(
+            w,
+            [
+                &format!("{prefix}.in_proj_weight"),
+                &format!("{prefix}.in_proj_bias"),
+                &format!("{prefix}.out_proj"),
+            ],
+            d,
+            heads,
+            device,
+        )
+    }
+
+    fn load_packed_at(
+        w: &Weights,
+        [qkv_weight, qkv_bias, out_proj]: [&str; 3],
+        d: usize,
+        heads: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let packed = w.read_f32(qkv_weight, &[3 * d, d])?;
+        let bias = w.read_f32(qkv_bias, &[3 * d])?;
+        let [q_proj, k_proj, v_proj] = [0, 1, 2].map(|i| {
+            linear_from_rows(
+                &packed[i * d * d..(i + 1) * d * d],
+                Some(&bias[i * d..(i + 1) * d]),
+                d,
+                d,
+                device,
+            )
+        });
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj: linear(w, out_proj, d, d, true, device)?,
+            num_heads: heads,
+        })
+    }
+
     /// `x`: `[B, L, D]`; `key_mask`: `[B, H, L, L]`, true where a key must be ignored.
     pub fn forward(
         &self,
@@ -246,12 +288,27 @@ impl SelfAttention {
         key_mask: Option<Tensor<4, Bool>>,
         causal: bool,
     ) -> Tensor<3> {
-        let [b, l, d] = x.dims();
+        self.forward_qkv(x.clone(), x.clone(), x, key_mask, causal)
+    }
+
+    /// Attention with separate query, key and value inputs (`[B, Lq, D]`, `[B, Lk, D]`,
+    /// `[B, Lk, D]`), as `nn.MultiheadAttention(query, key, value)`; `key_mask`
+    /// `[B, H, Lq, Lk]`, true where a key must be ignored.
+    pub fn forward_qkv(
+        &self,
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_mask: Option<Tensor<4, Bool>>,
+        causal: bool,
+    ) -> Tensor<3> {
+        let [b, l, d] = query.dims();
+        let lk = key.dims()[1];
         let h = self.num_heads;
-        let heads = |t: Tensor<3>| t.reshape([b, l, h, d / h]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()));
-        let k = heads(self.k_proj.forward(x.clone()));
-        let v = heads(self.v_proj.forward(x));
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(query), l);
+        let k = heads(self.k_proj.forward(key), lk);
+        let v = heads(self.v_proj.forward(value), lk);
         let options = AttentionModuleOptions {
             scale: None, // 1/sqrt(head_dim), as CLIP
             softcap: None,

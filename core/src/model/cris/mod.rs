@@ -1,17 +1,269 @@
 //! CRIS (Wang et al., CVPR 2022) as medvlsm runs it: CLIP's ModifiedResNet RN50 with CRIS's
-//! attention pool, the CLIP text transformer, an FPN neck with text gating, a
-//! vision-language decoder and a projector with a per-sample dynamic kernel. Keys as
-//! medvlsm's `cris.pt` (`backbone.*`, `neck.*`, `decoder.*`, `proj.*`).
+//! attention pool ([`resnet`]), the CLIP text transformer (loaded from OpenAI's layout by
+//! [`TextTransformer::load_openai`]), an FPN neck with text gating ([`neck`]), a
+//! vision-language decoder and a projector with a per-sample dynamic kernel ([`decoder`]),
+//! then a bicubic (`align_corners=True`) upsampling to the input size inside the forward.
+//! Keys as medvlsm's `cris.pt` (`backbone.*`, `neck.*`, `decoder.*`, `proj.*`); sizes from
+//! [`CrisConfig`] (medvlsm's constructor arguments).
 //!
-//! Built so far: the image backbone ([`resnet`]), checked against medvlsm's C3/C4/C5, and the
-//! text tower (CLIP's, loaded from OpenAI's layout by
-//! [`crate::model::clip::TextTransformer::load_openai`]), checked against its word features
-//! and sentence state, and the FPN neck ([`neck`]), checked map by map. The decoder and
-//! projector, and the wiring into [`crate::model::Model`], are still to come; until then
-//! CRIS checkpoints are not loadable from the CLI.
+//! The image side is prompt-free until the neck: [`Cris::encode_image`] runs the backbone
+//! once per image, [`Cris::decode`] runs neck, decoder and projector per prompt.
 
+pub mod config;
+pub mod decoder;
 pub mod neck;
 pub mod resnet;
 
-pub use neck::{Neck, NeckConfig};
-pub use resnet::{ModifiedResNet, ResNetConfig};
+use burn::module::{Module, Param};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Bool, Device, Tensor};
+
+pub use config::CrisConfig;
+pub use decoder::{DecoderShape, Projector, ProjectorTrace, VisionLanguageDecoder};
+pub use neck::{Neck, NeckConfig, NeckTrace};
+pub use resnet::{ImageFeatures, ModifiedResNet, ResNetConfig};
+
+use crate::error::{Error, Result};
+use crate::model::clip::TextTransformer;
+use crate::tokenize::TokenizedPrompt;
+use crate::weights::Weights;
+
+/// A prompt batch as CRIS's decoder reads it.
+#[derive(Debug, Clone)]
+pub struct PromptFeatures {
+    /// The text tower's final-normed states, pads included: `[P, L, W]`.
+    pub words: Tensor<3>,
+    /// The sentence state (first-EOT row through `text_projection`): `[P, E]`.
+    pub state: Tensor<2>,
+    /// `input_ids == 0`: the text keys the cross-attention ignores, `[P, L]`.
+    pub ignored: Tensor<2, Bool>,
+}
+
+impl PromptFeatures {
+    pub fn len(&self) -> usize {
+        self.state.dims()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prompts `start..start + n`.
+    pub fn rows(&self, start: usize, n: usize) -> Self {
+        Self {
+            words: self.words.clone().narrow(0, start, n),
+            state: self.state.clone().narrow(0, start, n),
+            ignored: self.ignored.clone().narrow(0, start, n),
+        }
+    }
+
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let (mut words, mut state, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            words.push(p.words);
+            state.push(p.state);
+            ignored.push(p.ignored);
+        }
+        Self {
+            words: Tensor::cat(words, 0),
+            state: Tensor::cat(state, 0),
+            ignored: Tensor::cat(ignored, 0),
+        }
+    }
+}
+
+/// Every stage's output for one decode, for parity checks.
+#[derive(Debug, Clone)]
+pub struct CrisTrace {
+    pub neck: NeckTrace,
+    /// Each decoder layer's output `[P, HW, C]`.
+    pub layers: Vec<Tensor<3>>,
+    /// The decoder's map after the final norm `[P, C, h, w]`.
+    pub decoded: Tensor<4>,
+    pub projector: ProjectorTrace,
+    /// Logits `[P, S, S]` at the input size.
+    pub logits: Tensor<3>,
+}
+
+#[derive(Module, Debug)]
+pub struct Cris {
+    pub backbone: ModifiedResNet,
+    pub text: TextTransformer,
+    /// CLIP's `text_projection` `[W, E]` (applied as `x @ text_projection`).
+    pub text_projection: Param<Tensor<2>>,
+    pub neck: Neck,
+    pub decoder: VisionLanguageDecoder,
+    pub proj: Projector,
+    pub img_size: usize,
+}
+
+impl Cris {
+    /// Loads CRIS from tensors under medvlsm's keys (`cris.pt`, or a Lightning
+    /// checkpoint's `state_dict` with its `net.` prefix already removed).
+    pub fn load(w: &Weights, cfg: &CrisConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        if !w.has_prefix("backbone.visual.") {
+            let what = if w.has_prefix("clip.") || w.has_prefix("decoder.film_mul") {
+                " (it is a CLIPSeg checkpoint)"
+            } else if w.has_prefix("visual.trunk.") || w.has_prefix("biomedclip.") {
+                " (it is a BiomedCLIP checkpoint)"
+            } else {
+                ""
+            };
+            return Err(Error::Weights(format!(
+                "{}: not a CRIS checkpoint{what}: missing `backbone.visual.conv1.weight`",
+                w.source()
+            )));
+        }
+        let resnet = ResNetConfig::from_weights(w, "backbone.visual")?;
+        let c = resnet.width * 32;
+        let taps = [c / 4, c / 2, resnet.output_dim];
+        if taps != cfg.fpn_in {
+            return Err(Error::Weights(format!(
+                "{}: the ResNet gives C3/C4/C5 widths {taps:?}, the config's fpn_in is {:?}",
+                w.source(),
+                cfg.fpn_in
+            )));
+        }
+        let backbone = ModifiedResNet::load(w, "backbone.visual", &resnet, device)?;
+        let text = TextTransformer::load_openai(w, "backbone", device)?;
+        let width = text.token_embedding.dims()[1];
+        if width != cfg.vis_dim {
+            return Err(Error::Weights(format!(
+                "{}: the text tower is {width} wide, the config's vis_dim is {}",
+                w.source(),
+                cfg.vis_dim
+            )));
+        }
+        if text.max_positions() < cfg.word_len {
+            return Err(Error::Weights(format!(
+                "{}: the text tower has {} positions, the config's word_len is {}",
+                w.source(),
+                text.max_positions(),
+                cfg.word_len
+            )));
+        }
+        let text_projection = w.param("backbone.text_projection", [width, cfg.word_dim], device)?;
+        let neck = Neck::load(
+            w,
+            "neck",
+            &NeckConfig {
+                fpn_in: cfg.fpn_in,
+                fpn_out: cfg.fpn_out,
+                state_dim: cfg.word_dim,
+            },
+            device,
+        )?;
+        let shape = DecoderShape {
+            d_model: cfg.vis_dim,
+            num_layers: cfg.num_layers,
+            num_head: cfg.num_head,
+            dim_ffn: cfg.dim_ffn,
+        };
+        let decoder = VisionLanguageDecoder::load(w, "decoder", &shape, device)?;
+        let proj = Projector::load(w, "proj", cfg.word_dim, cfg.vis_dim / 2, device)?;
+        Ok(Self {
+            backbone,
+            text,
+            text_projection,
+            neck,
+            decoder,
+            proj,
+            img_size: cfg.img_size,
+        })
+    }
+
+    /// Keys a CRIS checkpoint holds that inference does not read (medvlsm keeps them
+    /// because CLIP's `build_model` creates them).
+    pub fn unused_key(key: &str) -> bool {
+        key.ends_with("num_batches_tracked")
+            || matches!(
+                key,
+                "backbone.logit_scale"
+                    | "backbone.input_resolution"
+                    | "backbone.context_length"
+                    | "backbone.vocab_size"
+            )
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.img_size
+    }
+
+    /// The side of the decoder's token grid (C4's).
+    pub fn grid(&self) -> usize {
+        self.img_size / 16
+    }
+
+    /// C3, C4, C5 for `[B, 3, S, S]` pixels.
+    pub fn encode_image(&self, pixels: Tensor<4>) -> Result<ImageFeatures> {
+        let [_, _, h, w] = pixels.dims();
+        if h != self.img_size || w != self.img_size {
+            return Err(Error::Input(format!(
+                "CRIS expects {s}×{s} pixels, got {h}×{w}",
+                s = self.img_size
+            )));
+        }
+        self.backbone.forward(pixels)
+    }
+
+    /// Word features, sentence states and the cross-attention's ignored keys.
+    pub fn embed_prompts(
+        &self,
+        prompts: &[TokenizedPrompt],
+        device: &Device,
+    ) -> Result<PromptFeatures> {
+        let (words, pooled) = self.text.forward(prompts, false, device)?;
+        let state = pooled.matmul(self.text_projection.val());
+        let [p, l, _] = words.dims();
+        let ids = crate::model::layers::prompt_ids(prompts, l, device);
+        let ignored = ids.equal_elem(0);
+        debug_assert_eq!(ignored.dims(), [p, l]);
+        Ok(PromptFeatures {
+            words,
+            state,
+            ignored,
+        })
+    }
+
+    /// Logits `[P, S, S]`: one image with every prompt, or image `i` with prompt `i`.
+    pub fn decode(&self, image: &ImageFeatures, prompts: &PromptFeatures) -> Result<Tensor<3>> {
+        Ok(self.decode_traced(image, prompts)?.logits)
+    }
+
+    pub fn decode_traced(
+        &self,
+        image: &ImageFeatures,
+        prompts: &PromptFeatures,
+    ) -> Result<CrisTrace> {
+        let (images, p) = (image.c3.dims()[0], prompts.len());
+        if images != 1 && images != p {
+            return Err(Error::Input(format!(
+                "{images} encoded images for {p} prompts: need one image, or one per prompt"
+            )));
+        }
+        let neck = self.neck.forward(image, prompts.state.clone());
+        let (layers, decoded) = self.decoder.forward(
+            neck.output.clone(),
+            prompts.words.clone(),
+            prompts.ignored.clone(),
+        );
+        let projector = self.proj.forward(decoded.clone(), prompts.state.clone());
+        let s = self.img_size;
+        let logits = interpolate(
+            projector.output.clone(),
+            InterpolateOptions::new(InterpolateMode::Bicubic)
+                .with_align_corners(true)
+                .with_output_size([s, s]),
+        )
+        .reshape([p, s, s]);
+        Ok(CrisTrace {
+            neck,
+            layers,
+            decoded,
+            projector,
+            logits,
+        })
+    }
+}
