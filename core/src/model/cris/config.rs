@@ -93,7 +93,7 @@ impl CrisConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::Config(format!("CRIS config: {why}")));
-        if self.img_size == 0 || self.img_size % 32 != 0 || self.img_size > MAX_IMG_SIZE {
+        if self.img_size == 0 || !self.img_size.is_multiple_of(32) || self.img_size > MAX_IMG_SIZE {
             return bad(format!(
                 "img_size {} must be a positive multiple of 32 (the ResNet's stride) up to \
                  {MAX_IMG_SIZE}",
@@ -111,13 +111,13 @@ impl CrisConfig {
                 self.vis_dim, self.fpn_out[1]
             ));
         }
-        if self.num_head == 0 || self.vis_dim % self.num_head != 0 {
+        if self.num_head == 0 || !self.vis_dim.is_multiple_of(self.num_head) {
             return bad(format!(
                 "vis_dim {} is not divisible by num_head {}",
                 self.vis_dim, self.num_head
             ));
         }
-        if self.vis_dim % 4 != 0 || self.vis_dim < 4 {
+        if !self.vis_dim.is_multiple_of(4) || self.vis_dim < 4 {
             return bad(format!(
                 "vis_dim {} must be a multiple of 4 (2-D sine positions)",
                 self.vis_dim
