@@ -191,7 +191,7 @@ fn whole_model_matches_medvlsm_stage_by_stage() {
     let ignored: Vec<f32> = values(text.ignored.clone().int().float());
     let expected: Vec<f32> = f32_ref.f32("pad_mask");
     assert_eq!(ignored, expected, "pad mask (input_ids == 0)");
-    assert!(ignored.iter().any(|&v| v == 1.0), "the fixture masks a '!'");
+    assert!(ignored.contains(&1.0), "the fixture masks a '!'");
     let trace = model.decode_traced(&image, &text).unwrap();
     assert_close(
         "neck output",
