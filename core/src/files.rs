@@ -8,14 +8,20 @@ use crate::weights::Weights;
 
 /// The files of a model directory, read into memory (`.bin` weights stay on disk).
 pub struct DirFiles {
-    dir: PathBuf,
     config_json: Vec<u8>,
-    /// `model.safetensors`, read tensor by tensor (see [`Weights::from_safetensors_file`]).
-    safetensors: Option<PathBuf>,
-    #[cfg_attr(not(feature = "pytorch"), allow(dead_code))]
-    pytorch_bin: Option<PathBuf>,
+    /// The checkpoint: the first of [`WEIGHT_FILES`] present.
+    weights_file: PathBuf,
     optional: [(String, Option<Vec<u8>>); 7],
 }
+
+/// The checkpoint file names a model folder may hold, in order of preference:
+/// Hugging Face's, then CRIS's as medvlsm writes them (`cris.pt`, a Lightning `best.ckpt`).
+pub const WEIGHT_FILES: [&str; 4] = [
+    "model.safetensors",
+    "pytorch_model.bin",
+    "cris.pt",
+    "best.ckpt",
+];
 
 const OPTIONAL: [&str; 7] = [
     "preprocessor_config.json",
@@ -67,22 +73,21 @@ impl DirFiles {
                 dir.display()
             ))
         })?;
-        let st = dir.join("model.safetensors");
-        let safetensors = st.is_file().then_some(st);
-        let bin = dir.join("pytorch_model.bin");
-        let pytorch_bin = (safetensors.is_none() && bin.is_file()).then_some(bin);
-        if safetensors.is_none() && pytorch_bin.is_none() {
-            return Err(Error::Input(format!(
-                "{}: no weights (model.safetensors or pytorch_model.bin)",
-                dir.display()
-            )));
-        }
+        let weights_file = WEIGHT_FILES
+            .iter()
+            .map(|name| dir.join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "{}: no weights ({})",
+                    dir.display(),
+                    WEIGHT_FILES.join(", ")
+                ))
+            })?;
         let optional = OPTIONAL.map(|name| (name.to_string(), None));
         let mut files = Self {
-            dir: dir.to_path_buf(),
             config_json,
-            safetensors,
-            pytorch_bin,
+            weights_file,
             optional,
         };
         for slot in &mut files.optional {
@@ -113,18 +118,23 @@ impl DirFiles {
         }
     }
 
-    /// The checkpoint's tensors: `model.safetensors` if present, else `pytorch_model.bin`.
+    /// The checkpoint file (see [`WEIGHT_FILES`]).
+    pub fn weights_file(&self) -> &Path {
+        &self.weights_file
+    }
+
+    /// The checkpoint's tensors (safetensors read tensor by tensor, pickles through the
+    /// allow-list).
     pub fn weights(&self) -> Result<Weights<'_>> {
-        if let Some(path) = &self.safetensors {
-            return Weights::from_safetensors_file(path);
+        if self.weights_file.ends_with("model.safetensors") {
+            return Weights::from_safetensors_file(&self.weights_file);
         }
         #[cfg(feature = "pytorch")]
-        if let Some(bin) = &self.pytorch_bin {
-            return Weights::from_pytorch_file(bin);
-        }
+        return Weights::from_pytorch_file(&self.weights_file);
+        #[cfg(not(feature = "pytorch"))]
         Err(Error::Input(format!(
-            "{}: only pytorch_model.bin here, and this build cannot read it (feature `pytorch`)",
-            self.dir.display()
+            "{}: a PyTorch pickle, and this build cannot read it (feature `pytorch`)",
+            self.weights_file.display()
         )))
     }
 
@@ -434,6 +444,121 @@ impl BiomedSources {
                 })?,
             prefix: String::new(),
         })
+    }
+}
+
+/// CRIS from a checkpoint file (medvlsm's `cris.pt`, its Lightning `best.ckpt`, their
+/// fp16 variants or vlsm's safetensors export) with the CLIP tokenizer files of `tokenizer`
+/// (CIDAS/clipseg-rd64-refined's, as medvlsm's `tokenizer_type: clipseg`) and a config:
+/// `config` (a `config.json` with medvlsm's argument names), else the study's
+/// `configs/model/cris.yaml`.
+#[derive(Debug, Clone)]
+pub struct CrisSources {
+    pub checkpoint: PathBuf,
+    pub tokenizer: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+/// The CLIP tokenizer's files, as a folder holds them.
+const CLIP_TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Whether a checkpoint holds CRIS (`backbone.visual.*`, under `net.` in a Lightning one).
+pub fn is_cris_checkpoint(w: &Weights) -> bool {
+    w.has_prefix("backbone.visual.") || w.has_prefix("net.backbone.visual.")
+}
+
+impl CrisSources {
+    fn config(&self) -> Result<crate::model::cris::CrisConfig> {
+        use crate::model::cris::CrisConfig;
+        match &self.config {
+            None => Ok(CrisConfig::default()),
+            Some(path) => {
+                let (json, shown) = BiomedSources::read_json(
+                    path.parent().unwrap_or(Path::new(".")),
+                    &path
+                        .file_name()
+                        .map_or("config.json".into(), |n| n.to_string_lossy().to_string()),
+                )?;
+                CrisConfig::from_json(&json).map_err(|e| Error::Config(format!("{shown}: {e}")))
+            }
+        }
+    }
+
+    fn tokenizer_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for name in CLIP_TOKENIZER_FILES {
+            if let Ok((bytes, _)) = BiomedSources::read_json(&self.tokenizer, name) {
+                out.push((name, bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn pipeline(&self) -> Result<crate::segmenter::Pipeline> {
+        let side = self.tokenizer_files()?;
+        let get = |name: &str| {
+            side.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| b.as_slice())
+        };
+        let files = ModelFiles {
+            tokenizer_json: get("tokenizer.json"),
+            vocab_json: get("vocab.json"),
+            merges_txt: get("merges.txt"),
+            tokenizer_config_json: get("tokenizer_config.json"),
+            special_tokens_map_json: get("special_tokens_map.json"),
+            ..ModelFiles::default()
+        };
+        crate::segmenter::Pipeline::cris(self.config()?, &files)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", self.tokenizer.display())))
+    }
+
+    pub fn load(&self, device: &burn::tensor::Device) -> Result<crate::Segmenter> {
+        let pipeline = self.pipeline()?;
+        let weights = open_weights(&self.checkpoint)?;
+        crate::Segmenter::from_weights(pipeline, &weights, device).map_err(|e| match e {
+            Error::Weights(m) if self.config.is_none() && is_cris_checkpoint(&weights) => {
+                Error::Weights(format!(
+                    "{m} — the study's CRIS config (configs/model/cris.yaml) does not fit this \
+                     checkpoint: put a config.json with its arguments (word_len, fpn_in, \
+                     fpn_out, vis_dim, word_dim, num_layers, num_head, dim_ffn, img_size) \
+                     beside it and pass the folder"
+                ))
+            }
+            e => e,
+        })
+    }
+
+    /// Writes vlsm's CRIS folder: `model.safetensors` (medvlsm's keys, no `net.` prefix,
+    /// float32 or float16), `config.json` and the CLIP tokenizer files.
+    pub fn write_folder(&self, out: &Path, fp16: bool) -> Result<()> {
+        let cfg = self.config()?;
+        let w = open_weights(&self.checkpoint)?;
+        let prefix = crate::model::Cris::prefix_of(&w);
+        let mut tensors = Vec::new();
+        for key in w.keys() {
+            let Some(name) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            if crate::model::Cris::unused_key("", name) {
+                continue;
+            }
+            let shape = w.shape(key).expect("listed key").to_vec();
+            tensors.push((name.to_string(), shape.clone(), w.read_f32(key, &shape)?));
+        }
+        let bytes = crate::weights::write_safetensors(&tensors, fp16)?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        write_synced(&out.join("config.json"), cfg.to_json().as_bytes())?;
+        for (name, bytes) in self.tokenizer_files()? {
+            write_synced(&out.join(name), &bytes)?;
+        }
+        write_synced(&out.join("model.safetensors"), &bytes)
     }
 }
 

@@ -29,7 +29,7 @@ pub mod weights;
 pub use burn;
 pub use config::{ClipSegConfig, PreprocessConfig};
 pub use error::{Error, Result};
-pub use model::{Arch, BiomedClipSeg, ClipSeg, Model};
+pub use model::{Arch, BiomedClipSeg, ClipSeg, Conditioning, Cris, Encoded, Model};
 pub use segmenter::{
     EmbeddedPrompts, EncodedImage, Logits, ModelConfig, ModelFiles, Pipeline, Segmenter,
 };

@@ -7,8 +7,9 @@ use image::RgbImage;
 use crate::config::{ClipSegConfig, PreprocessConfig};
 use crate::error::{Error, Result};
 use crate::model::biomedclipseg::{BiomedClipSegConfig, BiomedWeights};
-use crate::model::clipseg::{ClipSeg, DecoderConfig, ImageFeatures, pixels_tensor};
-use crate::model::{Arch, BiomedClipSeg, Model};
+use crate::model::clipseg::{ClipSeg, DecoderConfig, pixels_tensor};
+use crate::model::cris::CrisConfig;
+use crate::model::{Arch, BiomedClipSeg, Conditioning, Cris, Encoded, Model};
 use crate::preprocess;
 use crate::tokenize::{PromptTokenizer, TokenizedPrompt, TokenizerSettings};
 use crate::weights::Weights;
@@ -36,6 +37,7 @@ pub struct ModelFiles<'a> {
 pub enum ModelConfig {
     ClipSeg(ClipSegConfig),
     BiomedClipSeg(BiomedClipSegConfig),
+    Cris(CrisConfig),
 }
 
 impl ModelConfig {
@@ -43,13 +45,16 @@ impl ModelConfig {
         match self {
             ModelConfig::ClipSeg(_) => Arch::ClipSeg,
             ModelConfig::BiomedClipSeg(c) => c.arch,
+            ModelConfig::Cris(_) => Arch::Cris,
         }
     }
 
-    pub fn decoder(&self) -> DecoderConfig {
+    /// The CLIPSeg decoder's sizes (CLIPSeg and BiomedCLIPSeg; `None` for CRIS).
+    pub fn decoder(&self) -> Option<DecoderConfig> {
         match self {
-            ModelConfig::ClipSeg(c) => DecoderConfig::of(c),
-            ModelConfig::BiomedClipSeg(c) => c.decoder.clone(),
+            ModelConfig::ClipSeg(c) => Some(DecoderConfig::of(c)),
+            ModelConfig::BiomedClipSeg(c) => Some(c.decoder.clone()),
+            ModelConfig::Cris(_) => None,
         }
     }
 
@@ -80,6 +85,7 @@ impl Pipeline {
     pub fn from_files(files: &ModelFiles) -> Result<Self> {
         match ModelConfig::arch_of_json(files.config_json)? {
             Arch::ClipSeg => Self::clipseg(files),
+            Arch::Cris => Self::cris(CrisConfig::from_json(files.config_json)?, files),
             _ => {
                 let config = BiomedClipSegConfig::from_vlsm_json(files.config_json)?;
                 let vocab = files.vocab_txt.ok_or_else(|| {
@@ -129,41 +135,34 @@ impl Pipeline {
         })
     }
 
+    /// CRIS's pipeline: CLIP's BPE padded with EOT to `word_len`, plain bilinear resize to
+    /// `img_size`, CLIP mean/std (medvlsm's `configs/experiment/cris.yaml`).
+    pub fn cris(config: CrisConfig, files: &ModelFiles) -> Result<Self> {
+        let tokenizer = clip_tokenizer(files, config.word_len, "CRIS")?;
+        let preprocess = PreprocessConfig {
+            size: config.img_size,
+            do_resize: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: crate::config::CLIP_MEAN,
+            image_std: crate::config::CLIP_STD,
+        };
+        Ok(Self {
+            config: ModelConfig::Cris(config),
+            preprocess,
+            tokenizer,
+        })
+    }
+
     fn clipseg(files: &ModelFiles) -> Result<Self> {
         let config = ClipSegConfig::from_json(files.config_json)?;
         let preprocess = match files.preprocessor_config_json {
             Some(json) => PreprocessConfig::from_json(json, &config.vision_config)?,
             None => PreprocessConfig::default_for(&config.vision_config),
         };
-        let mut settings = TokenizerSettings::default();
-        if let Some(json) = files.special_tokens_map_json {
-            settings.merge_json(json, "special_tokens_map.json")?;
-        }
-        if let Some(json) = files.tokenizer_config_json {
-            settings.merge_json(json, "tokenizer_config.json")?;
-        }
-        let max_len = config.text_config.max_position_embeddings;
-        let tokenizer = match (files.tokenizer_json, files.vocab_json, files.merges_txt) {
-            (Some(json), _, _) => PromptTokenizer::from_tokenizer_json(json, &settings, max_len)
-                .map_err(|e| {
-                    Error::Tokenizer(format!("CLIPSeg needs CLIP's BPE tokenizer: {e}"))
-                })?,
-            (None, Some(vocab), Some(merges)) => {
-                PromptTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
-            }
-            _ if files.vocab_txt.is_some() => {
-                return Err(Error::Tokenizer(
-                    "vocab.txt is a BERT WordPiece vocabulary, but config.json is CLIPSeg's, \
-                     which needs CLIP's BPE (tokenizer.json, or vocab.json and merges.txt)"
-                        .into(),
-                ));
-            }
-            _ => {
-                return Err(Error::Tokenizer(
-                    "no tokenizer files: need tokenizer.json, or vocab.json and merges.txt".into(),
-                ));
-            }
-        };
+        let tokenizer =
+            clip_tokenizer(files, config.text_config.max_position_embeddings, "CLIPSeg")?;
         Ok(Self {
             config: ModelConfig::ClipSeg(config),
             preprocess,
@@ -176,10 +175,41 @@ impl Pipeline {
     }
 }
 
+/// CLIP's BPE tokenizer from a folder's files (`tokenizer.json`, or `vocab.json` +
+/// `merges.txt`), padded to `max_len`.
+fn clip_tokenizer(files: &ModelFiles, max_len: usize, family: &str) -> Result<PromptTokenizer> {
+    let mut settings = TokenizerSettings::default();
+    if let Some(json) = files.special_tokens_map_json {
+        settings.merge_json(json, "special_tokens_map.json")?;
+    }
+    if let Some(json) = files.tokenizer_config_json {
+        settings.merge_json(json, "tokenizer_config.json")?;
+    }
+    let tokenizer = match (files.tokenizer_json, files.vocab_json, files.merges_txt) {
+        (Some(json), _, _) => PromptTokenizer::from_tokenizer_json(json, &settings, max_len)
+            .map_err(|e| Error::Tokenizer(format!("{family} needs CLIP's BPE tokenizer: {e}")))?,
+        (None, Some(vocab), Some(merges)) => {
+            PromptTokenizer::from_vocab_merges(vocab, merges, &settings, max_len)?
+        }
+        _ if files.vocab_txt.is_some() => {
+            return Err(Error::Tokenizer(format!(
+                "vocab.txt is a BERT WordPiece vocabulary, but config.json is {family}'s, \
+                     which needs CLIP's BPE (tokenizer.json, or vocab.json and merges.txt)"
+            )));
+        }
+        _ => {
+            return Err(Error::Tokenizer(
+                "no tokenizer files: need tokenizer.json, or vocab.json and merges.txt".into(),
+            ));
+        }
+    };
+    Ok(tokenizer)
+}
+
 /// An image encoded once, ready for any number of prompts.
 #[derive(Debug, Clone)]
 pub struct EncodedImage {
-    pub features: ImageFeatures,
+    pub features: Encoded,
     /// The original image's width and height.
     pub width: u32,
     pub height: u32,
@@ -251,6 +281,12 @@ impl Segmenter {
                 )?;
                 weights.check_unused(|key| BiomedClipSeg::unused_tower_key(cfg, key))?;
                 Model::BiomedClipSeg(model)
+            }
+            ModelConfig::Cris(cfg) => {
+                let model = Cris::load(weights, cfg, device)?;
+                let prefix = Cris::prefix_of(weights);
+                weights.check_unused(|key| Cris::unused_key(prefix, key))?;
+                Model::Cris(model)
             }
         };
         Ok(Self::new(model, pipeline, device))
@@ -342,8 +378,7 @@ impl Segmenter {
         image: &EncodedImage,
         prompts: &EmbeddedPrompts,
     ) -> Result<Tensor<3>> {
-        self.model
-            .decode(&image.features, prompts.conditioning.clone())
+        self.model.decode(&image.features, &prompts.conditioning)
     }
 
     /// Logits for embedded prompts on one encoded image, read back to the host.
@@ -354,15 +389,15 @@ impl Segmenter {
         image: &EncodedImage,
         prompts: &EmbeddedPrompts,
     ) -> Result<Vec<Logits>> {
-        self.decode_conditioning(image, prompts.conditioning.clone())
+        self.decode_conditioning(image, &prompts.conditioning)
     }
 
-    /// Logits for FiLM conditioning vectors `[P, projection_dim]` (rows of
-    /// [`EmbeddedPrompts::conditioning`], possibly gathered from a cache) on one encoded image.
+    /// Logits for embedded prompt rows (of [`EmbeddedPrompts::conditioning`], possibly
+    /// gathered from a cache) on one encoded image.
     pub fn decode_conditioning(
         &self,
         image: &EncodedImage,
-        conditioning: Tensor<2>,
+        conditioning: &Conditioning,
     ) -> Result<Vec<Logits>> {
         let logits = self.model.decode(&image.features, conditioning)?;
         let dims = logits.dims();
@@ -408,9 +443,9 @@ fn split_logits(data: burn::tensor::TensorData, [p, s, _]: [usize; 3]) -> Result
         .collect())
 }
 
-/// Prompts ready for decoding: their tokens and FiLM conditioning vectors `[P, projection_dim]`.
+/// Prompts ready for decoding: their tokens and embeddings (one row per prompt).
 #[derive(Debug, Clone)]
 pub struct EmbeddedPrompts {
     pub tokens: Vec<TokenizedPrompt>,
-    pub conditioning: Tensor<2>,
+    pub conditioning: Conditioning,
 }

@@ -40,13 +40,29 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
         args.model.weights = Some(source);
     }
     let source = args.model.resolve()?;
-    if let ModelSource::Biomed(s) = &source {
-        if out.exists()
+    let not_empty = |out: &std::path::Path| {
+        out.exists()
             && out
                 .read_dir()
                 .map(|mut d| d.next().is_some())
                 .unwrap_or(true)
-        {
+    };
+    if let Some(s) = cris_sources(&source)? {
+        if not_empty(&out) {
+            bail!("{}: exists and is not empty", out.display());
+        }
+        s.load(&vlsm::burn::tensor::Device::flex())
+            .with_context(|| format!("loading {}", s.checkpoint.display()))?;
+        s.write_folder(&out, args.fp16)?;
+        println!(
+            "CRIS ({}) → {}",
+            if args.fp16 { "float16" } else { "float32" },
+            out.display()
+        );
+        return Ok(());
+    }
+    if let ModelSource::Biomed(s) = &source {
+        if not_empty(&out) {
             bail!("{}: exists and is not empty", out.display());
         }
         // Loading first: a model that cannot run is not worth writing.
@@ -61,7 +77,7 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
         return Ok(());
     }
     let ModelSource::Dir(dir) = source else {
-        unreachable!("handled above")
+        unreachable!("CRIS and BiomedCLIPSeg are handled above")
     };
     let args = DirArgs {
         dir,
@@ -103,4 +119,21 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
         target.display()
     );
     Ok(())
+}
+
+/// CRIS as a set of sources: a checkpoint file alone, or a CRIS folder.
+fn cris_sources(source: &ModelSource) -> Result<Option<vlsm::files::CrisSources>> {
+    Ok(match source {
+        ModelSource::Cris(s) => Some(s.clone()),
+        ModelSource::Dir(dir) => {
+            let files = DirFiles::read(dir)?;
+            let arch = vlsm::ModelConfig::arch_of_json(files.model_files().config_json)?;
+            (arch == vlsm::Arch::Cris).then(|| vlsm::files::CrisSources {
+                checkpoint: files.weights_file().to_path_buf(),
+                tokenizer: dir.clone(),
+                config: Some(dir.join("config.json")),
+            })
+        }
+        ModelSource::Biomed(_) => None,
+    })
 }

@@ -1,13 +1,15 @@
 //! Which model a command runs, from its `--model` / `--weights` / `--arch` options: a model
-//! folder (a Hugging Face CLIPSeg checkpoint, or vlsm's BiomedCLIPSeg folder), or
-//! BiomedCLIPSeg(-D) assembled from the hub repositories medvlsm reads plus a decoder
-//! checkpoint. Hub ids resolve through the mirror, the cache, then the network.
+//! folder (a Hugging Face CLIPSeg checkpoint, vlsm's BiomedCLIPSeg folder, or a CRIS
+//! checkpoint beside its `config.json`), BiomedCLIPSeg(-D) assembled from the hub
+//! repositories medvlsm reads plus a decoder checkpoint, or a CRIS checkpoint file alone
+//! (the study's config, CIDAS's tokenizer). Hub ids resolve through the mirror, the cache,
+//! then the network.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use vlsm::burn::tensor::Device;
-use vlsm::files::BiomedSources;
+use vlsm::files::{BiomedSources, CrisSources};
 use vlsm::model::Arch;
 use vlsm::model::biomedclipseg::config::DEFAULT_BERT_REPO;
 use vlsm::model::layers::NamedTensor;
@@ -24,6 +26,7 @@ pub enum ArchArg {
     Biomedclipseg,
     #[value(name = "biomedclipseg-d")]
     BiomedclipsegD,
+    Cris,
 }
 
 impl From<ArchArg> for Arch {
@@ -32,6 +35,7 @@ impl From<ArchArg> for Arch {
             ArchArg::Clipseg => Arch::ClipSeg,
             ArchArg::Biomedclipseg => Arch::BiomedClipSeg,
             ArchArg::BiomedclipsegD => Arch::BiomedClipSegD,
+            ArchArg::Cris => Arch::Cris,
         }
     }
 }
@@ -44,9 +48,10 @@ pub struct ModelArgs {
     /// archs].
     #[arg(long, value_name = "HF_ID")]
     pub model: Option<String>,
-    /// A model folder (Hugging Face CLIPSeg, or vlsm's BiomedCLIPSeg folder), a BiomedCLIP
-    /// repository folder, or a BiomedCLIPSeg decoder checkpoint (medvlsm's best.ckpt, its
-    /// safetensors, a CLIPSeg checkpoint's decoder.*).
+    /// A model folder (Hugging Face CLIPSeg, vlsm's BiomedCLIPSeg or CRIS folder, a CRIS
+    /// checkpoint beside its config.json), a BiomedCLIP repository folder, a BiomedCLIPSeg
+    /// decoder checkpoint (medvlsm's best.ckpt, its safetensors, a CLIPSeg checkpoint's
+    /// decoder.*), or a CRIS checkpoint (cris.pt, medvlsm's best.ckpt).
     #[arg(long, value_name = "PATH")]
     pub weights: Option<PathBuf>,
     /// The model family [default: from the files].
@@ -70,6 +75,8 @@ pub enum ModelSource {
     /// A folder `Segmenter::from_dir` loads (CLIPSeg checkpoint or vlsm BiomedCLIPSeg folder).
     Dir(PathBuf),
     Biomed(BiomedSources),
+    /// A CRIS checkpoint file alone.
+    Cris(CrisSources),
 }
 
 impl ModelSource {
@@ -101,10 +108,26 @@ impl ModelSource {
                     );
                 }
             }
+            Some(file) if file.is_file() && is_cris_file(file)? => {
+                if let Some(a) = arch.filter(|&a| a != Arch::Cris) {
+                    bail!("--arch {a}: {} is a CRIS checkpoint", file.display());
+                }
+                if model.is_some() {
+                    bail!(
+                        "--model names a hub model, but {} is a whole CRIS checkpoint: give one",
+                        file.display()
+                    );
+                }
+                Self::Cris(cris_sources(file)?)
+            }
             Some(file) if file.is_file() => {
                 let arch = match arch {
                     Some(Arch::ClipSeg) => bail!(
                         "{}: a checkpoint file alone is a BiomedCLIPSeg decoder; a CLIPSeg model is a folder (--weights DIR)",
+                        file.display()
+                    ),
+                    Some(Arch::Cris) => bail!(
+                        "--arch cris: {} holds no CRIS model (no backbone.visual.* tensors)",
                         file.display()
                     ),
                     Some(a) => a,
@@ -115,6 +138,10 @@ impl ModelSource {
                 Self::Biomed(biomed(arch, dir, Some(file.to_path_buf()))?)
             }
             Some(missing) => bail!("{}: no such file or folder", missing.display()),
+            None if arch == Some(Arch::Cris) => bail!(
+                "--arch cris: CRIS has no Hugging Face checkpoint; pass --weights cris.pt, \
+                 medvlsm's best.ckpt, or a CRIS folder"
+            ),
             None => {
                 let id = model.unwrap_or(match arch {
                     Some(a) if a.is_biomedclip() => BIOMEDCLIP_REPO,
@@ -141,7 +168,9 @@ impl ModelSource {
                 .with_context(|| format!("{}/config.json", dir.display()))?;
             let found = ModelConfig::arch_of_json(&json)?;
             // A -D folder is BiomedCLIPSeg too once fine-tuned; only the family must agree.
-            if found.is_biomedclip() != wanted.is_biomedclip() {
+            if found.is_biomedclip() != wanted.is_biomedclip()
+                || (found == Arch::Cris) != (wanted == Arch::Cris)
+            {
                 bail!(
                     "--arch {wanted}: {}/config.json is a {} model",
                     dir.display(),
@@ -157,6 +186,9 @@ impl ModelSource {
             Self::Dir(dir) => Segmenter::from_dir(dir, device)
                 .with_context(|| format!("loading {}", dir.display()))?,
             Self::Biomed(s) => s.load(device)?,
+            Self::Cris(s) => s
+                .load(device)
+                .with_context(|| format!("loading {}", s.checkpoint.display()))?,
         })
     }
 
@@ -187,6 +219,7 @@ impl ModelSource {
                 Some(d) => format!("{} ({})", d.display(), s.arch),
                 None => format!("{} ({})", s.biomedclip.display(), s.arch),
             },
+            Self::Cris(s) => format!("{} (cris)", s.checkpoint.display()),
         }
     }
 
@@ -209,6 +242,7 @@ impl ModelSource {
                 }
             }
             Self::Biomed(s) => s.write_folder(out, fp16, Some(trained))?,
+            Self::Cris(_) => bail!("CRIS is not trained by vlsm yet: nothing to export"),
         }
         Ok(())
     }
@@ -265,5 +299,38 @@ fn biomed(arch: Arch, dir: PathBuf, decoder: Option<PathBuf>) -> Result<BiomedSo
         bert_tokenizer: tokenizer_dir,
         cidas: cidas_dir,
         decoder,
+    })
+}
+
+/// Whether a checkpoint file holds a whole CRIS model (read through the pickle allow-list).
+fn is_cris_file(file: &Path) -> Result<bool> {
+    let w = vlsm::files::open_weights(file)?;
+    Ok(vlsm::files::is_cris_checkpoint(&w))
+}
+
+/// A CRIS checkpoint file with CIDAS's CLIP tokenizer (medvlsm's `tokenizer_type: clipseg`)
+/// and, when one lies beside it, its `config.json`; else the study's config.
+fn cris_sources(file: &Path) -> Result<CrisSources> {
+    let beside = file.parent().map(|d| d.join("config.json"));
+    let config = beside.filter(|p| {
+        std::fs::read(p)
+            .ok()
+            .and_then(|j| ModelConfig::arch_of_json(&j).ok())
+            == Some(Arch::Cris)
+    });
+    let cidas = Repo::open(hub::DEFAULT_MODEL)?;
+    let tokenizer = Repo::dir_of(&cidas.one_of(
+        &["tokenizer.json", "vocab.json"],
+        "CLIP's tokenizer (CRIS tokenizes as CLIPSeg)",
+    )?)?;
+    cidas.optional(&[
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ])?;
+    Ok(CrisSources {
+        checkpoint: file.to_path_buf(),
+        tokenizer,
+        config,
     })
 }

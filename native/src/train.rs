@@ -279,7 +279,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ))
         };
         let model = DecoderModel {
-            decoder: segmenter.model.decoder().clone(),
+            decoder: segmenter.model.decoder()?.clone(),
             grid: segmenter.model.grid(),
         };
         fit(
@@ -459,7 +459,11 @@ impl Trained for DecoderModel {
             decoder: Decoder::load(
                 &weights,
                 "decoder",
-                &run.segmenter.pipeline.config.decoder(),
+                &run.segmenter
+                    .pipeline
+                    .config
+                    .decoder()
+                    .context("this model has no CLIPSeg decoder")?,
                 run.device,
             )?,
             grid: run.segmenter.model.grid(),
@@ -600,7 +604,8 @@ fn cached_samples(segmenter: &Segmenter, data: &Data, split: &str) -> Result<Vec
             if let Some(c) = conditioning.get(text) {
                 return Ok(c.clone());
             }
-            let c = segmenter.embed_prompts(&[text.as_str()])?.conditioning;
+            let embedded = segmenter.embed_prompts(&[text.as_str()])?;
+            let c = embedded.conditioning.film()?.clone();
             conditioning.insert(text.clone(), c.clone());
             Ok(c)
         };

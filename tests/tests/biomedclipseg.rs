@@ -180,7 +180,13 @@ fn check(seg: &Segmenter, case: &Case) {
         &case.expected("text.pooled").unwrap(),
         TOL,
     );
-    let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
+    let conditioning = seg
+        .model
+        .embed_prompts(&tokens, &device)
+        .unwrap()
+        .film()
+        .unwrap()
+        .clone();
     assert_close(
         &format!("{what}: projected text"),
         &values(conditioning.clone()),
@@ -191,8 +197,9 @@ fn check(seg: &Segmenter, case: &Case) {
     // Decoder and logits, image index[b] with prompt b.
     let n = index.len();
     let batch = pixels.select(0, Tensor::from_data(TensorData::new(index, [n]), &device));
-    let image = seg.model.encode_image(batch).unwrap();
-    let trace = seg.model.decode_traced(&image, conditioning).unwrap();
+    let encoded = seg.model.encode_image(batch).unwrap();
+    let image = encoded.clipseg().unwrap();
+    let trace = seg.model.decode_traced(image, conditioning).unwrap();
     if let Some(film) = case.expected("decoder.film_output") {
         assert_close(
             &format!("{what}: FiLM output"),

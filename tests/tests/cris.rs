@@ -229,3 +229,297 @@ fn whole_model_matches_medvlsm_stage_by_stage() {
     );
     assert_close("logits", &values(trace.logits), &f64_ref.f32("logits"), TOL);
 }
+
+/// vlsm's own CRIS fixture (tools/make_cris_fixtures.py: medvlsm's CRIS at 416 px, full CLIP
+/// vocabulary) as a model folder: `cris.pt` beside its `config.json` and CLIP's tokenizer.
+fn own_fixture_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let own = vlsm_tests::fixture("cris");
+    for (from, name) in [
+        (own.join("cris.pt"), "cris.pt"),
+        (own.join("config.json"), "config.json"),
+        (vlsm_tests::fixture("tokenizer/vocab.json"), "vocab.json"),
+        (vlsm_tests::fixture("tokenizer/merges.txt"), "merges.txt"),
+    ] {
+        std::fs::copy(&from, dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+fn own_prompts() -> Vec<String> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vlsm_tests::fixture("cris/manifest.json")).unwrap())
+            .unwrap();
+    m["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn own_416_pixel_fixture_matches_medvlsm_through_the_pipeline() {
+    let device = Device::flex();
+    let folder = own_fixture_folder();
+    let seg = vlsm::Segmenter::from_dir(folder.path(), &device).unwrap();
+    assert_eq!(seg.arch(), vlsm::Arch::Cris);
+    assert_eq!(seg.default_threshold(), 0.35);
+    assert_eq!(seg.input_size(), 416);
+    let reference = Reference::read(&vlsm_tests::fixture("cris/reference.safetensors"));
+
+    // CLIP's full BPE, padded with EOT to 77, as medvlsm's CLIPTokenizer call.
+    let prompts = own_prompts();
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let tokens = seg.tokenize(&texts).unwrap();
+    let ids: Vec<Vec<i64>> = tokens.iter().map(|t| t.ids.clone()).collect();
+    assert_eq!(ids, reference.i64_rows("input_ids"), "token ids");
+    assert!(ids[1].contains(&0), "'!' is token 0, masked by CRIS");
+
+    // torchvision's Resize on the PIL image (bilinear, antialiased), CLIP mean/std.
+    let image = image::open(vlsm_tests::fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .to_rgb8();
+    let pixels = vlsm::preprocess::pixel_values(&image, &seg.pipeline.preprocess).unwrap();
+    assert_close(
+        "pixel values",
+        &pixels,
+        &reference.f32("pixel_values"),
+        1e-5,
+    );
+
+    let vlsm::Model::Cris(model) = &seg.model else {
+        panic!("not loaded as CRIS");
+    };
+    let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [1, 3, 416, 416]), &device);
+    let features = model.encode_image(pixels).unwrap();
+    assert_close(
+        "C3",
+        &values(features.c3.clone()),
+        &reference.f32("f32.vision.C3"),
+        TOL,
+    );
+    assert_close(
+        "C4",
+        &values(features.c4.clone()),
+        &reference.f32("f32.vision.C4"),
+        TOL,
+    );
+    assert_close(
+        "C5",
+        &values(features.c5.clone()),
+        &reference.f32("f32.vision.C5"),
+        TOL,
+    );
+    let text = model.embed_prompts(&tokens, &device).unwrap();
+    assert_close(
+        "word features",
+        &values(text.words.clone()),
+        &reference.f32("f32.text.word_features"),
+        TOL,
+    );
+    assert_close(
+        "sentence state",
+        &values(text.state.clone()),
+        &reference.f32("f32.text.state"),
+        TOL,
+    );
+    let trace = model.decode_traced(&features, &text).unwrap();
+    assert_close(
+        "neck output",
+        &values(trace.neck.output.clone()),
+        &reference.f32("f32.neck.output"),
+        TOL,
+    );
+    for (i, layer) in trace.layers.iter().enumerate() {
+        assert_close(
+            &format!("decoder layer {i}"),
+            &values(layer.clone()),
+            &reference.f32(&format!("f32.decoder.layer_output.{i}")),
+            TOL,
+        );
+    }
+    let [b, c, h, w] = trace.decoded.dims();
+    assert_close(
+        "decoder output",
+        &values(trace.decoded.clone().reshape([b, c, h * w])),
+        &reference.f32("f32.decoder.output"),
+        TOL,
+    );
+    assert_close(
+        "projector visual map (first sample)",
+        &values(trace.projector.vis.clone().narrow(0, 0, 1)),
+        &reference.f32("f32.proj.vis"),
+        TOL,
+    );
+    assert_close(
+        "projector output",
+        &values(trace.projector.output.clone()),
+        &reference.f32("f32.proj.output"),
+        TOL,
+    );
+    assert_close(
+        "logits",
+        &values(trace.logits),
+        &reference.f32("f32.logits"),
+        TOL,
+    );
+
+    // The same through the Segmenter's own calls (encode once, decode every prompt).
+    let encoded = seg.encode_image(&image).unwrap();
+    let logits = seg.decode(&encoded, &texts).unwrap();
+    let flat: Vec<f32> = logits.iter().flat_map(|l| l.values.clone()).collect();
+    assert_close("segmenter logits", &flat, &reference.f32("f32.logits"), TOL);
+}
+
+#[test]
+fn fp16_lightning_checkpoint_loads_with_its_net_prefix() {
+    let device = Device::flex();
+    let folder = own_fixture_folder();
+    std::fs::remove_file(folder.path().join("cris.pt")).unwrap();
+    std::fs::copy(
+        vlsm_tests::fixture("cris/checkpoints/best-fp16.ckpt"),
+        folder.path().join("best.ckpt"),
+    )
+    .unwrap();
+    let seg = vlsm::Segmenter::from_dir(folder.path(), &device).unwrap();
+    let prompts = own_prompts();
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let image = image::open(vlsm_tests::fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .to_rgb8();
+    let logits = seg
+        .decode(&seg.encode_image(&image).unwrap(), &texts)
+        .unwrap();
+    let flat: Vec<f32> = logits.iter().flat_map(|l| l.values.clone()).collect();
+    let reference = Reference::read(&vlsm_tests::fixture("cris/reference.safetensors"));
+    // Against medvlsm's forward of the same fp16-rounded weights.
+    assert_close("fp16 logits", &flat, &reference.f32("fp16.logits"), TOL);
+}
+
+#[test]
+fn shared_lightning_checkpoint_equals_cris_pt() {
+    let device = Device::flex();
+    let dir = shared("fixtures/tiny_cris");
+    let cfg = manifest_config(&dir);
+    let load = |path: &str| {
+        let w = Weights::from_pytorch_file(&dir.join(path)).unwrap();
+        vlsm::model::cris::Cris::load(&w, &cfg, &device).unwrap()
+    };
+    let (pt, ckpt) = (load("pretrained/cris.pt"), load("checkpoints/best.ckpt"));
+    let inputs = Reference::read(&dir.join("inputs.safetensors"));
+    let pixels = Tensor::<4>::from_data(
+        TensorData::new(inputs.f32("pixel_values"), [1, 3, 160, 160]),
+        &device,
+    );
+    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
+        .i64_rows("input_ids")
+        .into_iter()
+        .zip(inputs.i64_rows("attention_mask"))
+        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
+        .collect();
+    let run = |m: &vlsm::model::cris::Cris| {
+        let image = m.encode_image(pixels.clone()).unwrap();
+        values(
+            m.decode(&image, &m.embed_prompts(&prompts, &device).unwrap())
+                .unwrap(),
+        )
+    };
+    assert_eq!(run(&pt), run(&ckpt));
+}
+
+/// Loads CRIS from `weights` with the given config JSON, expecting one error line.
+fn cris_error(weights: &Weights, config: &str) -> String {
+    let cfg = match vlsm::model::cris::CrisConfig::from_json(config.as_bytes()) {
+        Ok(cfg) => cfg,
+        Err(e) => return e.to_string(),
+    };
+    let e = vlsm::model::cris::Cris::load(weights, &cfg, &Device::flex())
+        .err()
+        .expect("an error");
+    e.to_string()
+}
+
+#[test]
+fn bad_cris_inputs_give_one_clear_line() {
+    let cris_pt = Weights::from_pytorch_file(&vlsm_tests::fixture("cris/cris.pt")).unwrap();
+    let own_config = std::fs::read_to_string(vlsm_tests::fixture("cris/config.json")).unwrap();
+
+    // A CLIPSeg checkpoint given as CRIS: names the first missing key and what it is.
+    let clipseg =
+        Weights::from_safetensors_file(&vlsm_tests::fixture("clipseg_refined/model.safetensors"))
+            .unwrap();
+    let e = cris_error(&clipseg, &own_config);
+    assert!(
+        e.contains("not a CRIS checkpoint (it is a CLIPSeg checkpoint)")
+            && e.contains("backbone.visual.conv1.weight"),
+        "{e}"
+    );
+    // A BiomedCLIP checkpoint.
+    let biomed = Weights::from_pytorch_file(&vlsm_tests::fixture(
+        "biomedclipseg/hub/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/open_clip_pytorch_model.bin",
+    ))
+    .unwrap();
+    let e = cris_error(&biomed, &own_config);
+    assert!(e.contains("it is a BiomedCLIP checkpoint"), "{e}");
+
+    // An image size the ResNet cannot take.
+    let e = cris_error(
+        &cris_pt,
+        &own_config.replace("\"img_size\": 416", "\"img_size\": 420"),
+    );
+    assert!(
+        e.contains("img_size 420 must be a positive multiple of 32"),
+        "{e}"
+    );
+    // A config that does not fit the checkpoint (the study's defaults for a tiny model).
+    let e = cris_error(&cris_pt, r#"{"model_type": "cris"}"#);
+    assert!(e.contains("C3/C4/C5 widths [64, 128, 48]"), "{e}");
+    // Unknown arguments and wrong families are named.
+    let e = cris_error(&cris_pt, r#"{"model_type": "cris", "num_heads": 8}"#);
+    assert!(e.contains("unknown field `num_heads`"), "{e}");
+    let e = cris_error(&cris_pt, r#"{"model_type": "clipseg"}"#);
+    assert!(e.contains("model_type is `clipseg`, not `cris`"), "{e}");
+    let e = cris_error(
+        &cris_pt,
+        &own_config.replace("\"num_head\": 8", "\"num_head\": 7"),
+    );
+    assert!(e.contains("not divisible by num_head 7"), "{e}");
+
+    // A pickle whose unpickling would run code: refused by name, never run.
+    let marker = std::path::Path::new("/tmp/vlsm-pwned-by-evil-ckpt");
+    let _ = std::fs::remove_file(marker);
+    let e = Weights::from_pytorch_file(&vlsm_tests::fixture("cris/checkpoints/evil.ckpt"))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("posix.system") || e.contains("os.system"), "{e}");
+    assert!(!marker.exists(), "the pickle's code ran");
+
+    // A Lightning-style .ckpt without a state_dict.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("no-state.ckpt");
+    std::fs::write(&ckpt, no_state_dict_pickle()).unwrap();
+    let e = Weights::from_pytorch_file(&ckpt)
+        .map(|w| cris_error(&w, &own_config))
+        .unwrap_or_else(|e| e.to_string());
+    assert!(!e.contains('\n'), "{e}");
+    assert!(
+        e.contains("no tensors") || e.contains("state_dict") || e.contains("missing"),
+        "{e}"
+    );
+}
+
+/// A zip-less protocol-2 pickle of `{"epoch": 3}`: what a checkpoint without tensors holds.
+fn no_state_dict_pickle() -> Vec<u8> {
+    // PROTO 2, EMPTY_DICT, BINUNICODE "epoch", BININT1 3, SETITEM, STOP
+    let mut p = vec![0x80, 2, b'}'];
+    p.push(b'X');
+    p.extend(5u32.to_le_bytes());
+    p.extend(b"epoch");
+    p.extend([b'K', 3, b's', b'.']);
+    p
+}

@@ -94,15 +94,22 @@ fn check_model(name: &str) {
         &reference.f32("text.pooler_output"),
         TOL,
     );
-    let conditioning = seg.model.embed_prompts(&tokens, &device).unwrap();
+    let conditioning = seg
+        .model
+        .embed_prompts(&tokens, &device)
+        .unwrap()
+        .film()
+        .unwrap()
+        .clone();
     assert_close(
         &format!("{name}: conditional embeddings"),
         &values(conditioning.clone()),
         &reference.f32("text.text_embeds"),
         TOL,
     );
-    let image = seg.model.encode_image(pixels).unwrap();
-    let trace = seg.model.decode_traced(&image, conditioning).unwrap();
+    let encoded = seg.model.encode_image(pixels).unwrap();
+    let image = encoded.clipseg().unwrap();
+    let trace = seg.model.decode_traced(image, conditioning).unwrap();
     assert_close(
         &format!("{name}: FiLM output"),
         &values(trace.film_output),

@@ -68,7 +68,7 @@ fn exporting_an_untrained_model_gives_back_the_checkpoint() {
     for name in ["clipseg_refined", "clipseg_simple"] {
         let dir = fixture(name);
         let segmenter = Segmenter::from_dir(&dir, &Device::flex()).unwrap();
-        let exported = segmenter.model.decoder().export().unwrap();
+        let exported = segmenter.model.decoder().unwrap().export().unwrap();
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let weights = Weights::from_safetensors(&bytes, "model.safetensors").unwrap();
         let decoder_keys: Vec<&str> = weights
@@ -304,14 +304,17 @@ fn float16_training_logits_stay_finite_on_large_activations() {
             segmenter
                 .embed_prompts(&["bright ellipse"])
                 .unwrap()
-                .conditioning,
+                .conditioning
+                .film()
+                .unwrap()
+                .clone(),
         ]],
         target: target_tensor(mask.as_raw(), size, &device),
     };
     let ad = device.autodiff();
     let model = vlsm::train::trainable(
         DecoderModel {
-            decoder: segmenter.model.decoder().clone(),
+            decoder: segmenter.model.decoder().unwrap().clone(),
             grid: segmenter.model.grid(),
         }
         .fork(&ad),
@@ -358,7 +361,10 @@ fn every_epoch_draws_each_sample_a_prompt() {
     let segmenter = Segmenter::from_dir(&fixture("clipseg_refined"), &device).unwrap();
     let size = segmenter.input_size();
     let (taps, mask) = ellipse_taps(&segmenter, 3);
-    let embed = |t: &str| segmenter.embed_prompts(&[t]).unwrap().conditioning;
+    let embed = |t: &str| {
+        let embedded = segmenter.embed_prompts(&[t]).unwrap();
+        embedded.conditioning.film().unwrap().clone()
+    };
     let (a, b) = (embed("bright ellipse"), embed("dark background"));
     let sample = |conditioning: Vec<Vec<Tensor<2>>>| CachedSample {
         taps: taps.clone(),
@@ -367,7 +373,7 @@ fn every_epoch_draws_each_sample_a_prompt() {
     };
     let train = |conditioning: Vec<Vec<Tensor<2>>>| -> Vec<f32> {
         let model = DecoderModel {
-            decoder: segmenter.model.decoder().clone(),
+            decoder: segmenter.model.decoder().unwrap().clone(),
             grid: segmenter.model.grid(),
         };
         let recipe = Recipe {

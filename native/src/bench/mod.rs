@@ -12,7 +12,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use vlsm::burn::tensor::Tensor;
 use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
 use vlsm::metrics::Scores;
 use vlsm::model::Arch;
@@ -559,13 +558,12 @@ fn model_name(dir: &Path) -> String {
 fn weights_sha256(source: &ModelSource) -> Result<String> {
     let files = match source {
         ModelSource::Dir(dir) => vec![
-            ["model.safetensors", "pytorch_model.bin"]
-                .iter()
-                .map(|f| dir.join(f))
-                .find(|p| p.is_file())
-                .with_context(|| format!("{}: no weights file", dir.display()))?,
+            vlsm::files::DirFiles::read(dir)?
+                .weights_file()
+                .to_path_buf(),
         ],
         ModelSource::Biomed(s) => s.weight_files()?,
+        ModelSource::Cris(s) => vec![s.checkpoint.clone()],
     };
     let hashes = files
         .iter()
@@ -730,8 +728,9 @@ struct Evaluator<'a> {
     threshold: f32,
     nsd_tolerance: f64,
     encode_once: bool,
-    /// FiLM conditioning per prompt text, `[1, D]`: the text tower runs once per distinct prompt.
-    text_cache: HashMap<String, Tensor<2>>,
+    /// The embedding of each prompt text (one row): the text tower runs once per distinct
+    /// prompt.
+    text_cache: HashMap<String, vlsm::Conditioning>,
     stats: &'a mut RunStats,
 }
 
@@ -858,16 +857,13 @@ impl Evaluator<'_> {
         if !missing.is_empty() {
             let embedded = self.segmenter.embed_prompts(&missing)?;
             for (i, text) in missing.iter().enumerate() {
-                let row = embedded.conditioning.clone().narrow(0, i, 1);
+                let row = embedded.conditioning.rows(i, 1);
                 self.text_cache.insert(text.to_string(), row);
             }
         }
         self.stats.decode_s += t.elapsed().as_secs_f64();
         let conditioning = |texts: &[&str]| {
-            Tensor::cat(
-                texts.iter().map(|t| self.text_cache[*t].clone()).collect(),
-                0,
-            )
+            vlsm::Conditioning::cat(texts.iter().map(|t| self.text_cache[*t].clone()).collect())
         };
         if self.encode_once {
             let t = Instant::now();
@@ -877,7 +873,7 @@ impl Evaluator<'_> {
             let t = Instant::now();
             let logits = self
                 .segmenter
-                .decode_conditioning(&encoded, conditioning(texts))?;
+                .decode_conditioning(&encoded, &conditioning(texts)?)?;
             self.stats.decode_s += t.elapsed().as_secs_f64();
             Ok(logits)
         } else {
@@ -890,7 +886,7 @@ impl Evaluator<'_> {
                 let t = Instant::now();
                 all.extend(
                     self.segmenter
-                        .decode_conditioning(&encoded, conditioning(&[text]))?,
+                        .decode_conditioning(&encoded, &conditioning(&[text])?)?,
                 );
                 self.stats.decode_s += t.elapsed().as_secs_f64();
             }

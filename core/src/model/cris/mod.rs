@@ -99,11 +99,23 @@ pub struct Cris {
 }
 
 impl Cris {
+    /// Where a checkpoint keeps CRIS: `net.` in medvlsm's Lightning `best.ckpt`, nowhere
+    /// (`""`) in `cris.pt` and vlsm's export.
+    pub fn prefix_of(w: &Weights) -> &'static str {
+        if w.has_prefix("net.backbone.visual.") {
+            "net."
+        } else {
+            ""
+        }
+    }
+
     /// Loads CRIS from tensors under medvlsm's keys (`cris.pt`, or a Lightning
-    /// checkpoint's `state_dict` with its `net.` prefix already removed).
+    /// checkpoint's `state_dict`, whose `net.` prefix is found by [`Self::prefix_of`]).
     pub fn load(w: &Weights, cfg: &CrisConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        if !w.has_prefix("backbone.visual.") {
+        let p = Self::prefix_of(w);
+        let key = |name: &str| format!("{p}{name}");
+        if !w.has_prefix(&key("backbone.visual.")) {
             let what = if w.has_prefix("clip.") || w.has_prefix("decoder.film_mul") {
                 " (it is a CLIPSeg checkpoint)"
             } else if w.has_prefix("visual.trunk.") || w.has_prefix("biomedclip.") {
@@ -116,7 +128,7 @@ impl Cris {
                 w.source()
             )));
         }
-        let resnet = ResNetConfig::from_weights(w, "backbone.visual")?;
+        let resnet = ResNetConfig::from_weights(w, &key("backbone.visual"))?;
         let c = resnet.width * 32;
         let taps = [c / 4, c / 2, resnet.output_dim];
         if taps != cfg.fpn_in {
@@ -126,8 +138,8 @@ impl Cris {
                 cfg.fpn_in
             )));
         }
-        let backbone = ModifiedResNet::load(w, "backbone.visual", &resnet, device)?;
-        let text = TextTransformer::load_openai(w, "backbone", device)?;
+        let backbone = ModifiedResNet::load(w, &key("backbone.visual"), &resnet, device)?;
+        let text = TextTransformer::load_openai(w, &key("backbone"), device)?;
         let width = text.token_embedding.dims()[1];
         if width != cfg.vis_dim {
             return Err(Error::Weights(format!(
@@ -144,10 +156,14 @@ impl Cris {
                 cfg.word_len
             )));
         }
-        let text_projection = w.param("backbone.text_projection", [width, cfg.word_dim], device)?;
+        let text_projection = w.param(
+            &key("backbone.text_projection"),
+            [width, cfg.word_dim],
+            device,
+        )?;
         let neck = Neck::load(
             w,
-            "neck",
+            &key("neck"),
             &NeckConfig {
                 fpn_in: cfg.fpn_in,
                 fpn_out: cfg.fpn_out,
@@ -161,8 +177,8 @@ impl Cris {
             num_head: cfg.num_head,
             dim_ffn: cfg.dim_ffn,
         };
-        let decoder = VisionLanguageDecoder::load(w, "decoder", &shape, device)?;
-        let proj = Projector::load(w, "proj", cfg.word_dim, cfg.vis_dim / 2, device)?;
+        let decoder = VisionLanguageDecoder::load(w, &key("decoder"), &shape, device)?;
+        let proj = Projector::load(w, &key("proj"), cfg.word_dim, cfg.vis_dim / 2, device)?;
         Ok(Self {
             backbone,
             text,
@@ -175,8 +191,12 @@ impl Cris {
     }
 
     /// Keys a CRIS checkpoint holds that inference does not read (medvlsm keeps them
-    /// because CLIP's `build_model` creates them).
-    pub fn unused_key(key: &str) -> bool {
+    /// because CLIP's `build_model` creates them), under the checkpoint's `prefix`.
+    pub fn unused_key(prefix: &str, key: &str) -> bool {
+        // A Lightning state_dict may hold buffers of modules besides `net` (the loss).
+        let Some(key) = key.strip_prefix(prefix) else {
+            return true;
+        };
         key.ends_with("num_batches_tracked")
             || matches!(
                 key,

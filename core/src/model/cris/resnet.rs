@@ -310,6 +310,18 @@ pub struct ImageFeatures {
     pub c5: Tensor<4>,
 }
 
+impl ImageFeatures {
+    /// The features of image `index` of a batch alone.
+    pub fn image(&self, index: usize) -> Self {
+        let one = |t: &Tensor<4>| t.clone().narrow(0, index, 1);
+        Self {
+            c3: one(&self.c3),
+            c4: one(&self.c4),
+            c5: one(&self.c5),
+        }
+    }
+}
+
 impl ModifiedResNet {
     pub fn load(w: &Weights, prefix: &str, cfg: &ResNetConfig, device: &Device) -> Result<Self> {
         let width = cfg.width;
