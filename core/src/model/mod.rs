@@ -87,6 +87,8 @@ impl std::fmt::Display for Arch {
 }
 
 /// An image (or a batch of images) encoded once, ready for any number of prompts.
+// A few per process, moved rarely: no boxing needed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Encoded {
     /// CLIPSeg's decoder input: the reduced vision taps.
@@ -116,6 +118,7 @@ impl Encoded {
 }
 
 /// Prompts embedded once, for decoding on any number of images: one row per prompt.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Conditioning {
     /// The FiLM vectors `[P, D]` of a CLIPSeg decoder.
