@@ -437,9 +437,7 @@ fn cris_error(weights: &Weights, config: &str) -> String {
         Ok(cfg) => cfg,
         Err(e) => return e.to_string(),
     };
-    let e = vlsm::model::cris::Cris::load(weights, &cfg, &Device::flex())
-        .err()
-        .expect("an error");
+    let e = vlsm::model::cris::Cris::load(weights, &cfg, &Device::flex()).expect_err("an error");
     e.to_string()
 }
 
@@ -493,8 +491,7 @@ fn bad_cris_inputs_give_one_clear_line() {
     let marker = std::path::Path::new("/tmp/vlsm-pwned-by-evil-ckpt");
     let _ = std::fs::remove_file(marker);
     let e = Weights::from_pytorch_file(&vlsm_tests::fixture("cris/checkpoints/evil.ckpt"))
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("posix.system") || e.contains("os.system"), "{e}");
     assert!(!marker.exists(), "the pickle's code ran");
