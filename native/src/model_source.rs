@@ -181,14 +181,25 @@ impl ModelSource {
         Ok(source)
     }
 
+    /// The model family, from the files (a folder's `config.json`).
+    pub fn arch(&self) -> Result<Arch> {
+        Ok(match self {
+            Self::Dir(dir) => {
+                let json = std::fs::read(dir.join("config.json"))
+                    .with_context(|| format!("{}/config.json", dir.display()))?;
+                ModelConfig::arch_of_json(&json)?
+            }
+            Self::Biomed(s) => s.arch,
+            Self::Cris(_) => Arch::Cris,
+        })
+    }
+
     pub fn load(&self, device: &Device) -> Result<Segmenter> {
         Ok(match self {
             Self::Dir(dir) => Segmenter::from_dir(dir, device)
                 .with_context(|| format!("loading {}", dir.display()))?,
             Self::Biomed(s) => s.load(device)?,
-            Self::Cris(s) => s
-                .load(device)
-                .with_context(|| format!("loading {}", s.checkpoint.display()))?,
+            Self::Cris(s) => s.load(device)?,
         })
     }
 

@@ -76,7 +76,10 @@ pub struct ErrorCount {
 pub struct Report {
     pub source: String,
     pub resolution: Resolution,
+    /// `--threshold` when the run gave one.
     pub threshold: Option<f32>,
+    /// Each model's threshold (its study threshold unless `--threshold` was given).
+    pub thresholds: Vec<(String, f32)>,
     pub nsd_tolerance: Option<f64>,
     pub finished: Option<bool>,
     pub rows: usize,
@@ -254,7 +257,15 @@ pub fn build(
     Report {
         source: source.to_string(),
         resolution,
-        threshold: config.map(|c| c.threshold),
+        threshold: config.and_then(|c| c.threshold),
+        thresholds: config
+            .map(|c| {
+                c.models
+                    .iter()
+                    .map(|m| (m.name.clone(), m.threshold()))
+                    .collect()
+            })
+            .unwrap_or_default(),
         nsd_tolerance: config.map(|c| c.nsd_tolerance),
         finished: config.map(|c| c.finished),
         rows: rows.len(),
@@ -316,8 +327,26 @@ pub fn markdown(report: &Report, prompt: Option<&str>) -> String {
             Resolution::Model => "model input",
         }
     );
-    if let Some(t) = report.threshold {
-        let _ = writeln!(md, "- threshold: sigmoid(logit) > {t}");
+    match report.threshold {
+        Some(t) => {
+            let _ = writeln!(
+                md,
+                "- threshold: sigmoid(logit) > {t} for every model (--threshold)"
+            );
+        }
+        None if !report.thresholds.is_empty() => {
+            let each: Vec<String> = report
+                .thresholds
+                .iter()
+                .map(|(m, t)| format!("{m} {t}"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "- threshold: sigmoid(logit) > each model's study threshold ({}; --threshold sets one for all)",
+                each.join(", ")
+            );
+        }
+        None => {}
     }
     if let Some(t) = report.nsd_tolerance {
         let _ = writeln!(

@@ -488,7 +488,7 @@ fn bench_resolves_hub_families_and_checkpoints() {
             "--datasets",
             "ellipses",
             "--model",
-            "cris:x/y",
+            "unet:x/y",
             "--out",
             s(&tmp.path().join("b2")),
         ],

@@ -71,9 +71,10 @@ pub struct RunArgs {
     /// The annotation split to evaluate (`test` covers test+train for CVC-300/ColonDB/ETIS).
     #[arg(long, default_value = "test")]
     split: String,
-    /// Foreground where sigmoid(logit) > threshold (the study: 0.5; 0.35 for CRIS).
-    #[arg(long, default_value_t = 0.5, value_parser = parse_threshold)]
-    threshold: f32,
+    /// Foreground where sigmoid(logit) > threshold, for every model [default: each model's
+    /// study threshold: 0.35 for CRIS, 0.5 for the others].
+    #[arg(long, value_parser = parse_threshold)]
+    threshold: Option<f32>,
     /// List-valued prompts (p7–p9, radiology pairs): every member, or one seeded choice.
     #[arg(long, value_enum, default_value = "all")]
     list_prompts: ListMode,
@@ -186,7 +187,7 @@ fn bench(args: RunArgs) -> Result<()> {
         ListMode::All => ListPrompts::All,
         ListMode::Random => ListPrompts::Random { seed: args.seed },
     };
-    let models = resolve_models(&args.weights, &args.models)?;
+    let models = resolve_models(&args.weights, &args.models, args.threshold)?;
 
     // Resume: the folder must have been made with the same options.
     std::fs::create_dir_all(&args.out)
@@ -319,7 +320,7 @@ fn bench(args: RunArgs) -> Result<()> {
                 segmenter: &segmenter,
                 model: &model.id.name,
                 root: &root,
-                threshold: args.threshold,
+                threshold: model.id.threshold(),
                 nsd_tolerance: args.nsd_tolerance,
                 encode_once: !args.no_encode_once,
                 text_cache: HashMap::new(),
@@ -457,7 +458,11 @@ fn parse_prompt_list(list: &str) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>> {
+fn resolve_models(
+    weights: &[PathBuf],
+    ids: &[String],
+    threshold: Option<f32>,
+) -> Result<Vec<ModelSpec>> {
     let mut models = Vec::new();
     for path in weights {
         // Fails early, before any work, on something that is not a model.
@@ -501,11 +506,14 @@ fn resolve_models(weights: &[PathBuf], ids: &[String]) -> Result<Vec<ModelSpec>>
             bail!("two models are named `{name}`: give their folders different names");
         }
         let weights_sha256 = weights_sha256(&source)?;
+        let arch = source.arch()?;
         specs.push(ModelSpec {
             id: ModelId {
                 name,
                 source: origin,
                 weights_sha256,
+                arch: Some(arch.name().into()),
+                threshold: Some(threshold.unwrap_or(arch.default_threshold())),
             },
             source,
         });

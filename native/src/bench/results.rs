@@ -325,7 +325,7 @@ pub fn done_keys(rows: &[Row]) -> HashSet<RowKey> {
 }
 
 /// A model as the run knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelId {
     /// The name in the `model` column.
     pub name: String,
@@ -333,6 +333,20 @@ pub struct ModelId {
     pub source: String,
     /// sha256 of its weights file: a resumed or merged run must use the same weights.
     pub weights_sha256: String,
+    /// Its family (`clipseg`, `cris`, …); absent in runs made before families were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// The threshold its rows were scored at: `--threshold`, else the model's study
+    /// threshold; absent in runs made before it was per model (the run's `threshold` then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+}
+
+impl ModelId {
+    /// The threshold on sigmoid(logit) this model's rows use.
+    pub fn threshold(&self) -> f32 {
+        self.threshold.unwrap_or(0.5)
+    }
 }
 
 /// `bench.json`: everything that decides the rows' values. Resuming with other options, or
@@ -345,7 +359,9 @@ pub struct RunConfig {
     pub datasets: Vec<String>,
     pub prompts: Vec<String>,
     pub split: String,
-    pub threshold: f32,
+    /// `--threshold` when given (every model at it); `None`: each model at its study
+    /// threshold ([`ModelId::threshold`]).
+    pub threshold: Option<f32>,
     pub list_prompts: vlsm::dataset::ListPrompts,
     pub nsd_tolerance: f64,
     /// `[K, N]`: this folder holds shard K of N; absent for a whole run or a merge.
@@ -358,9 +374,18 @@ impl RunConfig {
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(CONFIG);
         match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-                format!("{} is not a vlsm bench config", path.display())
-            })?)),
+            Ok(bytes) => {
+                let mut config: Self = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not a vlsm bench config", path.display()))?;
+                // Runs made before thresholds were per model scored every model at the
+                // run's threshold.
+                for m in &mut config.models {
+                    if m.threshold.is_none() {
+                        m.threshold = config.threshold;
+                    }
+                }
+                Ok(Some(config))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -394,11 +419,19 @@ impl RunConfig {
         );
         check("prompts", self.prompts.join(","), other.prompts.join(","));
         check("split", self.split.clone(), other.split.clone());
-        check(
-            "threshold",
-            self.threshold.to_string(),
-            other.threshold.to_string(),
-        );
+        let thresholds = |c: &Self| {
+            let each = c
+                .models
+                .iter()
+                .map(|m| m.threshold().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            match c.threshold {
+                Some(t) => format!("{t} (--threshold)"),
+                None => format!("{each} (each model's)"),
+            }
+        };
+        check("threshold", thresholds(self), thresholds(other));
         check(
             "list prompts",
             format!("{:?}", self.list_prompts),

@@ -93,15 +93,24 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
-/// Reads one f32 tensor from a safetensors file.
+/// Reads one f32 or f64 tensor from a safetensors file, as f32.
 pub fn reference(path: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    match t.dtype() {
+        safetensors::Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        other => panic!("{name}: {other:?}, not a float tensor"),
+    }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
