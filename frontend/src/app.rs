@@ -362,6 +362,13 @@ impl Page {
                     _ => self.weights_input.get_untracked(),
                 };
                 self.worker_status.set("ready".into());
+                // The study's threshold for this family (0.35 for CRIS), unless a link
+                // being restored sets its own.
+                if self.pending.get_untracked().is_none()
+                    && let Some(arch) = vlsm::model::Arch::from_name(&model)
+                {
+                    self.threshold.set(arch.default_threshold());
+                }
                 self.model.set(ModelState::Loaded(LoadedInfo {
                     url,
                     backend,
@@ -814,7 +821,9 @@ fn ModelPanel(page: Page) -> impl IntoView {
             <p class="hint">"CLIPSeg: any Hugging Face CLIPSeg folder with model.safetensors. \
                 BiomedCLIPSeg / BiomedCLIPSeg-D: a folder written by vlsm convert or vlsm train \
                 (BiomedCLIP's hub repo is a PyTorch pickle, which the page does not read). \
-                The model family is read from its config.json."</p>
+                CRIS: a folder written by vlsm convert from cris.pt or medvlsm's best.ckpt. \
+                The model family is read from its config.json; the threshold starts at the \
+                study's for it (0.35 for CRIS, 0.5 otherwise)."</p>
             <label for="backend">"Run on"</label>
             <select id="backend"
                 on:change=move |ev| {

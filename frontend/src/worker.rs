@@ -333,13 +333,19 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     // Fail fast on a wrong URL before downloading hundreds of megabytes.
     let config_error = |e: vlsm::Error| format!("{}: {e}", file("config.json"));
     let arch = vlsm::ModelConfig::arch_of_json(&config.bytes).map_err(config_error)?;
-    if arch.is_biomedclip() {
-        vlsm::model::biomedclipseg::BiomedClipSegConfig::from_vlsm_json(&config.bytes)
-            .map_err(config_error)?;
-    } else {
-        vlsm::ClipSegConfig::from_json(&config.bytes).map_err(config_error)?;
+    match arch {
+        vlsm::Arch::ClipSeg => {
+            vlsm::ClipSegConfig::from_json(&config.bytes).map_err(config_error)?;
+        }
+        vlsm::Arch::Cris => {
+            vlsm::model::cris::CrisConfig::from_json(&config.bytes).map_err(config_error)?;
+        }
+        _ => {
+            vlsm::model::biomedclipseg::BiomedClipSegConfig::from_vlsm_json(&config.bytes)
+                .map_err(config_error)?;
+        }
     }
-    // BiomedCLIPSeg folders carry BERT's vocab.txt; CLIPSeg ones CLIP's BPE files.
+    // BiomedCLIPSeg folders carry BERT's vocab.txt; CLIPSeg and CRIS ones CLIP's BPE files.
     let names: &[&str] = if arch.is_biomedclip() {
         &["vocab.txt", "tokenizer_config.json"]
     } else {

@@ -166,7 +166,7 @@ fn killed_run_resumes_to_the_same_rows_and_shards_merge_to_it() {
         ),
         &[],
     );
-    assert_clean_error(&out, "threshold 0.5 vs 0.4");
+    assert_clean_error(&out, "threshold 0.5 (each model's) vs 0.4 (--threshold)");
 
     // Two shards, merged, equal the unsharded run.
     let mut shard_dirs = Vec::new();

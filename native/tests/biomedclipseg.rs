@@ -192,10 +192,20 @@ fn bad_inputs_are_one_clear_error() {
     let run = segment(&["--hub-mirror", s(&partial), "--weights", s(&ckpt)], &[]);
     assert_clean_error(&run, BERT);
 
-    // A decoder from the other family (CRIS).
+    // A decoder from the other family (CRIS) for BiomedCLIPSeg.
     let cris = shared("fixtures/tiny_cris/pretrained/cris.pt");
-    let run = segment(&["--hub-mirror", s(&hub), "--weights", s(&cris)], &[]);
-    assert_clean_error(&run, "CRIS checkpoint");
+    let run = segment(
+        &[
+            "--hub-mirror",
+            s(&hub),
+            "--arch",
+            "biomedclipseg",
+            "--weights",
+            s(&cris),
+        ],
+        &[],
+    );
+    assert_clean_error(&run, "is a CRIS checkpoint");
 
     // A CLIPSeg decoder of the wrong width (the repository's own tiny CLIPSeg).
     let clipseg = common::fixture("clipseg_refined/model.safetensors");

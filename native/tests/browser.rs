@@ -234,6 +234,29 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // A third: CRIS (vlsm's own 416-px fixture: ResNet convolutions, the dynamic kernel),
+    // converted from medvlsm's cris.pt.
+    let cris_src = tmp.path().join("cris-src");
+    std::fs::create_dir_all(&cris_src).unwrap();
+    for (from, name) in [
+        ("cris/cris.pt", "cris.pt"),
+        ("cris/config.json", "config.json"),
+        ("tokenizer/vocab.json", "vocab.json"),
+        ("tokenizer/merges.txt", "merges.txt"),
+    ] {
+        std::fs::copy(fixture(from), cris_src.join(name)).unwrap();
+    }
+    let cris = tmp.path().join("cris");
+    let out = vlsm(
+        &[
+            "convert",
+            cris_src.to_str().unwrap(),
+            cris.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -254,6 +277,8 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg(&huge_path)
         .arg("--model2")
         .arg(&biomed)
+        .arg("--model3")
+        .arg(&cris)
         .arg("--shots")
         .arg(&shots);
     for p in PROMPTS {
@@ -367,6 +392,30 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("model family"), "{}", stderr(&out));
+
+    // CRIS in the page: loaded as such at its 0.35 threshold; CPU masks equal `vlsm
+    // reproduce` of the page's link, and that link on WebGPU gives them too.
+    let m3 = &r["model3"];
+    assert_eq!(m3["state"], "loaded", "{m3} — console: {}", r["console"]);
+    assert!(
+        m3["status"].as_str().unwrap().starts_with("CRIS loaded"),
+        "{}",
+        m3["status"]
+    );
+    assert_eq!(m3["threshold"], "0.35", "{m3}");
+    assert_eq!(m3["cpu"]["run"], "done", "{}", m3["cpu"]);
+    let cris_page = strings(&m3["cpu"]["fingerprints"]);
+    let m3_link = m3["link"].as_str().unwrap();
+    let state = vlsm::share::ShareState::from_link(m3_link).unwrap();
+    assert_eq!(state.model.as_deref(), Some("cris"));
+    assert_eq!(state.threshold, 0.35);
+    assert_eq!(
+        native_fingerprints(m3_link, &cris, tmp.path(), false),
+        cris_page
+    );
+    assert_eq!(m3["webgpu"]["run"], "done", "{}", m3["webgpu"]);
+    assert_eq!(m3["webgpu"]["backend"], "WebGPU");
+    assert_eq!(strings(&m3["webgpu"]["fingerprints"]), cris_page);
 
     // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
     let link = r["share_link"].as_str().unwrap();

@@ -31,7 +31,8 @@ const TYPES = {
   '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
 };
 
-function serve(dist, modelDir, port = 0, model2Dir = null) {
+// Extra model folders, by mount: /models/m2/ (--model2), /models/m3/ (--model3).
+function serve(dist, modelDir, port = 0, extra = {}) {
   const log = [];
   const state = { modelsOffline: false, truncateWeights: false };
   const server = http.createServer((req, res) => {
@@ -54,13 +55,14 @@ function serve(dist, modelDir, port = 0, model2Dir = null) {
       if (url.pathname.startsWith('/models/m/')) {
         if (state.modelsOffline) { res.writeHead(503); res.end(); return; }
         file = path.join(modelDir, decodeURIComponent(url.pathname.slice('/models/m/'.length)));
-      } else if (model2Dir && url.pathname.startsWith('/models/m2/')) {
-        file = path.join(model2Dir, decodeURIComponent(url.pathname.slice('/models/m2/'.length)));
+      } else if (Object.keys(extra).some((m) => url.pathname.startsWith(`/models/${m}/`))) {
+        const mount = url.pathname.split('/')[2];
+        file = path.join(extra[mount], decodeURIComponent(url.pathname.slice(`/models/${mount}/`.length)));
       } else {
         file = path.join(dist, decodeURIComponent(url.pathname));
         if (url.pathname.endsWith('/')) file = path.join(file, 'index.html');
       }
-      if (!file.startsWith(dist) && !file.startsWith(modelDir) && !(model2Dir && file.startsWith(model2Dir))) {
+      if (!file.startsWith(dist) && !file.startsWith(modelDir) && !Object.values(extra).some((d) => file.startsWith(d))) {
         res.writeHead(403); res.end(); return;
       }
       fs.readFile(file, (err, data) => {
@@ -145,7 +147,9 @@ async function errorText(page) {
   return page.textContent('#error');
 }
 
-async function secondModel(browser, base, args, out) {
+// Another model folder (served at /models/MOUNT): loaded on CPU, run, shared, and the link
+// reopened on WebGPU.
+async function otherModel(browser, base, args, out, mount) {
   const context = await browser.newContext();
   const result = {};
   try {
@@ -153,8 +157,9 @@ async function secondModel(browser, base, args, out) {
     watch(page, out);
     await page.goto(`${base}/?backend=cpu`);
     await waitFor(page, '#load');
-    result.state = await loadModel(page, `${base}/models/m2`);
+    result.state = await loadModel(page, `${base}/models/${mount}`);
     result.status = await page.textContent('#model-status');
+    result.threshold = await page.inputValue('#threshold');
     if (result.state !== 'loaded') {
       result.error = await page.textContent('#error').catch(() => null);
       return result;
@@ -171,7 +176,7 @@ async function secondModel(browser, base, args, out) {
     await gpu.goto(result.link.replace(/^[^#]*/, `${base}/?backend=webgpu`));
     await gpu.waitForSelector('main[data-run="done"], main[data-run="failed"], main[data-model="failed"]', { timeout: TIMEOUT });
     result.webgpu = await readResults(gpu);
-    if (args.shots) await gpu.screenshot({ path: path.join(args.shots, 'model2-webgpu.png'), fullPage: true });
+    if (args.shots) await gpu.screenshot({ path: path.join(args.shots, `${mount}-webgpu.png`), fullPage: true });
     return result;
   } finally {
     await context.close();
@@ -180,7 +185,7 @@ async function secondModel(browser, base, args, out) {
 
 async function e2e(args) {
   const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0,
-    args.model2 ? path.resolve(args.model2) : null);
+    Object.fromEntries([['m2', args.model2], ['m3', args.model3]].filter(([, d]) => d).map(([m, d]) => [m, path.resolve(d)])));
   const base = `http://127.0.0.1:${port}`;
   const modelUrl = `${base}/models/m`;
   const out = { base, console: [], requests: [] };
@@ -283,7 +288,8 @@ async function e2e(args) {
     }
 
     // 5c. Another model family (a BiomedCLIPSeg-D folder): CPU run, share, the link on WebGPU.
-    if (args.model2) out.model2 = await secondModel(browser, base, args, out);
+    if (args.model2) out.model2 = await otherModel(browser, base, args, out, 'm2');
+    if (args.model3) out.model3 = await otherModel(browser, base, args, out, 'm3');
 
     // 6. Bad input gets a message, not a crash.
     const bad = await fresh.newPage();
