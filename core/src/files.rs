@@ -535,10 +535,31 @@ impl CrisSources {
         })
     }
 
+    /// Writes vlsm's CRIS folder with `tensors` (medvlsm's keys, as
+    /// [`crate::model::Cris::export`] gives them) instead of the checkpoint's.
+    pub fn write_trained(
+        &self,
+        out: &Path,
+        tensors: &[crate::model::layers::NamedTensor],
+        fp16: bool,
+    ) -> Result<()> {
+        let bytes = crate::weights::write_safetensors(tensors, fp16)?;
+        self.write_with(out, &bytes)
+    }
+
+    fn write_with(&self, out: &Path, safetensors: &[u8]) -> Result<()> {
+        let cfg = self.config()?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        write_synced(&out.join("config.json"), cfg.to_json().as_bytes())?;
+        for (name, bytes) in self.tokenizer_files()? {
+            write_synced(&out.join(name), &bytes)?;
+        }
+        write_synced(&out.join("model.safetensors"), safetensors)
+    }
+
     /// Writes vlsm's CRIS folder: `model.safetensors` (medvlsm's keys, no `net.` prefix,
     /// float32 or float16), `config.json` and the CLIP tokenizer files.
     pub fn write_folder(&self, out: &Path, fp16: bool) -> Result<()> {
-        let cfg = self.config()?;
         let w = open_weights(&self.checkpoint)?;
         let prefix = crate::model::Cris::prefix_of(&w);
         let mut tensors = Vec::new();
@@ -553,12 +574,7 @@ impl CrisSources {
             tensors.push((name.to_string(), shape.clone(), w.read_f32(key, &shape)?));
         }
         let bytes = crate::weights::write_safetensors(&tensors, fp16)?;
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        write_synced(&out.join("config.json"), cfg.to_json().as_bytes())?;
-        for (name, bytes) in self.tokenizer_files()? {
-            write_synced(&out.join(name), &bytes)?;
-        }
-        write_synced(&out.join("model.safetensors"), &bytes)
+        self.write_with(out, &bytes)
     }
 }
 

@@ -118,6 +118,11 @@ pub trait TrainingModel: Module + Clone + Sized {
     fn keep_fixed(self) -> Self {
         self
     }
+    /// The fewest samples a training batch may hold (CRIS's BatchNorm1d needs two, as in
+    /// PyTorch): a shorter last batch joins the one before it.
+    fn min_batch() -> usize {
+        1
+    }
 }
 
 /// The prompt `draw` picks from `choices`.
@@ -211,6 +216,85 @@ impl TrainingModel for crate::model::ClipSeg {
             Param::initialized(table.id, table.val().detach().set_require_grad(false));
         self
     }
+}
+
+/// The whole CRIS (the study's CRIS recipe: everything trains). On the autodiff device its
+/// BatchNorms use batch statistics and update their running ones, and its decoder's dropout
+/// is active; validation runs on the plain device, in eval mode.
+impl TrainingModel for crate::model::Cris {
+    type Sample = ImageSample;
+
+    fn logits(
+        &self,
+        samples: &[(&ImageSample, Draw)],
+        device: &Device,
+        dtype: FloatDType,
+    ) -> Result<Tensor<3>> {
+        if samples.len() < 2 && device.is_autodiff() {
+            return Err(Error::Input(
+                "CRIS trains on batches of at least 2 samples (its neck's BatchNorm1d, as in \
+                 PyTorch)"
+                    .into(),
+            ));
+        }
+        let pixels = batch(samples.iter().map(|(s, _)| s.pixels.clone()), device, dtype);
+        let prompts = samples
+            .iter()
+            .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
+            .collect::<Result<Vec<_>>>()?;
+        let image = self.encode_image(pixels)?;
+        let text = self.embed_prompts(&prompts, device)?;
+        self.decode(&image, &text)
+    }
+
+    fn target(sample: &ImageSample) -> Tensor<3> {
+        sample.target.clone()
+    }
+
+    fn prompt_groups(sample: &ImageSample) -> Vec<usize> {
+        group_sizes(&sample.prompts)
+    }
+
+    fn min_batch() -> usize {
+        2
+    }
+}
+
+/// `order` in batches of `size` (at most), a last batch shorter than `min` joined to the one
+/// before it.
+fn batches_of(order: &[usize], size: usize, min: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = (0..order.len())
+        .step_by(size.max(1))
+        .map(|start| start..(start + size).min(order.len()))
+        .collect();
+    if out.len() > 1 && out.last().is_some_and(|r| r.len() < min) {
+        let last = out.pop().expect("two batches");
+        out.last_mut().expect("one batch").end = last.end;
+    }
+    out
+}
+
+/// Adds `more` to the gradients already in `total` (gradient accumulation).
+fn add_gradients<M: Module>(module: &M, total: &mut GradientsParams, mut more: GradientsParams) {
+    struct Add<'a> {
+        total: &'a mut GradientsParams,
+        more: &'a mut GradientsParams,
+    }
+    impl ModuleVisitor for Add<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.more.remove::<D>(param.id) {
+                let sum = match self.total.remove::<D>(param.id) {
+                    Some(t) => t + g,
+                    None => g,
+                };
+                self.total.register(param.id, sum);
+            }
+        }
+    }
+    module.visit(&mut Add {
+        total,
+        more: &mut more,
+    });
 }
 
 /// `tensor` in `dtype` (no operation when it already is).
@@ -368,6 +452,10 @@ pub struct Recipe {
     pub threshold: f32,
     /// Mixed precision: `f16` (the study's), `bf16`, or `f32` (none, the default).
     pub precision: Precision,
+    /// Gradient accumulation: each batch runs as this many smaller passes whose gradients
+    /// add up to the batch's before one optimizer step (the same step as the whole batch,
+    /// except that BatchNorm's batch statistics are the passes').
+    pub accumulate: usize,
 }
 
 impl Default for Recipe {
@@ -386,6 +474,21 @@ impl Default for Recipe {
             loss: Loss::Dice,
             threshold: 0.5,
             precision: Precision::F32,
+            accumulate: 1,
+        }
+    }
+}
+
+impl Recipe {
+    /// The study's CRIS recipe (configs/model/cris.yaml, experiment/cris.yaml): AdamW at
+    /// 2e-5 (weight decay 1e-3), batch 32, validation Dice at 0.35, everything else as
+    /// CLIPSeg's.
+    pub fn cris() -> Self {
+        Self {
+            batch_size: 32,
+            lr: 2e-5,
+            threshold: 0.35,
+            ..Self::default()
         }
     }
 }
@@ -395,6 +498,9 @@ impl Recipe {
         let bad = |what: &str| Err(Error::Input(format!("training config: {what}")));
         if self.batch_size == 0 {
             return bad("batch_size must be at least 1");
+        }
+        if self.accumulate == 0 || self.accumulate > self.batch_size {
+            return bad("accumulate must be between 1 and batch_size");
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr must be a positive number");
@@ -544,25 +650,49 @@ impl<M: TrainingModel> Trainer<M> {
         let lr = self.progress.lr;
         let precision = self.recipe.precision;
         let dtype = precision.dtype();
-        let steps = order.len().div_ceil(self.recipe.batch_size);
+        let ranges = batches_of(&order, self.recipe.batch_size, M::min_batch());
+        let steps = ranges.len();
         let (mut total, mut skipped_steps) = (0.0, 0);
-        let batches = order
-            .chunks(self.recipe.batch_size)
-            .zip(draws.chunks(self.recipe.batch_size));
-        for (step, (chunk, chunk_draws)) in batches.enumerate() {
+        for (step, range) in ranges.into_iter().enumerate() {
+            let (chunk, chunk_draws) = (&order[range.clone()], &draws[range]);
+            // Dropout masks from a generator seeded by the run, the epoch and the step: a
+            // resumed run draws the same ones.
+            self.device.seed(
+                self.recipe.seed
+                    ^ ((self.progress.epoch as u64) << 32)
+                    ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             let samples: Vec<(&M::Sample, Draw)> = chunk
                 .iter()
                 .zip(chunk_draws)
                 .map(|(&i, &d)| (&train[i], d))
                 .collect();
-            let logits =
-                cast_params(self.model.clone(), dtype).logits(&samples, &self.device, dtype)?;
-            let target = targets::<M>(&samples, &self.device);
-            let loss = self
-                .recipe
-                .loss
-                .compute(cast(logits, FloatDType::F32), target);
-            let value = f64::from(loss.clone().into_scalar::<f32>());
+            // float16: the loss is scaled up before the backward pass so small gradients
+            // survive in half precision, and the gradients scaled back down before clipping.
+            let scale = match precision {
+                Precision::F16 => self.progress.loss_scale,
+                _ => 1.0,
+            };
+            let passes = self.recipe.accumulate.min(samples.len());
+            let per_pass = samples.len().div_ceil(passes);
+            let (mut value, mut grads) = (0.0, GradientsParams::new());
+            for part in samples.chunks(per_pass) {
+                let logits =
+                    cast_params(self.model.clone(), dtype).logits(part, &self.device, dtype)?;
+                let target = targets::<M>(part, &self.device);
+                // The batch loss is the mean over samples: each pass weighs its share.
+                let share = part.len() as f64 / samples.len() as f64;
+                let loss = self
+                    .recipe
+                    .loss
+                    .compute(cast(logits, FloatDType::F32), target)
+                    * share;
+                let part_value = f64::from(loss.clone().into_scalar::<f32>());
+                value += part_value;
+                let part_grads =
+                    GradientsParams::from_grads((loss * scale).backward(), &self.model);
+                add_gradients(&self.model, &mut grads, part_grads);
+            }
             let diverged = |what: &str| {
                 Error::Input(format!(
                     "the {what} became non-finite at epoch {} step {}{}: lower the learning rate",
@@ -578,13 +708,6 @@ impl<M: TrainingModel> Trainer<M> {
                 return Err(diverged("loss"));
             }
             total += value * chunk.len() as f64;
-            // float16: the loss is scaled up before the backward pass so small gradients
-            // survive in half precision, and the gradients scaled back down before clipping.
-            let scale = match precision {
-                Precision::F16 => self.progress.loss_scale,
-                _ => 1.0,
-            };
-            let mut grads = GradientsParams::from_grads((loss * scale).backward(), &self.model);
             let norm = global_norm(&self.model, &grads) / scale;
             if !norm.is_finite() {
                 if precision != Precision::F16 {

@@ -47,7 +47,7 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
                 .map(|mut d| d.next().is_some())
                 .unwrap_or(true)
     };
-    if let Some(s) = cris_sources(&source)? {
+    if let Some(s) = source.cris_sources()? {
         if not_empty(&out) {
             bail!("{}: exists and is not empty", out.display());
         }
@@ -119,21 +119,4 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
         target.display()
     );
     Ok(())
-}
-
-/// CRIS as a set of sources: a checkpoint file alone, or a CRIS folder.
-fn cris_sources(source: &ModelSource) -> Result<Option<vlsm::files::CrisSources>> {
-    Ok(match source {
-        ModelSource::Cris(s) => Some(s.clone()),
-        ModelSource::Dir(dir) => {
-            let files = DirFiles::read(dir)?;
-            let arch = vlsm::ModelConfig::arch_of_json(files.model_files().config_json)?;
-            (arch == vlsm::Arch::Cris).then(|| vlsm::files::CrisSources {
-                checkpoint: files.weights_file().to_path_buf(),
-                tokenizer: dir.clone(),
-                config: Some(dir.join("config.json")),
-            })
-        }
-        ModelSource::Biomed(_) => None,
-    })
 }

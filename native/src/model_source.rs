@@ -181,6 +181,24 @@ impl ModelSource {
         Ok(source)
     }
 
+    /// CRIS's sources: a checkpoint file alone, or a CRIS folder (its checkpoint, tokenizer
+    /// and config.json); `None` for other families.
+    pub fn cris_sources(&self) -> Result<Option<CrisSources>> {
+        Ok(match self {
+            Self::Cris(s) => Some(s.clone()),
+            Self::Dir(dir) => {
+                let files = vlsm::files::DirFiles::read(dir)?;
+                let arch = ModelConfig::arch_of_json(files.model_files().config_json)?;
+                (arch == Arch::Cris).then(|| CrisSources {
+                    checkpoint: files.weights_file().to_path_buf(),
+                    tokenizer: dir.clone(),
+                    config: Some(dir.join("config.json")),
+                })
+            }
+            Self::Biomed(_) => None,
+        })
+    }
+
     /// The model family, from the files (a folder's `config.json`).
     pub fn arch(&self) -> Result<Arch> {
         Ok(match self {
@@ -234,9 +252,14 @@ impl ModelSource {
         }
     }
 
-    /// Writes the model with its decoder replaced by `trained` (HF names) as a folder every
-    /// vlsm command and the page load.
+    /// Writes the model with its decoder replaced by `trained` (HF names; for CRIS every
+    /// tensor, medvlsm's names) as a folder every vlsm command and the page load.
     pub fn export(&self, trained: Vec<NamedTensor>, out: &Path, fp16: bool) -> Result<()> {
+        if let Some(s) = self.cris_sources()? {
+            // A CRIS export holds every tensor: the folder is the trained model.
+            s.write_trained(out, &trained, fp16)?;
+            return Ok(());
+        }
         match self {
             Self::Dir(dir) => {
                 let json = std::fs::read(dir.join("config.json"))
@@ -253,7 +276,7 @@ impl ModelSource {
                 }
             }
             Self::Biomed(s) => s.write_folder(out, fp16, Some(trained))?,
-            Self::Cris(_) => bail!("CRIS is not trained by vlsm yet: nothing to export"),
+            Self::Cris(_) => unreachable!("written above"),
         }
         Ok(())
     }

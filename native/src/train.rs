@@ -73,9 +73,15 @@ pub struct TrainArgs {
     #[arg(long)]
     fp16: bool,
     /// Full fine-tuning: train the CLIP towers too (all but the vision position table),
-    /// running them in every step. The study trains only the decoder.
+    /// running them in every step. The study trains only CLIPSeg's decoder; CRIS always
+    /// trains whole, as in the study.
     #[arg(long, conflicts_with = "no_cache")]
     full: bool,
+    /// Gradient accumulation: run each batch as N smaller passes and take one optimizer step
+    /// on their summed gradients (the batch's step in less memory; BatchNorm sees the
+    /// passes' statistics) [default: 1].
+    #[arg(long, value_name = "N")]
+    accumulate: Option<usize>,
     /// Run the frozen encoders again for every epoch instead of caching their outputs once
     /// (same results, much slower: for measuring what the cache saves).
     #[arg(long)]
@@ -140,10 +146,27 @@ fn read_config(path: &Path) -> Result<(RunFields, Recipe)> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let (file, mut recipe) = match &args.config {
-        Some(path) => read_config(path)?,
-        None => (RunFields::default(), Recipe::default()),
+    let (file, file_recipe) = match &args.config {
+        Some(path) => {
+            let (file, recipe) = read_config(path)?;
+            (file, Some(recipe))
+        }
+        None => (RunFields::default(), None),
     };
+    let mut model_args = args.model.clone();
+    if model_args.model.is_none()
+        && model_args.weights.is_none()
+        && let Some(base) = &file.base
+    {
+        model_args.weights = Some(PathBuf::from(base));
+    }
+    let source = model_args.resolve()?;
+    let arch = source.arch()?;
+    // The study's recipe for the family, unless a config file gives one.
+    let mut recipe = file_recipe.unwrap_or_else(|| match arch {
+        vlsm::Arch::Cris => Recipe::cris(),
+        _ => Recipe::default(),
+    });
     let data_root = args
         .data
         .clone()
@@ -177,19 +200,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(p) = &args.precision {
         recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     }
+    if let Some(n) = args.accumulate {
+        recipe.accumulate = n;
+    }
     recipe.check()?;
     let datasets = crate::bench::named_datasets(&data_root, &dataset_list)?;
     if prompt != "random" && dataset::prompt_number(&prompt) == u32::MAX {
         bail!("--prompt {prompt}: expected p0…p9 or random");
     }
-    let mut model_args = args.model.clone();
-    if model_args.model.is_none()
-        && model_args.weights.is_none()
-        && let Some(base) = &file.base
-    {
-        model_args.weights = Some(PathBuf::from(base));
-    }
-    let source = model_args.resolve()?;
     let config = RunConfig {
         base: match (&model_args.weights, &model_args.model) {
             (Some(path), _) => path.display().to_string(),
@@ -228,7 +246,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = backend::device(args.backend)?;
     recipe.precision.check(&device)?;
-    let segmenter = source.load_for_training(&device, recipe.seed, args.full)?;
+    // CRIS trains whole, as the study trains it.
+    let full = args.full || arch == vlsm::Arch::Cris;
+    let segmenter = source.load_for_training(&device, recipe.seed, full)?;
     let data = Data {
         root: &data_root,
         datasets: &datasets,
@@ -244,7 +264,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         segmenter: &segmenter,
         device: &device,
     };
-    if args.full {
+    if full {
         let started = std::time::Instant::now();
         let train = image_samples(&segmenter, &data, "train")?;
         let val = image_samples(&segmenter, &data, "val")?;
@@ -254,7 +274,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             val.len(),
             started.elapsed().as_secs_f64()
         );
-        fit(&run, segmenter.model.clipseg()?.clone(), train, val, None)
+        match &segmenter.model {
+            vlsm::Model::Cris(cris) => fit(&run, cris.clone(), train, val, None),
+            model => fit(&run, model.clipseg()?.clone(), train, val, None),
+        }
     } else {
         let started = std::time::Instant::now();
         let train = cached_samples(&segmenter, &data, "train")?;
@@ -487,6 +510,28 @@ impl Trained for ClipSeg {
             .model
             .clipseg()?
             .clone())
+    }
+}
+
+impl Trained for vlsm::model::Cris {
+    fn export(&self) -> Result<Vec<NamedTensor>> {
+        Ok(vlsm::model::Cris::export(self)?)
+    }
+
+    /// The whole model, as vlsm's CRIS folder.
+    fn save(&self, dir: &Path, run: &Run) -> Result<()> {
+        run.source
+            .export(vlsm::model::Cris::export(self)?, dir, false)
+    }
+
+    fn load(dir: &Path, run: &Run) -> Result<Self> {
+        match Segmenter::from_dir(dir, run.device)
+            .with_context(|| dir.display().to_string())?
+            .model
+        {
+            vlsm::Model::Cris(m) => Ok(m),
+            _ => bail!("{}: not a CRIS checkpoint", dir.display()),
+        }
     }
 }
 

@@ -281,6 +281,60 @@ impl SelfAttention {
         })
     }
 
+    /// The packed layout [`Self::load_packed_at`] reads: `[3D, D]` rows `[q; k; v]`, their
+    /// biases, and `out_proj`.
+    pub fn export_packed(
+        &self,
+        [qkv_weight, qkv_bias, out_proj]: [&str; 3],
+        out: &mut Vec<NamedTensor>,
+    ) -> Result<()> {
+        let mut parts = Vec::new();
+        for l in [&self.q_proj, &self.k_proj, &self.v_proj] {
+            export_linear(&mut parts, "p", l)?;
+        }
+        let d = self.q_proj.weight.dims()[0];
+        let (mut weight, mut bias) = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
+        for (name, _, v) in parts {
+            if name.ends_with("weight") {
+                weight.extend(v);
+            } else {
+                bias.extend(v);
+            }
+        }
+        out.push((qkv_weight.to_string(), vec![3 * d, d], weight));
+        out.push((qkv_bias.to_string(), vec![3 * d], bias));
+        export_linear(out, out_proj, &self.out_proj)
+    }
+
+    /// As [`Self::forward_qkv`] (no causal mask), with `nn.MultiheadAttention`'s dropout `p`
+    /// on the attention weights when training (an autodiff device).
+    pub fn forward_qkv_dropout(
+        &self,
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_mask: Option<Tensor<4, Bool>>,
+        p: f64,
+    ) -> Tensor<3> {
+        if p == 0.0 || !query.device().is_autodiff() {
+            return self.forward_qkv(query, key, value, key_mask, false);
+        }
+        let [b, l, d] = query.dims();
+        let lk = key.dims()[1];
+        let h = self.num_heads;
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(query), l);
+        let k = heads(self.k_proj.forward(key), lk);
+        let v = heads(self.v_proj.forward(value), lk);
+        let mut scores = q.matmul(k.swap_dims(2, 3)) / ((d / h) as f64).sqrt();
+        if let Some(mask) = key_mask {
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let weights = dropout(activation::softmax(scores, 3), p);
+        self.out_proj
+            .forward(weights.matmul(v).swap_dims(1, 2).reshape([b, l, d]))
+    }
+
     /// `x`: `[B, L, D]`; `key_mask`: `[B, H, L, L]`, true where a key must be ignored.
     pub fn forward(
         &self,
@@ -326,6 +380,22 @@ impl SelfAttention {
         self.out_proj
             .forward(out.swap_dims(1, 2).reshape([b, l, d]))
     }
+}
+
+/// `nn.Dropout(p)`: when training (an autodiff device), zeroes each value with probability
+/// `p` and scales the rest by `1 / (1 − p)`; the identity otherwise. The mask comes from the
+/// device's generator (the trainer seeds it per step, so a resumed run draws the same).
+pub fn dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
+    if p == 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let keep = Tensor::<D>::random(
+        x.shape(),
+        burn::tensor::Distribution::Bernoulli(1.0 - p),
+        &x.device(),
+    )
+    .cast(x.dtype());
+    x * keep / (1.0 - p)
 }
 
 /// `CLIPSegMLP`: fc1 → activation → fc2.

@@ -174,6 +174,35 @@ impl TextTransformer {
         })
     }
 
+    /// The tower under OpenAI's key names (the layout [`Self::load_openai`] reads).
+    pub fn export_openai(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        use crate::model::layers::{export_linear, export_norm, named};
+        out.push(named(
+            format!("{prefix}.token_embedding.weight"),
+            &self.token_embedding,
+        )?);
+        out.push(named(
+            format!("{prefix}.positional_embedding"),
+            &self.position_embedding,
+        )?);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let key = |name: &str| format!("{prefix}.transformer.resblocks.{i}.{name}");
+            layer.self_attn.export_packed(
+                [
+                    &key("attn.in_proj_weight"),
+                    &key("attn.in_proj_bias"),
+                    &key("attn.out_proj"),
+                ],
+                out,
+            )?;
+            export_norm(out, &key("ln_1"), &layer.layer_norm1)?;
+            export_linear(out, &key("mlp.c_fc"), &layer.mlp.fc1)?;
+            export_linear(out, &key("mlp.c_proj"), &layer.mlp.fc2)?;
+            export_norm(out, &key("ln_2"), &layer.layer_norm2)?;
+        }
+        export_norm(out, &format!("{prefix}.ln_final"), &self.final_layer_norm)
+    }
+
     pub fn max_positions(&self) -> usize {
         self.position_embedding.val().dims()[0]
     }

@@ -16,7 +16,9 @@ use burn::tensor::{Bool, Device, Tensor, TensorData, activation};
 
 use crate::error::Result;
 use crate::model::cris::neck::{ConvLayer, upsample2};
-use crate::model::layers::{SelfAttention, layer_norm, linear};
+use crate::model::layers::{
+    NamedTensor, SelfAttention, dropout, export_linear, export_norm, layer_norm, linear, named,
+};
 use crate::weights::Weights;
 
 /// PyTorch's `nn.LayerNorm` default.
@@ -62,13 +64,15 @@ pub fn pos2d(c: usize, h: usize, w: usize) -> Vec<f32> {
     pe
 }
 
-/// The decoder's sizes (medvlsm's `vis_dim`, `num_layers`, `num_head`, `dim_ffn`).
+/// The decoder's sizes (medvlsm's `vis_dim`, `num_layers`, `num_head`, `dim_ffn`) and its
+/// dropout (training only).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderShape {
     pub d_model: usize,
     pub num_layers: usize,
     pub num_head: usize,
     pub dim_ffn: usize,
+    pub dropout: f64,
 }
 
 #[derive(Module, Debug)]
@@ -83,6 +87,9 @@ pub struct DecoderLayer {
     pub ffn_in: Linear,
     pub ffn_norm: LayerNorm,
     pub ffn_out: Linear,
+    /// Dropout on the attention weights, after the FFN's ReLU and on each residual branch
+    /// (medvlsm's `dropout`, 0.2); applied only when training.
+    pub dropout: f64,
 }
 
 impl DecoderLayer {
@@ -107,7 +114,37 @@ impl DecoderLayer {
             ffn_in: linear(w, &key("ffn.0"), d, s.dim_ffn, true, device)?,
             ffn_norm: norm("ffn.3", s.dim_ffn)?,
             ffn_out: linear(w, &key("ffn.4"), s.dim_ffn, d, true, device)?,
+            dropout: s.dropout,
         })
+    }
+
+    fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        let key = |name: &str| format!("{prefix}.{name}");
+        for (name, attn) in [
+            ("self_attn", &self.self_attn),
+            ("multihead_attn", &self.cross_attn),
+        ] {
+            attn.export_packed(
+                [
+                    &key(&format!("{name}.in_proj_weight")),
+                    &key(&format!("{name}.in_proj_bias")),
+                    &key(&format!("{name}.out_proj")),
+                ],
+                out,
+            )?;
+        }
+        for (name, norm) in [
+            ("norm1", &self.norm1),
+            ("self_attn_norm", &self.self_attn_norm),
+            ("norm2", &self.norm2),
+            ("cross_attn_norm", &self.cross_attn_norm),
+            ("norm3", &self.norm3),
+            ("ffn.3", &self.ffn_norm),
+        ] {
+            export_norm(out, &key(name), norm)?;
+        }
+        export_linear(out, &key("ffn.0"), &self.ffn_in)?;
+        export_linear(out, &key("ffn.4"), &self.ffn_out)
     }
 
     /// `vis` `[B, HW, C]`, `txt` `[B, L, C]`, positions `[1, HW, C]` / `[1, L, C]`,
@@ -120,25 +157,28 @@ impl DecoderLayer {
         txt_pos: Tensor<3>,
         text_mask: Tensor<4, Bool>,
     ) -> Tensor<3> {
+        let p = self.dropout;
         let v = self.norm1.forward(vis.clone());
         let qk = v.clone() + vis_pos.clone();
-        let v = self.self_attn.forward_qkv(qk.clone(), qk, v, None, false);
-        let vis = vis + self.self_attn_norm.forward(v);
+        let v = self
+            .self_attn
+            .forward_qkv_dropout(qk.clone(), qk, v, None, p);
+        let vis = vis + dropout(self.self_attn_norm.forward(v), p);
 
         let v = self.norm2.forward(vis.clone());
-        let v = self.cross_attn.forward_qkv(
+        let v = self.cross_attn.forward_qkv_dropout(
             v + vis_pos,
             txt.clone() + txt_pos,
             txt,
             Some(text_mask),
-            false,
+            p,
         );
-        let vis = vis + self.cross_attn_norm.forward(v);
+        let vis = vis + dropout(self.cross_attn_norm.forward(v), p);
 
         let v = self.norm3.forward(vis.clone());
-        let v = activation::relu(self.ffn_in.forward(v));
+        let v = dropout(activation::relu(self.ffn_in.forward(v)), p);
         let v = self.ffn_out.forward(self.ffn_norm.forward(v));
-        vis + v
+        vis + dropout(v, p)
     }
 }
 
@@ -157,6 +197,13 @@ impl VisionLanguageDecoder {
                 .collect::<Result<_>>()?,
             norm: layer_norm(w, &format!("{prefix}.norm"), s.d_model, LN_EPS, device)?,
         })
+    }
+
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.export(&format!("{prefix}.layers.{i}"), out)?;
+        }
+        export_norm(out, &format!("{prefix}.norm"), &self.norm)
     }
 
     /// `vis` `[B, C, H, W]` (the neck's output), `words` `[B, L, C]`, `ignored` `[B, L]`
@@ -248,6 +295,17 @@ impl Projector {
             )?,
             in_dim,
         })
+    }
+
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        self.vis1.export(&format!("{prefix}.vis.1"), out)?;
+        self.vis2.export(&format!("{prefix}.vis.3"), out)?;
+        out.push(named(
+            format!("{prefix}.vis.4.weight"),
+            &self.vis_out_weight,
+        )?);
+        out.push(named(format!("{prefix}.vis.4.bias"), &self.vis_out_bias)?);
+        export_linear(out, &format!("{prefix}.txt"), &self.txt)
     }
 
     /// `x` `[B, 2·in_dim, h, w]` (the decoder's map), `state` `[B, word_dim]`.

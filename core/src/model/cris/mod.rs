@@ -176,6 +176,7 @@ impl Cris {
             num_layers: cfg.num_layers,
             num_head: cfg.num_head,
             dim_ffn: cfg.dim_ffn,
+            dropout: cfg.dropout,
         };
         let decoder = VisionLanguageDecoder::load(w, &key("decoder"), &shape, device)?;
         let proj = Projector::load(w, &key("proj"), cfg.word_dim, cfg.vis_dim / 2, device)?;
@@ -205,6 +206,22 @@ impl Cris {
                     | "backbone.context_length"
                     | "backbone.vocab_size"
             )
+    }
+
+    /// Every tensor under medvlsm's `cris.pt` keys (no prefix), BatchNorm running statistics
+    /// included: what `vlsm train` exports and `Cris::load` reads back.
+    pub fn export(&self) -> Result<Vec<crate::model::layers::NamedTensor>> {
+        let mut out = Vec::new();
+        self.backbone.export("backbone.visual", &mut out)?;
+        self.text.export_openai("backbone", &mut out)?;
+        out.push(crate::model::layers::named(
+            "backbone.text_projection".into(),
+            &self.text_projection,
+        )?);
+        self.neck.export("neck", &mut out)?;
+        self.decoder.export("decoder", &mut out)?;
+        self.proj.export("proj", &mut out)?;
+        Ok(out)
     }
 
     pub fn input_size(&self) -> usize {

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor, activation};
 
 use crate::error::Result;
 use crate::model::cris::resnet::{BatchNorm, ConvBn, ImageFeatures};
-use crate::model::layers::linear;
+use crate::model::layers::{NamedTensor, export_linear, linear};
 use crate::weights::Weights;
 
 /// `conv_layer`: ConvBn then ReLU, keys `{prefix}.0` (conv) and `{prefix}.1` (BN).
@@ -41,6 +41,11 @@ impl ConvLayer {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         activation::relu(self.conv.forward(x))
+    }
+
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        self.conv
+            .export(&format!("{prefix}.0"), &format!("{prefix}.1"), out)
     }
 }
 
@@ -147,6 +152,30 @@ impl Neck {
             coord: cl("coordconv.0.conv1", [o4 + 2, o4, 3])?,
             coord_out: cl("coordconv.1", [o4, o4, 3])?,
         })
+    }
+
+    /// medvlsm's keys under `prefix` (`neck`).
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        let key = |name: &str| format!("{prefix}.{name}");
+        export_linear(out, &key("txt_proj.0"), &self.txt_proj)?;
+        self.txt_norm.export(&key("txt_proj.1"), out)?;
+        self.norm_layer.export(&key("norm_layer.0"), out)?;
+        for (name, layer) in [
+            ("f1_v_proj", &self.f1_v_proj),
+            ("f2_v_proj", &self.f2_v_proj),
+            ("f2_cat", &self.f2_cat),
+            ("f3_v_proj", &self.f3_v_proj),
+            ("f3_cat", &self.f3_cat),
+            ("f4_proj5", &self.f4_proj5),
+            ("f4_proj4", &self.f4_proj4),
+            ("f4_proj3", &self.f4_proj3),
+            ("aggr", &self.aggr),
+            ("coordconv.0.conv1", &self.coord),
+            ("coordconv.1", &self.coord_out),
+        ] {
+            layer.export(&key(name), out)?;
+        }
+        Ok(())
     }
 
     /// The fused map `[P, fpn_out[1], h4, w4]` for image features (batch 1, or one per

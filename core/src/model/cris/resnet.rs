@@ -3,16 +3,16 @@
 //! CRIS's attention pool, which attends over every position (no mean token), adds a
 //! position table resized bicubically to the feature grid, projects with `c_proj`, adds the
 //! `connect` 1×1 conv + BatchNorm residual and applies ReLU. Returns C3 (layer2), C4
-//! (layer3) and C5 (the pool over layer4). BatchNorm runs on its running statistics.
+//! (layer3) and C5 (the pool over layer4). BatchNorm runs on its running statistics, or, on
+//! an autodiff device (training), on batch statistics while updating the running ones.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, RunningState};
 use burn::tensor::module::{avg_pool2d, conv2d};
 use burn::tensor::ops::{AvgPoolOptions, ConvOptions};
 use burn::tensor::{Device, Tensor, TensorData, activation};
 
 use crate::error::{Error, Result};
-use crate::model::clip::vision::resize_position_table;
-use crate::model::layers::{SelfAttention, linear};
+use crate::model::layers::{NamedTensor, SelfAttention, export_linear, linear, named, values};
 use crate::weights::Weights;
 
 /// The sizes of a ModifiedResNet, derived from its weights as CLIP's `build_model` does.
@@ -78,33 +78,80 @@ impl ResNetConfig {
     }
 }
 
-/// `nn.BatchNorm2d` in eval mode: `(x − mean) / √(var + eps) · weight + bias`.
+/// PyTorch's BatchNorm momentum.
+const BN_MOMENTUM: f64 = 0.1;
+
+/// `nn.BatchNorm2d` (and `BatchNorm1d` on `[N, C, 1, 1]`). In eval mode
+/// `(x − mean) / √(var + eps) · weight + bias` with the running statistics; in training (an
+/// autodiff device) with the batch's mean and biased variance, updating the running ones as
+/// PyTorch does: momentum 0.1, the variance unbiased (`n / (n − 1)`).
 #[derive(Module, Debug)]
 pub struct BatchNorm {
     pub weight: Param<Tensor<1>>,
     pub bias: Param<Tensor<1>>,
-    pub running_mean: Param<Tensor<1>>,
-    pub running_var: Param<Tensor<1>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
     pub eps: f64,
 }
 
 impl BatchNorm {
     pub fn load(w: &Weights, prefix: &str, c: usize, device: &Device) -> Result<Self> {
         let p = |name: &str| w.param(&format!("{prefix}.{name}"), [c], device);
+        let stat = |name: &str| -> Result<RunningState<Tensor<1>>> {
+            Ok(RunningState::new(w.tensor(
+                &format!("{prefix}.{name}"),
+                [c],
+                device,
+            )?))
+        };
         Ok(Self {
             weight: p("weight")?,
             bias: p("bias")?,
-            running_mean: p("running_mean")?,
-            running_var: p("running_var")?,
+            running_mean: stat("running_mean")?,
+            running_var: stat("running_var")?,
             eps: 1e-5,
         })
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let c = self.weight.dims()[0];
-        let scale = self.weight.val() / (self.running_var.val() + self.eps).sqrt();
-        let shift = self.bias.val() - self.running_mean.val() * scale.clone();
-        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+        let [n, c, h, w] = x.dims();
+        let device = x.device();
+        let per_channel = |t: Tensor<1>| t.reshape([1, c, 1, 1]);
+        if device.is_autodiff() {
+            let count = n * h * w;
+            let mean = x.clone().mean_dims(&[0, 2, 3]);
+            let centred = x - mean.clone();
+            let var = centred.clone().powi_scalar(2).mean_dims(&[0, 2, 3]);
+            let out = centred / (var.clone() + self.eps).sqrt();
+            let unbiased = count as f64 / (count.max(2) - 1) as f64;
+            let update = |state: &RunningState<Tensor<1>>, batch: Tensor<4>, factor: f64| {
+                let old = state.value_sync().to_device(&device);
+                let batch = batch.detach().reshape([c]).cast(old.dtype()) * factor;
+                state.update((old * (1.0 - BN_MOMENTUM) + batch * BN_MOMENTUM).detach());
+            };
+            update(&self.running_mean, mean, 1.0);
+            update(&self.running_var, var, unbiased);
+            return out * per_channel(self.weight.val()) + per_channel(self.bias.val());
+        }
+        let mean = self.running_mean.value().to_device(&device);
+        let var = self.running_var.value().to_device(&device);
+        let scale = self.weight.val() / (var.cast(x.dtype()) + self.eps).sqrt();
+        let shift = self.bias.val() - mean.cast(x.dtype()) * scale.clone();
+        x * per_channel(scale) + per_channel(shift)
+    }
+
+    /// medvlsm's keys: `weight`, `bias`, `running_mean`, `running_var`.
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        out.push(named(format!("{prefix}.weight"), &self.weight)?);
+        out.push(named(format!("{prefix}.bias"), &self.bias)?);
+        for (name, state) in [
+            ("running_mean", &self.running_mean),
+            ("running_var", &self.running_var),
+        ] {
+            let t = state.value();
+            out.push((format!("{prefix}.{name}"), t.dims().to_vec(), values(t)?));
+        }
+        Ok(())
     }
 }
 
@@ -136,6 +183,11 @@ impl ConvBn {
         let k = self.weight.dims()[2];
         let options = ConvOptions::new([self.stride; 2], [k / 2; 2], [1, 1], 1);
         self.bn.forward(conv2d(x, self.weight.val(), None, options))
+    }
+
+    pub fn export(&self, conv: &str, bn: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        out.push(named(format!("{conv}.weight"), &self.weight)?);
+        self.bn.export(bn, out)
     }
 }
 
@@ -198,6 +250,27 @@ impl Bottleneck {
         })
     }
 
+    fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        for (i, conv) in [&self.conv1, &self.conv2, &self.conv3]
+            .into_iter()
+            .enumerate()
+        {
+            conv.export(
+                &format!("{prefix}.conv{}", i + 1),
+                &format!("{prefix}.bn{}", i + 1),
+                out,
+            )?;
+        }
+        if let Some(d) = &self.downsample {
+            d.export(
+                &format!("{prefix}.downsample.0"),
+                &format!("{prefix}.downsample.1"),
+                out,
+            )?;
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let out = activation::relu(self.conv1.forward(x.clone()));
         let out = activation::relu(self.conv2.forward(out));
@@ -215,10 +288,32 @@ impl Bottleneck {
 pub struct AttentionPool {
     /// q/k/v projections and `c_proj` as the output projection (embed → output width).
     pub attention: SelfAttention,
-    /// The position table's grid rows (no class row), `[g², C]`.
-    pub positions: Param<Tensor<2>>,
+    /// The whole position table, `[1 + g², C]`: CLIP's class row (which CRIS never uses,
+    /// kept for the export) and the grid rows.
+    pub positional_embedding: Param<Tensor<2>>,
     pub grid: usize,
     pub connect: ConvBn,
+}
+
+/// `F.interpolate(mode="bicubic", align_corners=False)` from `from` to `to` points along one
+/// axis as a `[to, from]` matrix (PyTorch's cubic, A = −0.75, borders clamped).
+fn bicubic_weights(from: usize, to: usize) -> Vec<f64> {
+    const A: f64 = -0.75;
+    let cubic1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cubic2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = from as f64 / to as f64;
+    let mut m = vec![0.0; to * from];
+    for o in 0..to {
+        let src = scale * (o as f64 + 0.5) - 0.5;
+        let base = src.floor();
+        let t = src - base;
+        let weights = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)];
+        for (k, wk) in [-1i64, 0, 1, 2].into_iter().zip(weights) {
+            let i = (base as i64 + k).clamp(0, from as i64 - 1) as usize;
+            m[o * from + i] += wk;
+        }
+    }
+    m
 }
 
 impl AttentionPool {
@@ -227,7 +322,6 @@ impl AttentionPool {
         let proj =
             |name: &str, d_out| linear(w, &format!("{prefix}.{name}"), c, d_out, true, device);
         let g = cfg.pos_grid;
-        let table = w.read_f32(&format!("{prefix}.positional_embedding"), &[g * g + 1, c])?;
         Ok(Self {
             attention: SelfAttention {
                 q_proj: proj("q_proj", c)?,
@@ -236,10 +330,11 @@ impl AttentionPool {
                 out_proj: proj("c_proj", out)?,
                 num_heads: cfg.heads,
             },
-            positions: Param::from_tensor(Tensor::from_data(
-                TensorData::new(table[c..].to_vec(), [g * g, c]),
+            positional_embedding: w.param(
+                &format!("{prefix}.positional_embedding"),
+                [g * g + 1, c],
                 device,
-            )),
+            )?,
             grid: g,
             connect: ConvBn::load(
                 w,
@@ -252,34 +347,54 @@ impl AttentionPool {
         })
     }
 
-    /// The position table resized to an `h`×`w` grid (`F.interpolate` bicubic,
-    /// `align_corners=False`), `[h·w, C]`.
+    /// The grid rows resized to an `h`×`w` grid (`F.interpolate` bicubic,
+    /// `align_corners=False`), `[h·w, C]`: one matrix product with the table, so gradients
+    /// reach it when training.
     pub fn positions_for(&self, h: usize, w: usize) -> Result<Tensor<2>> {
-        let c = self.positions.dims()[1];
-        if h == self.grid && w == self.grid {
-            return Ok(self.positions.val());
+        let g = self.grid;
+        let table = self.positional_embedding.val().narrow(0, 1, g * g);
+        if h == g && w == g {
+            return Ok(table);
         }
-        if h != w {
-            return Err(Error::Input(format!(
-                "a {h}×{w} feature grid: the position table is resized to square grids only"
-            )));
+        if h > 1024 || w > 1024 {
+            return Err(Error::Input(format!("a {h}×{w} feature grid is too large")));
         }
-        let device = self.positions.val().device();
-        let rows = self
-            .positions
-            .val()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Weights(format!("reading the position table: {e:?}")))?;
-        // The resize keeps a leading class row; CRIS has none, so a zero row stands in.
-        let mut table = vec![0.0; c];
-        table.extend(rows);
-        let resized = resize_position_table(&table, self.grid, h, c);
-        Ok(Tensor::from_data(
-            TensorData::new(resized[c..].to_vec(), [h * w, c]),
-            &device,
-        ))
+        let (ry, rx) = (bicubic_weights(g, h), bicubic_weights(g, w));
+        let mut m = Vec::with_capacity(h * w * g * g);
+        for oy in 0..h {
+            for ox in 0..w {
+                for iy in 0..g {
+                    for ix in 0..g {
+                        m.push((ry[oy * g + iy] * rx[ox * g + ix]) as f32);
+                    }
+                }
+            }
+        }
+        let device = table.device();
+        let m =
+            Tensor::<2>::from_data(TensorData::new(m, [h * w, g * g]), &device).cast(table.dtype());
+        Ok(m.matmul(table))
+    }
+
+    fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        let a = &self.attention;
+        for (name, l) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("c_proj", &a.out_proj),
+        ] {
+            export_linear(out, &format!("{prefix}.{name}"), l)?;
+        }
+        out.push(named(
+            format!("{prefix}.positional_embedding"),
+            &self.positional_embedding,
+        )?);
+        self.connect.export(
+            &format!("{prefix}.connect.0"),
+            &format!("{prefix}.connect.1"),
+            out,
+        )
     }
 
     fn forward(&self, x: Tensor<4>) -> Result<Tensor<4>> {
@@ -390,6 +505,23 @@ impl ModifiedResNet {
             c4,
             c5: self.attnpool.forward(x4)?,
         })
+    }
+
+    /// medvlsm's keys under `prefix` (`backbone.visual`).
+    pub fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
+        for (i, conv) in self.stem.iter().enumerate() {
+            conv.export(
+                &format!("{prefix}.conv{}", i + 1),
+                &format!("{prefix}.bn{}", i + 1),
+                out,
+            )?;
+        }
+        for (stage, blocks) in self.layers.iter().enumerate() {
+            for (i, block) in blocks.iter().enumerate() {
+                block.export(&format!("{prefix}.layer{}.{i}", stage + 1), out)?;
+            }
+        }
+        self.attnpool.export(&format!("{prefix}.attnpool"), out)
     }
 
     /// layer4's output, before the pool (for parity checks).
