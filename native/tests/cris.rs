@@ -352,3 +352,61 @@ fn share_and_reproduce_a_cris_folder() {
         stderr(&run)
     );
 }
+
+/// `vlsm train` fine-tunes CRIS whole with the study's CRIS recipe (here one short epoch),
+/// exports vlsm's CRIS folder, and `segment` loads it; `--accumulate` takes the same options.
+#[test]
+fn train_then_segment_the_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let base = shared_folder(&tmp.path().join("base"), "checkpoints/best.ckpt");
+    let run = tmp.path().join("run");
+    let out = vlsm(
+        &[
+            "train",
+            "--weights",
+            s(&base),
+            "--data",
+            s(&root),
+            "--datasets",
+            "ellipses",
+            "--out",
+            s(&run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--accumulate",
+            "2",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    for line in [
+        "lr = 0.00002",
+        "threshold = 0.349999",
+        "accumulate = 2",
+        "batch_size = 16",
+    ] {
+        assert!(config.contains(line), "{line} not in\n{config}");
+    }
+    let model = run.join("model");
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        assert!(model.join(name).is_file(), "{name} missing from the export");
+    }
+    let image = shared("fixtures/tiny_cris/image0.png");
+    let prompts = vec!["a polyp".to_string()];
+    let trained = segment_logits(&[], &model, &image, &prompts);
+    let before = segment_logits(&[], &base, &image, &prompts);
+    assert!(
+        max_abs_diff(&trained, &before) > 1e-6,
+        "training changed nothing"
+    );
+}
