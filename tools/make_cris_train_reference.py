@@ -10,8 +10,8 @@ visibly), gradient clipping at global norm 0.5. Dropout is 0 so both sides are d
     /var/tmp/pyref/venv/bin/python tools/make_cris_train_reference.py
 
 Writes tests/fixtures/cris/train_reference.safetensors: the inputs (pixel_values, input_ids,
-target), the loss of each step, and after the third step a few parameters and BatchNorm
-running statistics (`after.<key>`).
+target), the loss of each step, and after the first and the third step a few parameters and
+BatchNorm running statistics (`first.<key>`, `after.<key>`; `before.<key>` the start).
 """
 
 import json
@@ -85,7 +85,7 @@ def main():
 
     loss_fn = DiceLoss(sigmoid=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3, eps=1e-8)
-    losses, norms = [], []
+    losses, norms, first = [], [], None
     for _ in range(3):
         opt.zero_grad()
         loss = loss_fn(model(pixels, ids), target)
@@ -93,10 +93,13 @@ def main():
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
         opt.step()
         losses.append(loss.item())
+        if first is None:
+            first = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     after = model.state_dict()
     out = {"pixel_values": pixels, "input_ids": ids, "target": target[:, 0],
            "losses": torch.tensor(losses, dtype=torch.float64)}
     for k in KEYS:
+        out[f"first.{k}"] = first[k]
         out[f"after.{k}"] = after[k].float()
         out[f"before.{k}"] = state[k].float()
     save_file({k: v.contiguous() for k, v in out.items()}, OUT / "train_reference.safetensors")

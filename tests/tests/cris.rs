@@ -572,39 +572,47 @@ fn training_steps_match_medvlsm() {
     };
     let mut trainer = Trainer::new(model, recipe, &device).unwrap();
     let expected = reference.get("losses").1.clone();
+    // After the first step: every compared tensor, weights and BatchNorm running statistics.
+    let compare = |trainer: &Trainer<vlsm::model::cris::Cris>, tag: &str, weight_tol: f32| {
+        let mut checked = 0;
+        for (name, _, got) in trainer.trained().export().unwrap() {
+            let key = format!("{tag}.{name}");
+            if !reference.tensors.contains_key(&key) {
+                continue;
+            }
+            let want = reference.f32(&key);
+            let moved = vlsm_tests::max_abs_diff(&want, &reference.f32(&format!("before.{name}")));
+            let off = vlsm_tests::max_abs_diff(&got, &want);
+            assert!(moved > 0.0, "{name} did not change in medvlsm's steps");
+            let tol = if name.contains("running_") {
+                1e-3 * moved + 1e-6
+            } else {
+                weight_tol
+            };
+            assert!(off <= tol, "{tag} {name}: off by {off:e} after moving {moved:e}");
+            checked += 1;
+        }
+        checked
+    };
     for (step, want) in expected.iter().enumerate() {
         let log = trainer.epoch(&samples, &samples, |_, _, _| {}).unwrap();
-        // The first two steps agree to float32 rounding; the third drifts by ≈ 1 % (see
-        // the weights below: Adam's sign-like update on near-zero gradients).
+        // Adam divides by √v: where a gradient is near zero, float32 rounding decides the
+        // sign of a whole lr-sized update, and from the second update on the two
+        // trajectories part there (measured: all within 5e-5 after one step; losses equal to
+        // 7e-6 after one, 1 % apart after two).
         let tol = if step < 2 { 2e-5 } else { 0.02 };
         assert!(
             (log.train_loss - want).abs() < tol,
             "step {step}: loss {} vs medvlsm {want}",
             log.train_loss
         );
-    }
-    let exported = trainer.trained().export().unwrap();
-    let mut checked = 0;
-    for (name, _, got) in &exported {
-        let key = format!("after.{name}");
-        if !reference.tensors.contains_key(&key) {
-            continue;
+        if step == 0 {
+            // One AdamW step of lr 1e-3 moves each weight by ≈ 1e-3.
+            assert_eq!(compare(&trainer, "first", 1e-4), 19);
         }
-        let want = reference.f32(&key);
-        let before = reference.f32(&format!("before.{name}"));
-        let moved = vlsm_tests::max_abs_diff(&want, &before);
-        let off = vlsm_tests::max_abs_diff(got, &want);
-        eprintln!("{name}: off by {off:e} after moving {moved:e}");
-        assert!(moved > 0.0, "{name} did not change in medvlsm's steps");
-        if name.contains("running_") {
-            // BatchNorm's running statistics: batch statistics, momentum 0.1, unbiased
-            // variance, as PyTorch.
-            assert!(off <= 1e-3 * moved + 1e-6, "{name}: off by {off:e}");
-        } else {
-            // Every weight moved in the same direction as medvlsm's, within its own step.
-            assert!(off < moved, "{name}: off by {off:e} after moving {moved:e}");
-        }
-        checked += 1;
     }
+    // After three steps the running statistics still agree (the weights have parted, above).
+    let checked = compare(&trainer, "after", f32::INFINITY);
     assert_eq!(checked, 19, "every reference tensor was compared");
 }
+
