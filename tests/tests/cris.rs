@@ -22,7 +22,7 @@ fn backbone_matches_medvlsm_c3_c4_c5() {
         (cfg.width, cfg.output_dim, cfg.heads, cfg.pos_grid),
         (4, 80, 2, 4)
     );
-    let net = ModifiedResNet::load(&w, "backbone.visual", &cfg, &device).unwrap();
+    let net = ModifiedResNet::load(&w, "backbone.visual", &cfg, 160, &device).unwrap();
     let inputs = Reference::read(&dir.join("inputs.safetensors"));
     let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
     let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
@@ -589,7 +589,10 @@ fn training_steps_match_medvlsm() {
             } else {
                 weight_tol
             };
-            assert!(off <= tol, "{tag} {name}: off by {off:e} after moving {moved:e}");
+            assert!(
+                off <= tol,
+                "{tag} {name}: off by {off:e} after moving {moved:e}"
+            );
             checked += 1;
         }
         checked
@@ -615,4 +618,3 @@ fn training_steps_match_medvlsm() {
     let checked = compare(&trainer, "after", f32::INFINITY);
     assert_eq!(checked, 19, "every reference tensor was compared");
 }
-

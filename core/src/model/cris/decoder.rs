@@ -228,7 +228,11 @@ impl VisionLanguageDecoder {
             .layers
             .first()
             .map_or(1, |layer| layer.cross_attn.num_heads);
-        let text_mask = ignored.reshape([b, 1, 1, l]).expand([b, heads, h * w, l]);
+        // Materialised (not a broadcast view): attention kernels read it densely.
+        let text_mask = ignored
+            .reshape([b, 1, 1, l])
+            .repeat_dim(1, heads)
+            .repeat_dim(2, h * w);
         let mut x = vis.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut outputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {

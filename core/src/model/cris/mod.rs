@@ -138,7 +138,8 @@ impl Cris {
                 cfg.fpn_in
             )));
         }
-        let backbone = ModifiedResNet::load(w, &key("backbone.visual"), &resnet, device)?;
+        let backbone =
+            ModifiedResNet::load(w, &key("backbone.visual"), &resnet, cfg.img_size, device)?;
         let text = TextTransformer::load_openai(w, &key("backbone"), device)?;
         let width = text.token_embedding.dims()[1];
         if width != cfg.vis_dim {

@@ -293,6 +293,10 @@ pub struct AttentionPool {
     pub positional_embedding: Param<Tensor<2>>,
     pub grid: usize,
     pub connect: ConvBn,
+    /// The grid rows resized to the input size's grid once at load, in float64 on the host
+    /// (what inference uses; training resizes the table itself, differentiably).
+    pub resized: Tensor<2>,
+    pub resized_grid: usize,
 }
 
 /// `F.interpolate(mode="bicubic", align_corners=False)` from `from` to `to` points along one
@@ -317,12 +321,29 @@ fn bicubic_weights(from: usize, to: usize) -> Vec<f64> {
 }
 
 impl AttentionPool {
-    fn load(w: &Weights, prefix: &str, cfg: &ResNetConfig, device: &Device) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &ResNetConfig,
+        input_grid: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let (c, out) = (cfg.width * 32, cfg.output_dim);
         let proj =
             |name: &str, d_out| linear(w, &format!("{prefix}.{name}"), c, d_out, true, device);
         let g = cfg.pos_grid;
+        let key = format!("{prefix}.positional_embedding");
+        let table = w.read_f32(&key, &[g * g + 1, c])?;
+        if input_grid == 0 || input_grid > 1024 {
+            return Err(Error::Input(format!(
+                "a {input_grid}×{input_grid} feature grid is out of range"
+            )));
+        }
+        let n = input_grid;
+        let resized = crate::model::clip::vision::resize_position_table(&table, g, n, c);
         Ok(Self {
+            resized: Tensor::from_data(TensorData::new(resized[c..].to_vec(), [n * n, c]), device),
+            resized_grid: n,
             attention: SelfAttention {
                 q_proj: proj("q_proj", c)?,
                 k_proj: proj("k_proj", c)?,
@@ -355,6 +376,9 @@ impl AttentionPool {
         let table = self.positional_embedding.val().narrow(0, 1, g * g);
         if h == g && w == g {
             return Ok(table);
+        }
+        if h == self.resized_grid && w == h && !table.device().is_autodiff() {
+            return Ok(self.resized.clone().cast(table.dtype()));
         }
         if h > 1024 || w > 1024 {
             return Err(Error::Input(format!("a {h}×{w} feature grid is too large")));
@@ -438,7 +462,15 @@ impl ImageFeatures {
 }
 
 impl ModifiedResNet {
-    pub fn load(w: &Weights, prefix: &str, cfg: &ResNetConfig, device: &Device) -> Result<Self> {
+    /// `input_size`: the side of the images it will see (the attention pool's position table
+    /// is resized for its grid once, here).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &ResNetConfig,
+        input_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let width = cfg.width;
         let stem = [
             (1, [3, width / 2, 3], 2),
@@ -474,7 +506,13 @@ impl ModifiedResNet {
         Ok(Self {
             stem,
             layers,
-            attnpool: AttentionPool::load(w, &format!("{prefix}.attnpool"), cfg, device)?,
+            attnpool: AttentionPool::load(
+                w,
+                &format!("{prefix}.attnpool"),
+                cfg,
+                input_size / 32,
+                device,
+            )?,
         })
     }
 
