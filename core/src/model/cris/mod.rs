@@ -15,9 +15,7 @@ pub mod neck;
 pub mod resnet;
 
 use burn::module::{Module, Param};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 pub use config::CrisConfig;
 pub use decoder::{DecoderShape, Projector, ProjectorTrace, VisionLanguageDecoder};
@@ -289,13 +287,7 @@ impl Cris {
         );
         let projector = self.proj.forward(decoded.clone(), prompts.state.clone());
         let s = self.img_size;
-        let logits = interpolate(
-            projector.output.clone(),
-            InterpolateOptions::new(InterpolateMode::Bicubic)
-                .with_align_corners(true)
-                .with_output_size([s, s]),
-        )
-        .reshape([p, s, s]);
+        let logits = upsample_bicubic_align_corners(projector.output.clone(), s).reshape([p, s, s]);
         Ok(CrisTrace {
             neck,
             layers,
@@ -304,4 +296,62 @@ impl Cris {
             logits,
         })
     }
+}
+
+/// `F.interpolate(x, size, mode="bicubic", align_corners=True)` of `[N, C, h, w]` to
+/// `[N, C, size, size]`: PyTorch's cubic convolution (A = −0.75, borders clamped), along the
+/// width then the height, each output the four taps summed in PyTorch's order. Written with
+/// gathers and products (not burn's interpolate, whose bicubic kernel loses the WebGPU device)
+/// so every backend computes the same values.
+pub fn upsample_bicubic_align_corners(x: Tensor<4>, size: usize) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let device = x.device();
+    let dtype = x.dtype();
+    let axis = |x: Tensor<4>, dim: usize, from: usize| -> Tensor<4> {
+        let (indices, weights) = cubic_taps(from, size);
+        let mut shape = [1, 1, 1, 1];
+        shape[dim] = size;
+        let mut out: Option<Tensor<4>> = None;
+        for k in 0..4 {
+            let idx =
+                Tensor::<1, Int>::from_data(TensorData::new(indices[k].clone(), [size]), &device);
+            let wk = Tensor::<4>::from_data(TensorData::new(weights[k].clone(), shape), &device)
+                .cast(dtype);
+            let term = x.clone().select(dim, idx) * wk;
+            out = Some(match out {
+                Some(sum) => sum + term,
+                None => term,
+            });
+        }
+        out.expect("four taps")
+    };
+    let x = axis(x, 3, w);
+    axis(x, 2, h)
+}
+
+/// For each of `to` outputs along an axis of `from` inputs (`align_corners=True`): the four
+/// source indices (clamped) and PyTorch's cubic weights, tap by tap.
+fn cubic_taps(from: usize, to: usize) -> ([Vec<i64>; 4], [Vec<f32>; 4]) {
+    const A: f32 = -0.75;
+    let cubic1 = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cubic2 = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = if to > 1 {
+        (from as f32 - 1.0) / (to as f32 - 1.0)
+    } else {
+        0.0
+    };
+    let mut indices: [Vec<i64>; 4] = Default::default();
+    let mut weights: [Vec<f32>; 4] = Default::default();
+    for o in 0..to {
+        let src = scale * o as f32;
+        let base = src.floor();
+        let t = src - base;
+        let ws = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)];
+        for k in 0..4 {
+            let i = (base as i64 + k as i64 - 1).clamp(0, from as i64 - 1);
+            indices[k].push(i);
+            weights[k].push(ws[k]);
+        }
+    }
+    (indices, weights)
 }
