@@ -189,19 +189,23 @@ impl Neck {
                 t.clone()
             }
         };
-        let (c3, c4, c5) = (batch(&image.c3), batch(&image.c4), batch(&image.c5));
+        // The projections of C3, C4 and C5 do not depend on the prompt: computed once per
+        // image, then shared by its prompts.
+        let v5 = batch(&self.f1_v_proj.forward(image.c5.clone()));
+        let v4 = batch(&self.f2_v_proj.forward(image.c4.clone()));
+        let v3 = batch(&avg_pool2d(
+            self.f3_v_proj.forward(image.c3.clone()),
+            AvgPoolOptions::new([2, 2]),
+        ));
         let s = self.txt_proj.forward(state);
         let d = s.dims()[1];
         let s = activation::relu(self.txt_norm.forward(s.reshape([p, d, 1, 1])));
         let state_proj = s.clone().reshape([p, d]);
-        let f5 = self.f1_v_proj.forward(c5);
-        let f5 = activation::relu(self.norm_layer.forward(f5 * s));
-        let f4 = self.f2_v_proj.forward(c4);
+        let f5 = activation::relu(self.norm_layer.forward(v5 * s));
         let f4 = self
             .f2_cat
-            .forward(Tensor::cat(vec![f4, upsample2(f5.clone())], 1));
-        let f3 = avg_pool2d(self.f3_v_proj.forward(c3), AvgPoolOptions::new([2, 2]));
-        let f3 = self.f3_cat.forward(Tensor::cat(vec![f3, f4.clone()], 1));
+            .forward(Tensor::cat(vec![v4, upsample2(f5.clone())], 1));
+        let f3 = self.f3_cat.forward(Tensor::cat(vec![v3, f4.clone()], 1));
         let fq5 = upsample2(self.f4_proj5.forward(f5.clone()));
         let fq4 = self.f4_proj4.forward(f4.clone());
         let fq3 = self.f4_proj3.forward(f3.clone());
