@@ -118,6 +118,11 @@ pub trait TrainingModel: Module + Clone + Sized {
     fn keep_fixed(self) -> Self {
         self
     }
+    /// The model as inference runs it, from the trained module without autodiff (models
+    /// that precompute something from their weights at load redo it here).
+    fn for_inference(self) -> Result<Self> {
+        Ok(self)
+    }
     /// The fewest samples a training batch may hold (CRIS's BatchNorm1d needs two, as in
     /// PyTorch): a shorter last batch joins the one before it.
     fn min_batch() -> usize {
@@ -257,6 +262,10 @@ impl TrainingModel for crate::model::Cris {
 
     fn min_batch() -> usize {
         2
+    }
+
+    fn for_inference(self) -> Result<Self> {
+        self.refresh_after_training()
     }
 }
 
@@ -780,7 +789,7 @@ impl<M: TrainingModel> Trainer<M> {
     /// under autocast).
     pub fn evaluate(&self, samples: &[M::Sample]) -> Result<(f64, f64)> {
         let dtype = self.recipe.precision.dtype();
-        let model = cast_params(self.model.valid(), dtype);
+        let model = cast_params(self.model.valid().for_inference()?, dtype);
         let device = self.device.clone().inner();
         let (mut loss_sum, mut dice_sum) = (0.0, 0.0);
         for chunk in samples.chunks(self.recipe.batch_size) {
@@ -799,9 +808,9 @@ impl<M: TrainingModel> Trainer<M> {
         ))
     }
 
-    /// The trained model, without autodiff.
-    pub fn trained(&self) -> M {
-        self.model.valid()
+    /// The trained model, without autodiff, ready for inference.
+    pub fn trained(&self) -> Result<M> {
+        self.model.valid().for_inference()
     }
 }
 

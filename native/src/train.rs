@@ -703,7 +703,7 @@ mod checkpoint {
         let tmp = dir.join(format!("{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        trainer.trained().save(&tmp, run)?;
+        trainer.trained()?.save(&tmp, run)?;
         let optimizer = trainer
             .optimizer
             .into_bytes()

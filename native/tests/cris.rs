@@ -410,3 +410,90 @@ fn train_then_segment_the_export() {
         "training changed nothing"
     );
 }
+
+/// A CRIS run killed between epochs and resumed ends with the same log and weights as one
+/// that ran through: the checkpoint carries the BatchNorm running statistics, and the
+/// dropout masks (0.2, active) are drawn from a generator seeded per step.
+#[test]
+fn a_killed_cris_run_resumes_to_the_same_weights() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let base = shared_folder(&tmp.path().join("base"), "pretrained/cris.pt");
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "--weights",
+            s(&base),
+            "--data",
+            s(&root),
+            "--datasets",
+            "ellipses",
+            "--out",
+            s(run),
+            "--epochs",
+            "4",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.001",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let metrics = |run: &Path| {
+        std::fs::read_to_string(run.join("metrics.csv"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            .saturating_sub(1)
+    };
+    let whole = tmp.path().join("whole");
+    let a = args(&whole);
+    let out = vlsm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = tmp.path().join("killed");
+    let a = args(&killed);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vlsm"))
+        .args(&a)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while metrics(&killed) < 1 && start.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = metrics(&killed);
+    assert!(
+        (1..4).contains(&done),
+        "the kill should land mid-run ({done} epochs)"
+    );
+    let mut resume: Vec<&str> = a.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    let out = vlsm(&resume, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming after epoch"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(whole.join("metrics.csv")).unwrap(),
+        std::fs::read_to_string(killed.join("metrics.csv")).unwrap(),
+        "metrics.csv: the resumed run differs from the uninterrupted one"
+    );
+    for file in [
+        "checkpoint/last/model.safetensors",
+        "model/model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(whole.join(file)).unwrap() == std::fs::read(killed.join(file)).unwrap(),
+            "{file}: the resumed run differs from the uninterrupted one"
+        );
+    }
+}

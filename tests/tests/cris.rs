@@ -575,7 +575,7 @@ fn training_steps_match_medvlsm() {
     // After the first step: every compared tensor, weights and BatchNorm running statistics.
     let compare = |trainer: &Trainer<vlsm::model::cris::Cris>, tag: &str, weight_tol: f32| {
         let mut checked = 0;
-        for (name, _, got) in trainer.trained().export().unwrap() {
+        for (name, _, got) in trainer.trained().unwrap().export().unwrap() {
             let key = format!("{tag}.{name}");
             if !reference.tensors.contains_key(&key) {
                 continue;

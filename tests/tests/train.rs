@@ -150,10 +150,10 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
     )
     .unwrap();
     straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
-    let saved_weights = straight.trained().export().unwrap();
+    let saved_weights = straight.trained().unwrap().export().unwrap();
     let saved_optimizer = straight.optimizer.into_bytes().unwrap();
     let saved_progress = straight.progress.clone();
-    let saved_model = straight.trained();
+    let saved_model = straight.trained().unwrap();
     straight.epoch(&samples, &samples, |_, _, _| {}).unwrap();
 
     // Rebuild: the base checkpoint with the saved tensors, a fresh trainer, the saved state.
@@ -186,8 +186,8 @@ fn save_and_rebuild(precision: vlsm::train::Precision) {
         .from_bytes(saved_optimizer)
         .unwrap();
     resumed.epoch(&samples, &samples, |_, _, _| {}).unwrap();
-    let a = straight.trained().export().unwrap();
-    let b = resumed.trained().export().unwrap();
+    let a = straight.trained().unwrap().export().unwrap();
+    let b = resumed.trained().unwrap().export().unwrap();
     let mut worst = (0.0f32, String::new());
     for ((ka, _, va), (_, _, vb)) in a.iter().zip(&b) {
         let d = va
@@ -219,7 +219,7 @@ fn float16_overflowing_steps_are_skipped_and_halve_the_loss_scale() {
         precision: Precision::F16,
         ..Recipe::default()
     };
-    let weights = |t: &Trainer<vlsm::model::ClipSeg>| t.trained().export().unwrap();
+    let weights = |t: &Trainer<vlsm::model::ClipSeg>| t.trained().unwrap().export().unwrap();
 
     // A scale no float16 gradient survives: every step is skipped, nothing moves.
     let mut trainer = Trainer::new(
@@ -388,6 +388,7 @@ fn every_epoch_draws_each_sample_a_prompt() {
         }
         trainer
             .trained()
+            .unwrap()
             .decoder
             .film_mul
             .weight

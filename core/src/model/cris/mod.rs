@@ -223,6 +223,13 @@ impl Cris {
         Ok(out)
     }
 
+    /// Brings what inference precomputes at load (the resized position table) up to date
+    /// with trained weights. Native backends only (reads the table back).
+    pub fn refresh_after_training(mut self) -> Result<Self> {
+        self.backbone.attnpool.refresh_resized()?;
+        Ok(self)
+    }
+
     pub fn input_size(&self) -> usize {
         self.img_size
     }

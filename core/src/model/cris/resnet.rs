@@ -133,8 +133,9 @@ impl BatchNorm {
             update(&self.running_var, var, unbiased);
             return out * per_channel(self.weight.val()) + per_channel(self.bias.val());
         }
-        let mean = self.running_mean.value().to_device(&device);
-        let var = self.running_var.value().to_device(&device);
+        // `value_sync`: `value` may lag one update behind (the last training step's).
+        let mean = self.running_mean.value_sync().to_device(&device);
+        let var = self.running_var.value_sync().to_device(&device);
         let scale = self.weight.val() / (var.cast(x.dtype()) + self.eps).sqrt();
         let shift = self.bias.val() - mean.cast(x.dtype()) * scale.clone();
         x * per_channel(scale) + per_channel(shift)
@@ -148,7 +149,7 @@ impl BatchNorm {
             ("running_mean", &self.running_mean),
             ("running_var", &self.running_var),
         ] {
-            let t = state.value();
+            let t = state.value_sync();
             out.push((format!("{prefix}.{name}"), t.dims().to_vec(), values(t)?));
         }
         Ok(())
@@ -398,6 +399,21 @@ impl AttentionPool {
         let m =
             Tensor::<2>::from_data(TensorData::new(m, [h * w, g * g]), &device).cast(table.dtype());
         Ok(m.matmul(table))
+    }
+
+    /// Recomputes the resized table from the current position table (after training
+    /// changed it). Reads the table back to the host: native backends only.
+    pub fn refresh_resized(&mut self) -> Result<()> {
+        let table = self.positional_embedding.val();
+        let [rows, c] = table.dims();
+        let device = table.device();
+        let values = values(table)?;
+        let n = self.resized_grid;
+        let resized = crate::model::clip::vision::resize_position_table(&values, self.grid, n, c);
+        debug_assert_eq!(rows, self.grid * self.grid + 1);
+        self.resized =
+            Tensor::from_data(TensorData::new(resized[c..].to_vec(), [n * n, c]), &device);
+        Ok(())
     }
 
     fn export(&self, prefix: &str, out: &mut Vec<NamedTensor>) -> Result<()> {
