@@ -497,3 +497,49 @@ fn a_killed_cris_run_resumes_to_the_same_weights() {
         );
     }
 }
+
+/// Mixed precision trains CRIS too (float16 with loss scaling, bfloat16), BatchNorm's
+/// statistics kept in float32.
+#[test]
+fn cris_trains_in_mixed_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    synthetic(&root);
+    let base = shared_folder(&tmp.path().join("base"), "pretrained/cris.pt");
+    for precision in ["f16", "bf16"] {
+        let run = tmp.path().join(precision);
+        let out = vlsm(
+            &[
+                "train",
+                "--weights",
+                s(&base),
+                "--data",
+                s(&root),
+                "--datasets",
+                "ellipses",
+                "--out",
+                s(&run),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--precision",
+                precision,
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{precision}: {}", stderr(&out));
+        assert!(run.join("model/model.safetensors").is_file(), "{precision}");
+        let log = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+        let val_loss: f64 = log
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(val_loss.is_finite(), "{precision}: {log}");
+    }
+}

@@ -81,6 +81,7 @@ pub fn add_coords(x: Tensor<4>) -> Tensor<4> {
     coords.extend(ys.iter().flat_map(|&y| std::iter::repeat_n(y, w)));
     let coords =
         Tensor::<4>::from_data(burn::tensor::TensorData::new(coords, [1, 2, h, w]), &device)
+            .cast(x.dtype())
             .repeat_dim(0, b);
     Tensor::cat(vec![x, coords], 1)
 }

@@ -119,10 +119,14 @@ impl BatchNorm {
         let per_channel = |t: Tensor<1>| t.reshape([1, c, 1, 1]);
         if device.is_autodiff() {
             let count = n * h * w;
+            // Statistics in float32 whatever the pass's precision (as cuDNN's half-precision
+            // BatchNorm keeps them): a float16 variance overflows on ordinary activations.
+            let dtype = x.dtype();
+            let x = x.cast(burn::tensor::FloatDType::F32);
             let mean = x.clone().mean_dims(&[0, 2, 3]);
             let centred = x - mean.clone();
             let var = centred.clone().powi_scalar(2).mean_dims(&[0, 2, 3]);
-            let out = centred / (var.clone() + self.eps).sqrt();
+            let out = (centred / (var.clone() + self.eps).sqrt()).cast(dtype);
             let unbiased = count as f64 / (count.max(2) - 1) as f64;
             let update = |state: &RunningState<Tensor<1>>, batch: Tensor<4>, factor: f64| {
                 let old = state.value_sync().to_device(&device);
