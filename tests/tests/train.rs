@@ -411,3 +411,55 @@ fn every_epoch_draws_each_sample_a_prompt() {
     // One group of two members and two groups of one are drawn alike (uniform either way).
     assert_eq!(list, groups);
 }
+
+/// `accumulate`: a batch run as several passes takes the same step as the whole batch (a
+/// model without BatchNorm: CLIPSeg, fully fine-tuned).
+#[test]
+fn accumulated_passes_take_the_whole_batch_step() {
+    use vlsm::train::{Recipe, Trainer};
+    let device = Device::flex();
+    let segmenter = Segmenter::from_dir(&fixture("clipseg_simple"), &device).unwrap();
+    let samples = image_samples(&segmenter, 6);
+    let run = |accumulate: usize| {
+        let recipe = Recipe {
+            batch_size: 6,
+            accumulate,
+            lr: 1e-2,
+            ..Recipe::default()
+        };
+        let mut trainer =
+            Trainer::new(segmenter.model.clipseg().unwrap().clone(), recipe, &device).unwrap();
+        let log = trainer.epoch(&samples, &samples, |_, _, _| {}).unwrap();
+        (log.train_loss, trainer.trained().unwrap().export().unwrap())
+    };
+    let (loss, whole) = run(1);
+    for accumulate in [2, 3] {
+        let (l, parts) = run(accumulate);
+        assert!(
+            (l - loss).abs() < 1e-6,
+            "{accumulate} passes: loss {l} vs {loss}"
+        );
+        // Adam divides by √v: where a gradient is zero up to rounding (the key biases',
+        // which softmax ignores) the summation order decides the sign of an lr-sized
+        // update. Everywhere else the step is the whole batch's.
+        let (mut total, mut off) = (0usize, 0usize);
+        for ((name, _, a), (_, _, b)) in whole.iter().zip(&parts) {
+            for (x, y) in a.iter().zip(b) {
+                total += 1;
+                let d = (x - y).abs();
+                if d > 1e-6 {
+                    off += 1;
+                }
+                assert!(
+                    d <= 2.0 * 1e-2 + 1e-6,
+                    "{accumulate} passes: {name} off by {d:e}"
+                );
+            }
+        }
+        eprintln!("{accumulate} passes: {off} of {total} weights differ by more than 1e-6");
+        assert!(
+            off * 1000 < total,
+            "{accumulate} passes: {off} of {total} weights differ"
+        );
+    }
+}
