@@ -187,6 +187,20 @@ impl TrainingModel for DecoderModel {
     }
 }
 
+/// A batch of image samples: their pixels on `device` in `dtype`, and each one's drawn prompt.
+fn image_batch(
+    samples: &[(&ImageSample, Draw)],
+    device: &Device,
+    dtype: FloatDType,
+) -> Result<(Tensor<4>, Vec<crate::tokenize::TokenizedPrompt>)> {
+    let pixels = batch(samples.iter().map(|(s, _)| s.pixels.clone()), device, dtype);
+    let prompts = samples
+        .iter()
+        .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
+        .collect::<Result<Vec<_>>>()?;
+    Ok((pixels, prompts))
+}
+
 /// The whole model (full fine-tuning): the towers train too, except the vision position
 /// table, which was resampled from the checkpoint's grid at load and so could not be
 /// exported back exactly.
@@ -199,11 +213,7 @@ impl TrainingModel for crate::model::ClipSeg {
         device: &Device,
         dtype: FloatDType,
     ) -> Result<Tensor<3>> {
-        let pixels = batch(samples.iter().map(|(s, _)| s.pixels.clone()), device, dtype);
-        let prompts = samples
-            .iter()
-            .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
-            .collect::<Result<Vec<_>>>()?;
+        let (pixels, prompts) = image_batch(samples, device, dtype)?;
         self.forward(pixels, &prompts, device)
     }
 
@@ -242,11 +252,7 @@ impl TrainingModel for crate::model::Cris {
                     .into(),
             ));
         }
-        let pixels = batch(samples.iter().map(|(s, _)| s.pixels.clone()), device, dtype);
-        let prompts = samples
-            .iter()
-            .map(|(s, draw)| drawn(&s.prompts, *draw).cloned())
-            .collect::<Result<Vec<_>>>()?;
+        let (pixels, prompts) = image_batch(samples, device, dtype)?;
         let image = self.encode_image(pixels)?;
         let text = self.embed_prompts(&prompts, device)?;
         self.decode(&image, &text)

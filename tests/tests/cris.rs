@@ -7,6 +7,19 @@ use vlsm::burn::tensor::{Device, Tensor, TensorData};
 use vlsm::model::cris::{ModifiedResNet, ResNetConfig};
 use vlsm_tests::{Reference, assert_close, shared, values};
 
+/// The token ids and attention masks of a fixture's `inputs.safetensors`.
+fn fixture_prompts(inputs: &Reference) -> Vec<vlsm::TokenizedPrompt> {
+    inputs
+        .i64_rows("input_ids")
+        .into_iter()
+        .zip(inputs.i64_rows("attention_mask"))
+        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
+            ids,
+            attention_mask,
+        })
+        .collect()
+}
+
 /// CRIS's tolerance (issue 14): its maps reach |x| ≈ 80 in the neck, where float32 rounding
 /// alone is ≈1e-4.
 const TOL: f32 = 3e-4;
@@ -65,15 +78,7 @@ fn text_tower_matches_medvlsm_word_features_and_state() {
     let inputs = Reference::read(&dir.join("inputs.safetensors"));
     let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
     let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
-    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
-        .i64_rows("input_ids")
-        .into_iter()
-        .zip(inputs.i64_rows("attention_mask"))
-        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
-            ids,
-            attention_mask,
-        })
-        .collect();
+    let prompts = fixture_prompts(&inputs);
     // Pads are processed (causal mask only): the word features include their rows.
     let (words, pooled) = text.forward(&prompts, false, &device).unwrap();
     assert_close(
@@ -173,15 +178,7 @@ fn whole_model_matches_medvlsm_stage_by_stage() {
     let inputs = Reference::read(&dir.join("inputs.safetensors"));
     let f32_ref = Reference::read(&dir.join("outputs.safetensors"));
     let f64_ref = Reference::read(&dir.join("outputs_f64.safetensors"));
-    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
-        .i64_rows("input_ids")
-        .into_iter()
-        .zip(inputs.i64_rows("attention_mask"))
-        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
-            ids,
-            attention_mask,
-        })
-        .collect();
+    let prompts = fixture_prompts(&inputs);
     let pixels = Tensor::<4>::from_data(
         TensorData::new(inputs.f32("pixel_values"), [1, 3, 160, 160]),
         &device,
@@ -412,15 +409,7 @@ fn shared_lightning_checkpoint_equals_cris_pt() {
         TensorData::new(inputs.f32("pixel_values"), [1, 3, 160, 160]),
         &device,
     );
-    let prompts: Vec<vlsm::TokenizedPrompt> = inputs
-        .i64_rows("input_ids")
-        .into_iter()
-        .zip(inputs.i64_rows("attention_mask"))
-        .map(|(ids, attention_mask)| vlsm::TokenizedPrompt {
-            ids,
-            attention_mask,
-        })
-        .collect();
+    let prompts = fixture_prompts(&inputs);
     let run = |m: &vlsm::model::cris::Cris| {
         let image = m.encode_image(pixels.clone()).unwrap();
         values(

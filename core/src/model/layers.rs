@@ -320,12 +320,8 @@ impl SelfAttention {
             return self.forward_qkv(query, key, value, key_mask, false);
         }
         let [b, l, d] = query.dims();
-        let lk = key.dims()[1];
         let h = self.num_heads;
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(query), l);
-        let k = heads(self.k_proj.forward(key), lk);
-        let v = heads(self.v_proj.forward(value), lk);
+        let [q, k, v] = self.project_heads(query, key, value);
         let mut scores = q.matmul(k.swap_dims(2, 3)) / ((d / h) as f64).sqrt();
         if let Some(mask) = key_mask {
             scores = scores.mask_fill(mask, f32::NEG_INFINITY);
@@ -333,6 +329,19 @@ impl SelfAttention {
         let weights = dropout(activation::softmax(scores, 3), p);
         self.out_proj
             .forward(weights.matmul(v).swap_dims(1, 2).reshape([b, l, d]))
+    }
+
+    /// q, k and v projected and split into heads: `[B, H, L, D / H]` each.
+    fn project_heads(&self, query: Tensor<3>, key: Tensor<3>, value: Tensor<3>) -> [Tensor<4>; 3] {
+        let [b, l, d] = query.dims();
+        let lk = key.dims()[1];
+        let h = self.num_heads;
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
+        [
+            heads(self.q_proj.forward(query), l),
+            heads(self.k_proj.forward(key), lk),
+            heads(self.v_proj.forward(value), lk),
+        ]
     }
 
     /// `x`: `[B, L, D]`; `key_mask`: `[B, H, L, L]`, true where a key must be ignored.
@@ -357,12 +366,7 @@ impl SelfAttention {
         causal: bool,
     ) -> Tensor<3> {
         let [b, l, d] = query.dims();
-        let lk = key.dims()[1];
-        let h = self.num_heads;
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(query), l);
-        let k = heads(self.k_proj.forward(key), lk);
-        let v = heads(self.v_proj.forward(value), lk);
+        let [q, k, v] = self.project_heads(query, key, value);
         let options = AttentionModuleOptions {
             scale: None, // 1/sqrt(head_dim), as CLIP
             softcap: None,
