@@ -153,20 +153,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         None => (RunFields::default(), None),
     };
-    let mut model_args = args.model.clone();
-    if model_args.model.is_none()
-        && model_args.weights.is_none()
-        && let Some(base) = &file.base
-    {
-        model_args.weights = Some(PathBuf::from(base));
-    }
-    let source = model_args.resolve()?;
-    let arch = source.arch()?;
-    // The study's recipe for the family, unless a config file gives one.
-    let mut recipe = file_recipe.unwrap_or_else(|| match arch {
-        vlsm::Arch::Cris => Recipe::cris(),
-        _ => Recipe::default(),
-    });
     let data_root = args
         .data
         .clone()
@@ -182,32 +168,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .clone()
         .or_else(|| file.prompt.clone())
         .unwrap_or_else(|| "p1".into());
-    if let Some(e) = args.epochs {
-        recipe.epochs = e;
-    }
-    if let Some(b) = args.batch_size {
-        recipe.batch_size = b;
-    }
-    if let Some(lr) = args.lr {
-        recipe.lr = lr;
-    }
-    match args.loss.as_deref() {
-        None => {}
-        Some("dice") => recipe.loss = Loss::Dice,
-        Some("dice-bce") => recipe.loss = Loss::DiceBce { bce_weight: 0.2 },
-        Some(other) => bail!("--loss {other}: expected dice or dice-bce"),
-    }
-    if let Some(p) = &args.precision {
-        recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
-    }
-    if let Some(n) = args.accumulate {
-        recipe.accumulate = n;
-    }
-    recipe.check()?;
+    // The command line's recipe options, applied to the family's base recipe below; first
+    // checked on the default one, so bad options fail before any model is fetched.
+    let apply = |recipe: &mut Recipe| -> Result<()> {
+        apply_recipe_options(&args, recipe)?;
+        Ok(recipe.check()?)
+    };
+    apply(&mut file_recipe.clone().unwrap_or_default())?;
     let datasets = crate::bench::named_datasets(&data_root, &dataset_list)?;
     if prompt != "random" && dataset::prompt_number(&prompt) == u32::MAX {
         bail!("--prompt {prompt}: expected p0…p9 or random");
     }
+    let mut model_args = args.model.clone();
+    if model_args.model.is_none()
+        && model_args.weights.is_none()
+        && let Some(base) = &file.base
+    {
+        model_args.weights = Some(PathBuf::from(base));
+    }
+    let source = model_args.resolve()?;
+    let arch = source.arch()?;
+    // The study's recipe for the family, unless a config file gives one.
+    let mut recipe = file_recipe.unwrap_or_else(|| match arch {
+        vlsm::Arch::Cris => Recipe::cris(),
+        _ => Recipe::default(),
+    });
+    apply(&mut recipe)?;
     let config = RunConfig {
         base: match (&model_args.weights, &model_args.model) {
             (Some(path), _) => path.display().to_string(),
@@ -313,6 +299,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.no_cache.then_some(&refresh as &dyn Fn() -> _),
         )
     }
+}
+
+/// `--epochs`, `--batch-size`, `--lr`, `--loss`, `--precision`, `--accumulate` on a recipe.
+fn apply_recipe_options(args: &TrainArgs, recipe: &mut Recipe) -> Result<()> {
+    if let Some(e) = args.epochs {
+        recipe.epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        recipe.batch_size = b;
+    }
+    if let Some(lr) = args.lr {
+        recipe.lr = lr;
+    }
+    match args.loss.as_deref() {
+        None => {}
+        Some("dice") => recipe.loss = Loss::Dice,
+        Some("dice-bce") => recipe.loss = Loss::DiceBce { bce_weight: 0.2 },
+        Some(other) => bail!("--loss {other}: expected dice or dice-bce"),
+    }
+    if let Some(p) = &args.precision {
+        recipe.precision = p.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+    }
+    if let Some(n) = args.accumulate {
+        recipe.accumulate = n;
+    }
+    Ok(())
 }
 
 /// What one `vlsm train` invocation works with.
