@@ -4,29 +4,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{assert_clean_error, max_abs_diff, read_npy, serve_hub, stderr, synthetic, vlsm};
+use common::{
+    assert_clean_error, max_abs_diff, read_npy, s, serve_hub, shared, stderr, synthetic, vlsm,
+};
 
 const BIOMEDCLIP: &str = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224";
 const BERT: &str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract";
 const CIDAS: &str = "CIDAS/clipseg-rd64-refined";
-
-fn shared(path: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared")
-        .join(path);
-    assert!(
-        p.exists(),
-        "{} is missing (the shared/ folder)",
-        p.display()
-    );
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A float64 tensor of a reference file, as f32.
 fn reference_f64(path: &Path, name: &str) -> Vec<f32> {

@@ -7,23 +7,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_clean_error, max_abs_diff, read_npy, stderr, synthetic, vlsm};
-
-fn shared(path: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared")
-        .join(path);
-    assert!(
-        p.exists(),
-        "{} is missing (the shared/ folder)",
-        p.display()
-    );
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{
+    assert_clean_error, max_abs_diff, read_npy, s, shared, stderr, synthetic, train, train_args,
+    vlsm,
+};
 
 /// A CRIS model folder from the shared fixture's files as they are (`checkpoint` is
 /// `pretrained/cris.pt` or `checkpoints/best.ckpt`), its CLIP tokenizer, and a config.json
@@ -362,25 +349,11 @@ fn train_then_segment_the_export() {
     synthetic(&root);
     let base = shared_folder(&tmp.path().join("base"), "checkpoints/best.ckpt");
     let run = tmp.path().join("run");
-    let out = vlsm(
-        &[
-            "train",
-            "--weights",
-            s(&base),
-            "--data",
-            s(&root),
-            "--datasets",
-            "ellipses",
-            "--out",
-            s(&run),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--accumulate",
-            "2",
-        ],
-        &[],
+    let out = train(
+        &base,
+        &root,
+        &run,
+        &["--epochs", "1", "--batch-size", "16", "--accumulate", "2"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
@@ -421,26 +394,13 @@ fn a_killed_cris_run_resumes_to_the_same_weights() {
     let root = tmp.path().join("data");
     synthetic(&root);
     let base = shared_folder(&tmp.path().join("base"), "pretrained/cris.pt");
-    let args = |run: &Path| -> Vec<String> {
-        [
-            "train",
-            "--weights",
-            s(&base),
-            "--data",
-            s(&root),
-            "--datasets",
-            "ellipses",
-            "--out",
-            s(run),
-            "--epochs",
-            "4",
-            "--batch-size",
-            "16",
-            "--lr",
-            "0.001",
-        ]
-        .map(String::from)
-        .to_vec()
+    let args = |run: &Path| {
+        train_args(
+            &base,
+            &root,
+            run,
+            &["--epochs", "4", "--batch-size", "16", "--lr", "0.001"],
+        )
     };
     let metrics = |run: &Path| {
         std::fs::read_to_string(run.join("metrics.csv"))
@@ -508,17 +468,11 @@ fn cris_trains_in_mixed_precision() {
     let base = shared_folder(&tmp.path().join("base"), "pretrained/cris.pt");
     for precision in ["f16", "bf16"] {
         let run = tmp.path().join(precision);
-        let out = vlsm(
+        let out = train(
+            &base,
+            &root,
+            &run,
             &[
-                "train",
-                "--weights",
-                s(&base),
-                "--data",
-                s(&root),
-                "--datasets",
-                "ellipses",
-                "--out",
-                s(&run),
                 "--epochs",
                 "1",
                 "--batch-size",
@@ -526,7 +480,6 @@ fn cris_trains_in_mixed_precision() {
                 "--precision",
                 precision,
             ],
-            &[],
         );
         assert!(out.status.success(), "{precision}: {}", stderr(&out));
         assert!(run.join("model/model.safetensors").is_file(), "{precision}");

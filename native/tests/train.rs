@@ -7,32 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_error, fixture, stderr, stdout, synthetic, vlsm};
-
-/// `vlsm train` arguments on the synthetic `ellipses` dataset under `root`, then `extra`.
-fn train_args(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--weights",
-        model.to_str().unwrap(),
-        "--data",
-        root.to_str().unwrap(),
-        "--datasets",
-        "ellipses",
-        "--out",
-        run.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn train(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
-    let args = train_args(model, root, run, extra);
-    vlsm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
-}
+use common::{assert_clean_error, fixture, stderr, stdout, synthetic, train, train_args, vlsm};
 
 /// The mean Dice at model resolution of the model in `model_dir` on the validation split
 /// with prompt p1, as `vlsm bench` measures it.

@@ -14,6 +14,48 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `../shared/<path>` beside the checkout (the project's shared fixtures).
+pub fn shared(path: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(path);
+    assert!(
+        p.exists(),
+        "{} is missing (the shared/ folder)",
+        p.display()
+    );
+    p
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `vlsm train` on the synthetic `ellipses` dataset under `root`, from `model`, into `run`.
+pub fn train_args(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--weights",
+        s(model),
+        "--data",
+        s(root),
+        "--datasets",
+        "ellipses",
+        "--out",
+        s(run),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+pub fn train(model: &Path, root: &Path, run: &Path, extra: &[&str]) -> Output {
+    let args = train_args(model, root, run, extra);
+    vlsm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+}
+
 pub fn vlsm(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlsm"));
     cmd.args(args)
