@@ -10,6 +10,7 @@ pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
 pub mod limits;
+pub mod mask_check;
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "pytorch")]

@@ -8,7 +8,9 @@
 //!
 //! The mask **fingerprint** ([`mask_fingerprint`]) lets anyone compare a browser result with
 //! a native one: the first 16 hex digits of the sha256 of the binary mask at the image's
-//! original size (row-major, one byte per pixel, 1 = foreground).
+//! original size (row-major, one byte per pixel, 1 = foreground). A link made from results
+//! also carries each mask's [`MaskCheck`], so a reader can tell a real difference from a few
+//! pixels on the threshold ([`crate::mask_check`]).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::mask_check::{BORDERLINE_MARGIN, MAX_MODEL_SIZE, MaskCheck};
 
 /// The fragment key and the only link format version this code reads and writes.
 pub const FRAGMENT_PREFIX: &str = "vlsm=1.";
@@ -88,6 +91,11 @@ pub struct ShareState {
     pub image: ImageSource,
     /// [`pixels_sha256`] of the image, so a fetched or supplied image can be checked.
     pub image_sha256: String,
+    /// What the maker's masks were, one per prompt, or none (a link made without running).
+    pub masks: Vec<MaskCheck>,
+    /// How far from the threshold (in logits) a differing pixel may lie to count as
+    /// borderline ([`BORDERLINE_MARGIN`] unless the link says otherwise).
+    pub margin: f32,
 }
 
 /// The JSON part of the payload.
@@ -101,6 +109,66 @@ struct Wire {
     #[serde(default)]
     view: ViewSettings,
     image: WireImage,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    masks: Vec<WireMask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    margin: Option<f32>,
+}
+
+/// A [`MaskCheck`] on the wire (hex strings for the 64-bit values: JSON numbers are doubles
+/// in the browser).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireMask {
+    fingerprint: String,
+    foreground: u64,
+    size: u32,
+    model_foreground: u64,
+    sketch: String,
+    borderline: u64,
+}
+
+impl From<&MaskCheck> for WireMask {
+    fn from(m: &MaskCheck) -> Self {
+        WireMask {
+            fingerprint: m.fingerprint.clone(),
+            foreground: m.foreground,
+            size: m.size,
+            model_foreground: m.model_foreground,
+            sketch: format!("{:016x}", m.sketch),
+            borderline: m.borderline,
+        }
+    }
+}
+
+impl WireMask {
+    fn check(self) -> Result<MaskCheck> {
+        let bad = |what: &str| Err(Error::Link(format!("a mask record's {what} is not valid")));
+        if !is_hex(&self.fingerprint, 16) {
+            return bad("fingerprint");
+        }
+        if !is_hex(&self.sketch, 16) {
+            return bad("sketch");
+        }
+        let Ok(sketch) = u64::from_str_radix(&self.sketch, 16) else {
+            return bad("sketch");
+        };
+        if self.size == 0 || self.size > MAX_MODEL_SIZE {
+            return bad("model size");
+        }
+        let pixels = u64::from(self.size).pow(2);
+        if self.model_foreground > pixels || self.borderline > pixels {
+            return bad("pixel count");
+        }
+        Ok(MaskCheck {
+            fingerprint: self.fingerprint,
+            foreground: self.foreground,
+            size: self.size,
+            model_foreground: self.model_foreground,
+            sketch,
+            borderline: self.borderline,
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -221,6 +289,19 @@ impl ShareState {
         if !is_sha256(&self.image_sha256) {
             return bad("image sha256 is not 64 hex digits".into());
         }
+        if !self.masks.is_empty() && self.masks.len() != self.prompts.len() {
+            return bad(format!(
+                "has {} mask records for {} prompts",
+                self.masks.len(),
+                self.prompts.len()
+            ));
+        }
+        if !(self.margin.is_finite() && self.margin > 0.0 && self.margin <= 1.0) {
+            return bad(format!(
+                "borderline margin {} is not in (0, 1]",
+                self.margin
+            ));
+        }
         match &self.image {
             ImageSource::Embedded { png, .. } if png.is_empty() => {
                 bad("the embedded image is empty".into())
@@ -263,6 +344,8 @@ impl ShareState {
                 url,
                 sha256: self.image_sha256.clone(),
             },
+            masks: self.masks.iter().map(WireMask::from).collect(),
+            margin: (!self.masks.is_empty()).then_some(self.margin),
         };
         let mut payload = serde_json::to_vec(&wire)
             .map_err(|e| Error::Link(format!("cannot serialise the state: {e}")))?;
@@ -359,6 +442,12 @@ impl ShareState {
             view: wire.view,
             image,
             image_sha256: wire.image.sha256,
+            masks: wire
+                .masks
+                .into_iter()
+                .map(WireMask::check)
+                .collect::<Result<_>>()?,
+            margin: wire.margin.unwrap_or(BORDERLINE_MARGIN),
         };
         state.validate()?;
         Ok(state)
@@ -374,7 +463,12 @@ fn is_http_url(url: &str) -> bool {
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64
+    is_hex(s, 64)
+}
+
+/// `len` lowercase hex digits.
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -456,6 +550,17 @@ mod tests {
             },
             image,
             image_sha256: "cd".repeat(32),
+            masks: (0..3u64)
+                .map(|i| MaskCheck {
+                    fingerprint: format!("{:016x}", 0xfeed + i),
+                    foreground: 10 + i,
+                    size: 352,
+                    model_foreground: 5 + i,
+                    sketch: u64::MAX - i,
+                    borderline: i,
+                })
+                .collect(),
+            margin: BORDERLINE_MARGIN,
         }
     }
 
@@ -562,6 +667,60 @@ mod tests {
     }
 
     #[test]
+    fn mask_records_round_trip_and_bad_ones_are_refused() {
+        let state = sample(ImageSource::Omitted { name: "x".into() });
+        let back = ShareState::from_link(&state.to_fragment().unwrap()).unwrap();
+        assert_eq!(back, state);
+        // A link without records (made without running) reads back with none.
+        let mut bare = state.clone();
+        bare.masks.clear();
+        let back = ShareState::from_link(&bare.to_fragment().unwrap()).unwrap();
+        assert_eq!(back, bare);
+        // Records edited by hand: each refused with a line naming the field.
+        let edit = |from: &str, to: &str| {
+            let fragment = state.to_fragment().unwrap();
+            let data = fragment.strip_prefix(FRAGMENT_PREFIX).unwrap();
+            let payload = miniz_oxide::inflate::decompress_to_vec_zlib(
+                &URL_SAFE_NO_PAD.decode(data).unwrap(),
+            )
+            .unwrap();
+            let nul = payload.iter().position(|&b| b == 0).unwrap();
+            let text = String::from_utf8(payload[..nul].to_vec()).unwrap();
+            assert!(text.contains(from), "{text} lacks {from}");
+            let mut edited = text.replacen(from, to, 1).into_bytes();
+            edited.push(0);
+            let zlib = miniz_oxide::deflate::compress_to_vec_zlib(&edited, 6);
+            ShareState::from_link(&format!(
+                "{FRAGMENT_PREFIX}{}",
+                URL_SAFE_NO_PAD.encode(zlib)
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        for (from, to, word) in [
+            ("\"size\":352", "\"size\":0", "model size"),
+            ("\"size\":352", "\"size\":99999", "model size"),
+            ("\"sketch\":\"ffff", "\"sketch\":\"xyzw", "sketch"),
+            ("\"fingerprint\":\"", "\"fingerprint\":\"zz", "fingerprint"),
+            (
+                "\"model_foreground\":5",
+                "\"model_foreground\":9999999",
+                "pixel count",
+            ),
+            ("\"margin\":0.01", "\"margin\":-1", "margin"),
+            (
+                "\"borderline\":0",
+                "\"borderline\":0,\"extra\":1",
+                "malformed",
+            ),
+        ] {
+            let err = edit(from, to);
+            assert!(err.contains(word), "{err} lacks {word}");
+            assert!(!err.contains('\n'));
+        }
+    }
+
+    #[test]
     fn rejects_invalid_states_with_a_message() {
         let img = ImageSource::Omitted { name: "x".into() };
         type Change = Box<dyn Fn(&mut ShareState)>;
@@ -590,6 +749,9 @@ mod tests {
                 "sha256",
             ),
             (Box::new(|s| s.image_sha256 = "AB".repeat(32)), "sha256"),
+            (Box::new(|s| s.masks.truncate(2)), "mask records"),
+            (Box::new(|s| s.margin = 0.0), "margin"),
+            (Box::new(|s| s.margin = f32::INFINITY), "margin"),
             (
                 Box::new(|s| {
                     s.image = ImageSource::Url {

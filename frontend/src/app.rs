@@ -10,6 +10,7 @@ use js_sys::{Array, ArrayBuffer, Float32Array, Uint8Array};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use vlsm::Logits;
+use vlsm::mask_check::{BORDERLINE_MARGIN, MaskCheck};
 use vlsm::prompts::PromptAttributes;
 use vlsm::share::{ImageSource, ShareState, ViewSettings};
 use wasm_bindgen::prelude::*;
@@ -18,7 +19,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::{HtmlCanvasElement, MessageEvent, Worker};
 
 use crate::js::{describe, pack, to_buffer, unpack};
-use crate::logic::{self, MaskSummary, PromptResult};
+use crate::logic::{self, LinkRecord, MaskSummary, PromptResult};
 use crate::protocol::{Backend, FromWorker, ToWorker};
 
 /// Images the page ships (made by `tools/make_examples.py`, CC0), with a matching prompt.
@@ -131,6 +132,8 @@ pub struct Page {
     info: RwSignal<Option<String>>,
     share_link: RwSignal<Option<String>>,
     pending: RwSignal<Option<Pending>>,
+    /// The masks the opened link recorded, to compare the page's with.
+    link_record: RwSignal<Option<Arc<LinkRecord>>>,
 }
 
 thread_local! {
@@ -168,6 +171,7 @@ fn App() -> impl IntoView {
         info: RwSignal::new(None),
         share_link: RwSignal::new(None),
         pending: RwSignal::new(None),
+        link_record: RwSignal::new(None),
     };
     page.spawn_worker();
     let hash = window().location().hash().unwrap_or_default();
@@ -577,6 +581,7 @@ impl Page {
         self.threshold.set(state.threshold);
         self.opacity.set(state.view.opacity);
         self.selected.set(state.view.selected);
+        self.link_record.set(LinkRecord::of(&state).map(Arc::new));
         self.pending.set(Some(Pending {
             weights_sha256: state.weights_sha256.clone(),
             image_sha256: state.image_sha256.clone(),
@@ -620,9 +625,17 @@ impl Page {
         let Some(image) = self.image.get_untracked() else {
             return self.fail("choose an image first");
         };
-        let prompts = match self.results.get_untracked() {
-            Some(r) => r.results.iter().map(|r| r.prompt.clone()).collect(),
-            None => self.prompts.get_untracked(),
+        let threshold = self.threshold.get_untracked();
+        // The masks as shown, so whoever opens the link sees whether theirs match.
+        let (prompts, masks) = match self.results.get_untracked() {
+            Some(r) => (
+                r.results.iter().map(|p| p.prompt.clone()).collect(),
+                r.results
+                    .iter()
+                    .map(|p| MaskCheck::of(&p.logits, threshold, r.width, r.height))
+                    .collect(),
+            ),
+            None => (self.prompts.get_untracked(), Vec::new()),
         };
         let (weights_url, weights_sha256, model) = match self.model.get_untracked() {
             ModelState::Loaded(info) => (
@@ -664,13 +677,15 @@ impl Page {
             weights_sha256,
             model,
             prompts,
-            threshold: self.threshold.get_untracked(),
+            threshold,
             view: ViewSettings {
                 opacity: self.opacity.get_untracked(),
                 selected: self.selected.get_untracked(),
             },
             image: source,
             image_sha256: image.sha256.clone(),
+            masks,
+            margin: BORDERLINE_MARGIN,
         };
         let page_url = window().location().href().unwrap_or_default();
         match state.to_link(&page_url) {
@@ -988,12 +1003,24 @@ fn ResultsPanel(page: Page) -> impl IntoView {
     let summaries = Memo::new(move |_| {
         let threshold = page.threshold.get();
         let truth = page.truth.get();
+        let link = page.link_record.get();
+        let image_sha = page.image.with(|i| i.as_ref().map(|i| i.sha256.clone()));
         page.results.get().map(|run| {
+            let prompts: Vec<&str> = run.results.iter().map(|r| r.prompt.as_str()).collect();
             run.results
                 .iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let t = truth.as_ref().map(|t| t.mask.as_slice());
-                    logic::summarize(r, threshold, run.width, run.height, t).1
+                    let mut summary = logic::summarize(r, threshold, run.width, run.height, t).1;
+                    summary.agreement =
+                        link.as_ref()
+                            .zip(image_sha.as_deref())
+                            .and_then(|(link, sha)| {
+                                let size = (run.width, run.height);
+                                link.agreement(&prompts, i, &r.logits, threshold, size, sha)
+                            });
+                    summary
                 })
                 .collect::<Vec<MaskSummary>>()
         })
@@ -1110,6 +1137,10 @@ fn MaskCard(
                 <code class="fingerprint" title="sha256 of the binary mask at the image's size (first 16 hex digits)">
                     {move || summary().map(|s| s.fingerprint).unwrap_or_default()}
                 </code>
+                {move || summary().and_then(|s| s.agreement).map(|a| view! {
+                    <br/><span class="agreement" data-agreement=logic::agreement_kind(&a)
+                        title="compared with the mask the opened link recorded">{a.to_string()}</span>
+                })}
                 <br/>
                 <span class="fraction">{move || summary().map(|s| format!("{:.1} % foreground", 100.0 * s.fraction)).unwrap_or_default()}</span>
                 {move || summary().and_then(|s| s.dice.zip(s.iou)).map(|(d, j)| view! {

@@ -3,8 +3,9 @@
 
 use image::RgbImage;
 use vlsm::Logits;
+use vlsm::mask_check::{Agreement, MaskCheck};
 use vlsm::metrics::Overlap;
-use vlsm::share::{MAX_PROMPT_CHARS, MAX_PROMPTS, mask_fingerprint};
+use vlsm::share::{MAX_PROMPT_CHARS, MAX_PROMPTS, ShareState, mask_fingerprint};
 
 pub use vlsm::share::{DEFAULT_WEIGHTS_URL, normalize_weights_url};
 
@@ -69,6 +70,59 @@ pub struct MaskSummary {
     /// Dice and IoU against the ground truth, when one was given.
     pub dice: Option<f64>,
     pub iou: Option<f64>,
+    /// How the mask compares with the one the opened link recorded, when it applies.
+    pub agreement: Option<Agreement>,
+}
+
+/// What an opened share link recorded about its masks, to compare the page's own with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkRecord {
+    pub prompts: Vec<String>,
+    pub threshold: f32,
+    pub image_sha256: String,
+    pub masks: Vec<MaskCheck>,
+    pub margin: f32,
+}
+
+impl LinkRecord {
+    /// The link's record, if it has mask records.
+    pub fn of(state: &ShareState) -> Option<Self> {
+        (!state.masks.is_empty()).then(|| LinkRecord {
+            prompts: state.prompts.clone(),
+            threshold: state.threshold,
+            image_sha256: state.image_sha256.clone(),
+            masks: state.masks.clone(),
+            margin: state.margin,
+        })
+    }
+
+    /// How prompt `index`'s result compares with the link's mask, when the run is the
+    /// link's: same image, same prompts, same threshold (moving the slider leaves the link).
+    pub fn agreement(
+        &self,
+        run_prompts: &[&str],
+        index: usize,
+        logits: &Logits,
+        threshold: f32,
+        (width, height): (u32, u32),
+        image_sha256: &str,
+    ) -> Option<Agreement> {
+        let same_run = image_sha256 == self.image_sha256
+            && threshold == self.threshold
+            && run_prompts.len() == self.prompts.len()
+            && run_prompts.iter().zip(&self.prompts).all(|(a, b)| a == b);
+        same_run.then(|| self.masks[index].compare(logits, threshold, width, height, self.margin))
+    }
+}
+
+/// A short machine-readable name of an agreement (the page's `data-agreement`).
+pub fn agreement_kind(agreement: &Agreement) -> &'static str {
+    match agreement {
+        Agreement::Exact => "exact",
+        Agreement::Borderline { .. } => "borderline",
+        Agreement::Differs { .. } => "differs",
+        Agreement::Incomparable(_) => "incomparable",
+    }
 }
 
 /// The binary mask at the image's size, its fingerprint and, with a ground truth, scores.
@@ -91,6 +145,7 @@ pub fn summarize(
         fraction: foreground as f64 / mask.len().max(1) as f64,
         dice,
         iou,
+        agreement: None,
     };
     (mask, summary)
 }
@@ -231,6 +286,41 @@ mod tests {
         assert_eq!(none.dice, Some(1.0)); // empty vs empty
         let (_, unscored) = summarize(&result, 0.5, 4, 2, None);
         assert_eq!(unscored.dice, None);
+    }
+
+    #[test]
+    fn a_links_masks_are_compared_only_on_the_links_run() {
+        let logits = Logits {
+            size: 2,
+            values: vec![-1.0, 0.004, 1.0, 3.0],
+        };
+        let record = LinkRecord {
+            prompts: vec!["x".into()],
+            threshold: 0.5,
+            image_sha256: "ab".repeat(32),
+            masks: vec![MaskCheck::of(&logits, 0.5, 4, 2)],
+            margin: vlsm::mask_check::BORDERLINE_MARGIN,
+        };
+        let sha = "ab".repeat(32);
+        let on = |prompts: &[&str], l: &Logits, t: f32, sha: &str| {
+            record.agreement(prompts, 0, l, t, (4, 2), sha)
+        };
+        assert_eq!(on(&["x"], &logits, 0.5, &sha), Some(Agreement::Exact));
+        // The pixel at 0.004 came out just below the threshold here: borderline.
+        let mut other = logits.clone();
+        other.values[1] = -0.003;
+        assert!(matches!(
+            on(&["x"], &other, 0.5, &sha),
+            Some(Agreement::Borderline {
+                model_pixels: 1,
+                image_pixels: 2,
+                ..
+            })
+        ));
+        // Another threshold, prompt or image: not the link's run, nothing to say.
+        assert_eq!(on(&["x"], &logits, 0.6, &sha), None);
+        assert_eq!(on(&["y"], &logits, 0.5, &sha), None);
+        assert_eq!(on(&["x"], &logits, 0.5, &"cd".repeat(32)), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
+use vlsm::mask_check::{Agreement, BORDERLINE_MARGIN, MaskCheck};
 use vlsm::share::{
     ImageSource, ShareState, ViewSettings, embeddable_png, file_url, hex, mask_fingerprint,
     normalize_weights_url, pixels_sha256,
@@ -30,7 +31,8 @@ pub struct ShareArgs {
     #[arg(long, value_name = "URL")]
     weights_url: String,
     /// The same model as a local directory: its model.safetensors is hashed instead of
-    /// downloading it from --weights-url.
+    /// downloading it from --weights-url, and the model runs, so the link records each mask
+    /// (readers then see whether theirs match, up to pixels on the threshold).
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
     /// Foreground where sigmoid(logit) > threshold [default: the study's for the model].
@@ -61,8 +63,10 @@ pub struct ReproduceArgs {
     /// Also write each mask as a PNG into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Exit 0 even when the image or the weights differ from the link's (the masks are
-    /// still computed and printed either way; by default a mismatch exits 1).
+    /// Exit 0 even when the image, the weights or the masks differ from the link's (the
+    /// masks are still computed and printed either way; by default a mismatch exits 1).
+    /// Masks that differ only in pixels whose logits lie on the threshold (within the link's
+    /// margin) agree.
     #[arg(long)]
     allow_mismatch: bool,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -128,7 +132,7 @@ pub fn share(args: ShareArgs) -> Result<()> {
             }
         },
     };
-    let state = ShareState {
+    let mut state = ShareState {
         weights_url,
         weights_sha256: Some(weights_sha256),
         model: Some(arch.name().to_string()),
@@ -140,7 +144,23 @@ pub fn share(args: ShareArgs) -> Result<()> {
         },
         image,
         image_sha256: pixels_sha256(&rgb),
+        masks: Vec::new(),
+        margin: BORDERLINE_MARGIN,
     };
+    // Checked before the model runs, so a bad prompt list costs nothing.
+    state.validate()?;
+    if let Some(dir) = &args.weights {
+        let segmenter = Segmenter::from_dir(dir, &backend::device(Backend::Cpu)?)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let encoded = segmenter.encode_image(&rgb)?;
+        let prompts: Vec<&str> = state.prompts.iter().map(String::as_str).collect();
+        let (w, h) = rgb.dimensions();
+        state.masks = segmenter
+            .decode(&encoded, &prompts)?
+            .iter()
+            .map(|l| MaskCheck::of(l, state.threshold, w, h))
+            .collect();
+    }
     println!("{}", state.to_link(&args.page)?);
     Ok(())
 }
@@ -237,7 +257,8 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     let logits = segmenter.decode(&encoded, &prompts)?;
     let (w, h) = rgb.dimensions();
     eprintln!(
-        "{name} {w}×{h}, threshold {}, {} prompts; per prompt: index, fingerprint, foreground pixels, prompt",
+        "{name} {w}×{h}, threshold {}, {} prompts; per prompt: index, fingerprint, foreground \
+         pixels, agreement with the link's mask, prompt",
         state.threshold,
         prompts.len()
     );
@@ -245,14 +266,26 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     }
     let mut stdout = std::io::stdout().lock();
+    let mut differing = Vec::new();
     for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
         let mask = l.mask_at(state.threshold, w, h);
         let foreground = mask.iter().filter(|&&m| m != 0).count();
+        let agreement = state
+            .masks
+            .get(i)
+            .map(|check| check.compare(l, state.threshold, w, h, state.margin));
+        if agreement.as_ref().is_some_and(|a| !a.agrees()) {
+            differing.push((i + 1).to_string());
+        }
         writeln!(
             stdout,
-            "{}\t{}\t{foreground}\t{prompt}",
+            "{}\t{}\t{foreground}\t{}\t{prompt}",
             i + 1,
-            mask_fingerprint(&mask)
+            mask_fingerprint(&mask),
+            agreement.as_ref().map_or(
+                "unchecked (the link records no masks)".to_string(),
+                Agreement::to_string
+            ),
         )?;
         if let Some(out) = &args.out {
             let path = out.join(format!("{:02}.mask.png", i + 1));
@@ -263,6 +296,17 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         bail!(
             "the {} differ from the link's, so these masks need not be the link's (--allow-mismatch accepts that)",
             mismatches.join(" and ")
+        );
+    }
+    if !differing.is_empty() && !args.allow_mismatch {
+        let many = differing.len() > 1;
+        bail!(
+            "the mask{} of prompt{} {} differ{} from the link's, beyond pixels on the threshold \
+             (--allow-mismatch accepts that)",
+            if many { "s" } else { "" },
+            if many { "s" } else { "" },
+            differing.join(", "),
+            if many { "" } else { "s" },
         );
     }
     Ok(())

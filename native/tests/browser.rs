@@ -125,6 +125,26 @@ fn native_fingerprints(link: &str, weights: &Path, tmp: &Path, other_weights: bo
     reproduced_fingerprints(&vlsm(&args, &[]))
 }
 
+/// The kinds of agreement with the opened link's masks the page shows, one per card.
+fn agreements(v: &Value) -> Vec<String> {
+    v["agreements"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no agreements: {v}"))
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap_or("none").to_string())
+        .collect()
+}
+
+/// Every mask matches the link's, exactly or (`borderline`) up to pixels on the threshold.
+fn assert_agrees(v: &Value, exactly: bool) {
+    let kinds = agreements(v);
+    assert!(!kinds.is_empty(), "no masks: {v}");
+    for kind in &kinds {
+        let ok = kind == "exact" || (!exactly && kind == "borderline");
+        assert!(ok, "the page says {kind}: {}", v["agreements"]);
+    }
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("not an array: {v}"))
@@ -385,6 +405,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert_eq!(m2["webgpu"]["run"], "done", "{}", m2["webgpu"]);
     assert_eq!(m2["webgpu"]["backend"], "WebGPU");
     assert_eq!(strings(&m2["webgpu"]["fingerprints"]), biomed_page);
+    assert_agrees(&m2["webgpu"], false);
     // The CLIPSeg folder is not what that link names: reproduce says so.
     let out = vlsm(
         &["reproduce", m2_link, "--weights", weights.to_str().unwrap()],
@@ -416,15 +437,19 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     assert_eq!(m3["webgpu"]["run"], "done", "{}", m3["webgpu"]);
     assert_eq!(m3["webgpu"]["backend"], "WebGPU");
     assert_eq!(strings(&m3["webgpu"]["fingerprints"]), cris_page);
+    assert_agrees(&m3["webgpu"], false);
 
     // The page's own share link: natively, and in a fresh browser (empty cache) on CPU.
     let link = r["share_link"].as_str().unwrap();
     assert_eq!(native_fingerprints(link, &weights, tmp.path(), false), page);
     assert_eq!(r["link_cpu"]["run"], "done", "{}", r["link_cpu"]);
     assert_eq!(strings(&r["link_cpu"]["fingerprints"]), page);
+    // The link records the page's masks: the reopened page says they match.
+    assert_agrees(&r["link_cpu"], true);
     assert_eq!(strings(&r["link_prompts"]), PROMPTS);
     // The CLI's link opened in the page.
     assert_eq!(strings(&r["cli_link_cpu"]["fingerprints"]), native);
+    assert_agrees(&r["cli_link_cpu"], true);
 
     // A link made for other weights than those at its URL says so.
     let info = r["mismatch_info"].as_str().unwrap_or_default();
@@ -441,6 +466,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         r["link_webgpu"]
     );
     assert_eq!(strings(&r["link_webgpu"]["fingerprints"]), page);
+    assert_agrees(&r["link_webgpu"], false);
 
     // Second visit: the model comes from Cache Storage while the server refuses it.
     assert_eq!(r["offline_model"], "loaded", "{}", r["offline_status"]);

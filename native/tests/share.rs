@@ -314,3 +314,89 @@ fn bad_links_and_share_arguments_give_one_line_errors() {
         "127.0.0.1:1",
     );
 }
+
+/// A link records each mask (`share --weights`); `reproduce` says whether its own masks match
+/// exactly, up to pixels on the threshold, or really differ, and exits 1 for the last.
+#[test]
+fn recorded_masks_match_exactly_up_to_borderline_pixels_or_really_differ() {
+    use vlsm::mask_check::{BORDERLINE_MARGIN, MaskCheck};
+    let image = fixture("images/rgb_150x100.png");
+    let weights = fixture("clipseg_refined");
+    let w = weights.to_str().unwrap();
+    let out = share(
+        &image,
+        &["--weights-url", "https://example.org/m", "--weights", w],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let link = stdout(&out).trim().to_string();
+    let state = vlsm::share::ShareState::from_link(&link).unwrap();
+    assert_eq!(state.masks.len(), PROMPTS.len());
+    assert_eq!(state.margin, BORDERLINE_MARGIN);
+    let out = vlsm(&["reproduce", &link, "--weights", w], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in stdout(&out).lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields[3], "matches the link", "{line}");
+    }
+
+    // The maker's logits as another backend might have had them: the pixel nearest the
+    // threshold on the other side (prompt 1), and a pixel far from it flipped (prompt 2).
+    let rgb = vlsm::preprocess::decode_rgb(&std::fs::read(&image).unwrap()).unwrap();
+    let segmenter =
+        vlsm::Segmenter::from_dir(&weights, &vlsm::burn::tensor::Device::flex()).unwrap();
+    let encoded = segmenter.encode_image(&rgb).unwrap();
+    let logits = segmenter.decode(&encoded, &PROMPTS).unwrap();
+    let t = (state.threshold / (1.0 - state.threshold)).ln();
+    let distance = |l: &f32| (l - t).abs();
+    let (near, d) = (0..logits[0].values.len())
+        .map(|i| (i, distance(&logits[0].values[i])))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert!(
+        d < BORDERLINE_MARGIN / 2.0,
+        "nearest logit {d} from the threshold"
+    );
+    let far = (0..logits[1].values.len())
+        .max_by(|&a, &b| distance(&logits[1].values[a]).total_cmp(&distance(&logits[1].values[b])))
+        .unwrap();
+    let across = |logits: &vlsm::Logits, i: usize, by: f32| {
+        let mut maker = logits.clone();
+        let l = maker.values[i];
+        maker.values[i] = if l > t { t - by } else { t + by };
+        MaskCheck::of(&maker, state.threshold, rgb.width(), rgb.height())
+    };
+    let mut edited = state.clone();
+    edited.masks[0] = across(&logits[0], near, d);
+    edited.masks[1] = across(&logits[1], far, 1.0);
+    let edited = edited.to_link("http://127.0.0.1:8080/").unwrap();
+    let out = vlsm(&["reproduce", &edited, "--weights", w], &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("error: the mask of prompt 2 differs from the link's"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert!(
+        lines[0].contains("matches the link up to 1 borderline pixel ("),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("DIFFERS from the link"), "{}", lines[1]);
+    // The fingerprints are still this machine's own.
+    assert_eq!(
+        reproduced_fingerprints(&vlsm(
+            &["reproduce", &edited, "--weights", w, "--allow-mismatch"],
+            &[]
+        )),
+        state
+            .masks
+            .iter()
+            .map(|m| m.fingerprint.clone())
+            .collect::<Vec<_>>()
+    );
+}

@@ -133,13 +133,18 @@ async function runAndRead(page) {
 async function readResults(page) {
   const run = await page.getAttribute('main', 'data-run');
   const fingerprints = await page.$$eval('.card', (cs) => cs.map((c) => c.dataset.fingerprint));
+  // How each mask compares with the opened link's record (null: nothing to compare with).
+  const agreements = await page.$$eval('.card', (cs) => cs.map((c) => {
+    const a = c.querySelector('.agreement');
+    return a ? { kind: a.dataset.agreement, text: a.textContent } : null;
+  }));
   const timing = await page.$eval('#timing', (t) => ({
     encode_ms: Number(t.dataset.encodeMs), decode_ms: Number(t.dataset.decodeMs),
     prompts: Number(t.dataset.prompts),
   })).catch(() => null);
   const backend = await page.getAttribute('#backend-used', 'data-backend').catch(() => null);
   const error = await page.textContent('#error').catch(() => null);
-  return { run, fingerprints, timing, backend, error };
+  return { run, fingerprints, agreements, timing, backend, error };
 }
 
 async function errorText(page) {

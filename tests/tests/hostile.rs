@@ -321,6 +321,18 @@ fn mutated_share_links_never_panic() {
             png: vlsm::share::embeddable_png(&rgb).unwrap().unwrap(),
         },
         image_sha256: vlsm::share::pixels_sha256(&rgb),
+        // Mask records, so their fields are mutated too.
+        masks: [0.3f32, -0.2]
+            .iter()
+            .map(|&bias| {
+                let logits = vlsm::Logits {
+                    size: 8,
+                    values: (0..64).map(|i| i as f32 / 64.0 - 0.5 + bias).collect(),
+                };
+                vlsm::mask_check::MaskCheck::of(&logits, 0.5, 53, 37)
+            })
+            .collect(),
+        margin: vlsm::mask_check::BORDERLINE_MARGIN,
     };
     let link = state.to_link("http://127.0.0.1:8080/").unwrap();
     assert!(vlsm::share::ShareState::from_link(&link).is_ok());
