@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
+pub mod kernels;
 pub mod limits;
 pub mod mask_check;
 pub mod metrics;

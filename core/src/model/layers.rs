@@ -197,7 +197,7 @@ pub fn layer_norm(
 
 pub fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
     match act {
-        Activation::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+        Activation::QuickGelu => crate::kernels::quick_gelu(x),
         Activation::Gelu => activation::gelu(x),
         Activation::GeluTanh => activation::gelu_approximate(x),
         Activation::Relu => activation::relu(x),
@@ -373,7 +373,9 @@ impl SelfAttention {
             is_causal: causal,
         };
         let dtype = q.dtype();
-        let out = if dtype == DType::F32 {
+        let out = if dtype == DType::F32 && key_mask.is_none() {
+            crate::kernels::attention(q, k, v, causal)
+        } else if dtype == DType::F32 {
             attention(q, k, v, key_mask, None, options)
         } else {
             // Half precision (mixed-precision training): scores and softmax in float32, as
