@@ -7,6 +7,7 @@
 //! the backend-agnostic one. The arithmetic is the same everywhere (no fused multiply-adds,
 //! sums in a fixed order), so the page's CPU backend (wasm) and native builds agree.
 
+use burn::nn::Linear;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData, activation};
@@ -23,7 +24,9 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer without `round()`,
     // which plain x86-64 (SSE2) cannot vectorise.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_54, 88.376_26);
+    // Comparisons rather than `clamp`/`max`, whose NaN rules keep loops scalar.
+    let x = if x < -87.336_54 { -87.336_54 } else { x };
+    let x = if x > 88.376_26 { 88.376_26 } else { x };
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.987_569_1e-4;
@@ -60,13 +63,233 @@ pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(t)
 }
 
-fn quick_gelu_in_place(values: &mut [f32]) {
+/// Runs `$body` (an expression over the listed arguments) compiled for AVX-512 or AVX2 when
+/// the CPU has them, else for the build's baseline. Only the vector width changes: Rust
+/// never fuses a multiply and an add by itself, so every path rounds alike.
+macro_rules! widest_simd {
+    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+widest_simd!(quick_gelu_in_place(values: &mut [f32]) {
     // sigmoid(z) = 1 / (1 + e^−z), which is exact enough at both ends: e^−z clamps at
     // e^87, so large negative z give ≈ 0 and large positive ones 1.
     for v in values {
         *v = *v / (1.0 + exp_f32(-1.702 * *v));
     }
+});
+
+/// The GEMM's thread use: all threads for large products (natively), one otherwise.
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    #[cfg(not(target_arch = "wasm32"))]
+    if m * n * k >= 192 * 192 * 192 {
+        return gemm::Parallelism::Rayon(0);
+    }
+    let _ = (m, n, k);
+    gemm::Parallelism::None
 }
+
+/// A `[..., d]` tensor as rows: the storage, the first element and the row stride (the
+/// last dimension is contiguous), or `None` when its leading dimensions do not merge.
+fn rows_of(t: &FlexTensor) -> Option<(&[f32], usize, usize)> {
+    let layout = t.layout();
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let n = shape.num_dims();
+    if strides[n - 1] != 1 {
+        return None;
+    }
+    let row = if n >= 2 {
+        strides[n - 2]
+    } else {
+        shape[0] as isize
+    };
+    // Each leading dimension must step over whole rows of the one inside it.
+    for i in (0..n.saturating_sub(2)).rev() {
+        if strides[i] != strides[i + 1] * shape[i + 1] as isize && shape[i] > 1 {
+            return None;
+        }
+    }
+    (row >= shape[n - 1] as isize)
+        .then(|| (t.storage::<f32>(), layout.start_offset(), row as usize))
+}
+
+/// What a flex fast path needs from a `Linear`: its `[d_in, d_out]` weight and its bias.
+struct FlexLinear {
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl FlexLinear {
+    fn of(layer: &Linear) -> Option<Self> {
+        let weight = layer.weight.val();
+        let [d_in, d_out] = weight.dims();
+        let weight = flex_f32(&weight)?;
+        if !weight.is_contiguous() || weight.layout().start_offset() != 0 {
+            return None;
+        }
+        let bias = match &layer.bias {
+            Some(b) => {
+                let b = flex_f32(&b.val())?;
+                if !b.is_contiguous() || b.layout().start_offset() != 0 {
+                    return None;
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        Some(FlexLinear {
+            weight,
+            bias,
+            d_in,
+            d_out,
+        })
+    }
+
+    /// `out[r] = bias + x[r] · W` for `rows` rows of `x` (row stride `x_rs`), into `out`
+    /// (row stride `d_out`): the bias is the GEMM's starting value, not a second pass.
+    ///
+    /// # Safety
+    /// `x` points at `rows` rows of `d_in` values `x_rs` apart; `out` holds `rows · d_out`.
+    unsafe fn apply(&self, x: *const f32, x_rs: usize, rows: usize, out: &mut [f32]) {
+        let bias = self.bias.as_ref().map(|b| b.storage::<f32>());
+        if let Some(bias) = bias {
+            for row in out.chunks_exact_mut(self.d_out) {
+                row.copy_from_slice(bias);
+            }
+        }
+        // SAFETY: as documented; the weight is contiguous [d_in, d_out].
+        unsafe {
+            gemm::gemm(
+                rows,
+                self.d_out,
+                self.d_in,
+                out.as_mut_ptr(),
+                1,
+                self.d_out as isize,
+                bias.is_some(),
+                x,
+                1,
+                x_rs as isize,
+                self.weight.storage::<f32>().as_ptr(),
+                1,
+                self.d_out as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(rows, self.d_out, self.d_in),
+            );
+        }
+    }
+}
+
+/// `layer.forward(x)` with the bias added inside the GEMM on flex.
+pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
+    let (Some(fx), Some(fl)) = (flex_f32(&x), FlexLinear::of(layer)) else {
+        return layer.forward(x);
+    };
+    let dims = x.dims();
+    if dims[D - 1] != fl.d_in {
+        return layer.forward(x);
+    }
+    drop(x);
+    let fx = match rows_of(&fx) {
+        Some(_) => fx,
+        None => fx.to_contiguous(),
+    };
+    let (data, offset, x_rs) = rows_of(&fx).expect("a contiguous tensor has rows");
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let mut out = vec![0f32; rows * fl.d_out];
+    if rows > 0 {
+        // SAFETY: `rows_of` describes `rows` rows of d_in values inside `data`.
+        unsafe { fl.apply(data[offset..].as_ptr(), x_rs, rows, &mut out) };
+    }
+    let mut shape = dims;
+    shape[D - 1] = fl.d_out;
+    Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, shape)))
+}
+
+/// `fc2(act(fc1(x)))` on flex, `act` ReLU or QuickGELU, in blocks of rows when the hidden
+/// activations would not stay in cache (so the `[rows, hidden]` tensor is never written
+/// out whole); `None` where the fast path does not apply.
+pub fn mlp<const D: usize>(
+    x: &Tensor<D>,
+    fc1: &Linear,
+    fc2: &Linear,
+    quick_gelu: bool,
+) -> Option<Tensor<D>> {
+    let fx = flex_f32(x)?;
+    let (l1, l2) = (FlexLinear::of(fc1)?, FlexLinear::of(fc2)?);
+    let dims = x.dims();
+    if dims[D - 1] != l1.d_in || l2.d_in != l1.d_out {
+        return None;
+    }
+    let fx = match rows_of(&fx) {
+        Some(_) => fx,
+        None => fx.to_contiguous(),
+    };
+    let (data, offset, x_rs) = rows_of(&fx)?;
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let hidden = l1.d_out;
+    // Blocks of rows whose hidden activations fit in ~1 MiB; large weights (re-packed by
+    // the GEMM on each call) go in one block.
+    let weight_bytes = 4 * l1.d_in * hidden;
+    let block = if weight_bytes <= 1 << 20 {
+        ((1 << 18) / hidden).clamp(16, rows.max(16))
+    } else {
+        rows.max(1)
+    };
+    let mut out = vec![0f32; rows * l2.d_out];
+    let mut h = vec![0f32; block.min(rows.max(1)) * hidden];
+    for start in (0..rows).step_by(block) {
+        let n = block.min(rows - start);
+        let h = &mut h[..n * hidden];
+        // SAFETY: rows start..start+n of `x` lie inside `data`; `h` holds n × hidden.
+        unsafe { l1.apply(data[offset + start * x_rs..].as_ptr(), x_rs, n, h) };
+        if quick_gelu {
+            quick_gelu_in_place(h);
+        } else {
+            relu_in_place(h);
+        }
+        let out = &mut out[start * l2.d_out..(start + n) * l2.d_out];
+        // SAFETY: `h` holds n rows of hidden values.
+        unsafe { l2.apply(h.as_ptr(), hidden, n, out) };
+    }
+    let mut shape = dims;
+    shape[D - 1] = l2.d_out;
+    Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(
+        TensorData::new(out, shape),
+    )))
+}
+
+widest_simd!(relu_in_place(values: &mut [f32]) {
+    for v in values {
+        *v = if *v > 0.0 { *v } else { 0.0 };
+    }
+});
 
 /// Scaled dot-product attention, `softmax(q·kᵀ / √d + causal) · v`, for `[B, H, L, d]`
 /// tensors without a key mask (the vision towers, CLIPSeg's decoder, CLIP's causal text).
@@ -255,8 +478,7 @@ impl OutPtr {
 /// rounds alike) that compilers vectorise.
 const LANES: usize = 16;
 
-/// `row ← softmax(row)` in place.
-fn softmax_row(row: &mut [f32]) {
+widest_simd!(softmax_row(row: &mut [f32]) {
     if row.is_empty() {
         return;
     }
@@ -264,13 +486,14 @@ fn softmax_row(row: &mut [f32]) {
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (m, &x) in maxima.iter_mut().zip(chunk) {
-            *m = m.max(x);
+            *m = if x > *m { x } else { *m };
         }
     }
-    let max = chunks.remainder().iter().fold(
-        maxima.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        |m, &x| m.max(x),
-    );
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxima)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     let mut sums = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -288,7 +511,7 @@ fn softmax_row(row: &mut [f32]) {
     for x in row {
         *x *= inv;
     }
-}
+});
 
 #[cfg(test)]
 mod tests {
@@ -325,6 +548,49 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&reference_t.into_data(), Tolerance::absolute(1e-6));
         assert_eq!(x.dims(), [2, 5, 300]);
+    }
+
+    #[test]
+    fn linear_and_mlp_match_burns_modules() {
+        use burn::nn::LinearConfig;
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 300, 24], Distribution::Normal(0.0, 1.0), &device);
+        for bias in [true, false] {
+            let fc1 = LinearConfig::new(24, 2048).with_bias(bias).init(&device);
+            let fc2 = LinearConfig::new(2048, 24).with_bias(bias).init(&device);
+            linear(x.clone(), &fc1).into_data().assert_approx_eq::<f32>(
+                &fc1.forward(x.clone()).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+            // Strided input: a transposed view, and a slice of the last dimension.
+            let t = Tensor::<3>::random([2, 24, 300], Distribution::Normal(0.0, 1.0), &device)
+                .swap_dims(1, 2);
+            linear(t.clone(), &fc1).into_data().assert_approx_eq::<f32>(
+                &fc1.forward(t.clone()).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+            let wide = Tensor::<3>::random([2, 300, 30], Distribution::Normal(0.0, 1.0), &device);
+            let part = wide.narrow(2, 3, 24);
+            linear(part.clone(), &fc1)
+                .into_data()
+                .assert_approx_eq::<f32>(&fc1.forward(part).into_data(), Tolerance::absolute(1e-5));
+            // The MLP in blocks of 128 rows (600 rows: a partial last block).
+            for quick in [false, true] {
+                let h = fc1.forward(x.clone());
+                let h = if quick {
+                    h.clone() * activation::sigmoid(h * 1.702)
+                } else {
+                    activation::relu(h)
+                };
+                mlp(&x, &fc1, &fc2, quick)
+                    .expect("flex f32")
+                    .into_data()
+                    .assert_approx_eq::<f32>(
+                        &fc2.forward(h).into_data(),
+                        Tolerance::absolute(1e-4),
+                    );
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
+
+use crate::kernels;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData, activation};
 
@@ -197,7 +199,7 @@ pub fn layer_norm(
 
 pub fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
     match act {
-        Activation::QuickGelu => crate::kernels::quick_gelu(x),
+        Activation::QuickGelu => kernels::quick_gelu(x),
         Activation::Gelu => activation::gelu(x),
         Activation::GeluTanh => activation::gelu_approximate(x),
         Activation::Relu => activation::relu(x),
@@ -338,9 +340,9 @@ impl SelfAttention {
         let h = self.num_heads;
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, n, h, d / h]).swap_dims(1, 2);
         [
-            heads(self.q_proj.forward(query), l),
-            heads(self.k_proj.forward(key), lk),
-            heads(self.v_proj.forward(value), lk),
+            heads(kernels::linear(query, &self.q_proj), l),
+            heads(kernels::linear(key, &self.k_proj), lk),
+            heads(kernels::linear(value, &self.v_proj), lk),
         ]
     }
 
@@ -374,7 +376,7 @@ impl SelfAttention {
         };
         let dtype = q.dtype();
         let out = if dtype == DType::F32 && key_mask.is_none() {
-            crate::kernels::attention(q, k, v, causal)
+            kernels::attention(q, k, v, causal)
         } else if dtype == DType::F32 {
             attention(q, k, v, key_mask, None, options)
         } else {
@@ -383,8 +385,7 @@ impl SelfAttention {
             let wide = |t: Tensor<4>| t.cast(FloatDType::F32);
             attention(wide(q), wide(k), wide(v), key_mask, None, options).cast(dtype)
         };
-        self.out_proj
-            .forward(out.swap_dims(1, 2).reshape([b, l, d]))
+        kernels::linear(out.swap_dims(1, 2).reshape([b, l, d]), &self.out_proj)
     }
 }
 
@@ -430,7 +431,12 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(activate(self.fc1.forward(x), self.act))
+        let fused = match self.act {
+            Activation::Relu => kernels::mlp(&x, &self.fc1, &self.fc2, false),
+            Activation::QuickGelu => kernels::mlp(&x, &self.fc1, &self.fc2, true),
+            _ => None,
+        };
+        fused.unwrap_or_else(|| self.fc2.forward(activate(self.fc1.forward(x), self.act)))
     }
 }
 
