@@ -64,7 +64,7 @@ pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Runs `$body` (an expression over the listed arguments) compiled for AVX-512 or AVX2 when
-/// the CPU has them, else for the build's baseline. Only the vector width changes: Rust
+/// the CPU has them, for SIMD128 in wasm, else for the build's baseline. Only the vector width changes: Rust
 /// never fuses a multiply and an add by itself, so every path rounds alike.
 macro_rules! widest_simd {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
@@ -86,6 +86,15 @@ macro_rules! widest_simd {
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            // The page's module already needs SIMD128 (the GEMM under flex uses it), so
+            // browsers that run it have it.
+            #[cfg(target_arch = "wasm32")]
+            {
+                #[target_feature(enable = "simd128")]
+                fn simd128($($arg: $ty),*) { body($($arg),*) }
+                return simd128($($arg),*);
+            }
+            #[allow(unreachable_code)]
             body($($arg),*)
         }
     };
