@@ -27,7 +27,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // Comparisons rather than `clamp`/`max`, whose NaN rules keep loops scalar.
     let x = if x < -87.336_54 { -87.336_54 } else { x };
     let x = if x > 88.376_26 { 88.376_26 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // n as an integer, read from t's mantissa (t and ROUND share an exponent, one unit per
+    // ulp), since a float-to-int cast keeps the loop scalar.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -36,7 +40,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let y = p * (r * r) + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    y * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
 }
 
 /// The tensor's flex primitive, when it is an f32 tensor on the flex device without
@@ -313,7 +317,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     };
     let [b, h, lq, d] = q.dims();
     let [_, _, lk, dv] = v.dims();
-    if k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] {
+    if lk == 0 || k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] {
         return burn_attention(q, k, v, None, None, options);
     }
     drop((q, k, v));
@@ -437,10 +441,13 @@ impl FlexAttention<'_> {
                 gemm::Parallelism::None,
             );
         }
+        // Unnormalised: each output row is divided by its sum after the product, dv values
+        // per row instead of lk.
+        let mut inverse_sums = Vec::with_capacity(lq);
         for (i, row) in scores.chunks_exact_mut(lk).enumerate() {
             // Causal: key j > query i is masked (PyTorch's is_causal with Lq = Lk).
             let visible = if self.causal { (i + 1).min(lk) } else { lk };
-            softmax_row(&mut row[..visible]);
+            inverse_sums.push(1.0 / exp_minus_max(&mut row[..visible]));
             row[visible..].fill(0.0);
         }
         let heads_dv = (self.heads * dv) as isize;
@@ -468,8 +475,19 @@ impl FlexAttention<'_> {
                 gemm::Parallelism::None,
             );
         }
+        for (i, inv) in inverse_sums.into_iter().enumerate() {
+            // SAFETY: row i of this head's output: dv values at out + i·heads·dv.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.add(i * heads_dv as usize), dv) };
+            scale_in_place(row, inv);
+        }
     }
 }
+
+widest_simd!(scale_in_place(values: &mut [f32], factor: f32) {
+    for v in values {
+        *v *= factor;
+    }
+});
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -487,10 +505,14 @@ impl OutPtr {
 /// rounds alike) that compilers vectorise.
 const LANES: usize = 16;
 
-widest_simd!(softmax_row(row: &mut [f32]) {
-    if row.is_empty() {
-        return;
-    }
+/// `row ← exp(row − max(row))` in place; returns the sum (softmax is that over the sum).
+fn exp_minus_max(row: &mut [f32]) -> f32 {
+    let mut sum = 0.0;
+    exp_minus_max_into(row, &mut sum);
+    sum
+}
+
+widest_simd!(exp_minus_max_into(row: &mut [f32], total: &mut f32) {
     let mut maxima = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -516,10 +538,7 @@ widest_simd!(softmax_row(row: &mut [f32]) {
         *x = exp_f32(*x - max);
         sum += *x;
     }
-    let inv = 1.0 / sum;
-    for x in row {
-        *x *= inv;
-    }
+    *total = sum;
 });
 
 #[cfg(test)]

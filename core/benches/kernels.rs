@@ -1,0 +1,101 @@
+//! Speed of the CPU kernels CLIPSeg rd64-refined spends its time in, at the model's shapes
+//! (485 tokens: 22×22 patches and the class token), each beside burn's own op so a
+//! regression or a gain shows: the vision tower's linears and MLP (768 → 3072), its
+//! 12-head attention, CLIPSeg's decoder MLP (64 → 2048) and 4-head attention, softmax,
+//! LayerNorm and QuickGELU. `cargo bench -p vlsm --bench kernels`.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use vlsm::burn::nn::{LayerNormConfig, LinearConfig};
+use vlsm::burn::tensor::module::attention as burn_attention;
+use vlsm::burn::tensor::ops::AttentionModuleOptions;
+use vlsm::burn::tensor::{Device, Distribution, Tensor, activation};
+use vlsm::kernels;
+
+const TOKENS: usize = 485;
+
+fn bench(c: &mut Criterion) {
+    let device = Device::flex();
+    let normal =
+        |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let read = |t: Tensor<3>| t.into_data();
+    let mut group = c.benchmark_group("kernels");
+    group.sample_size(20);
+
+    for (name, d, hidden, quick) in [("vision", 768, 3072, true), ("decoder", 64, 2048, false)] {
+        let x = normal([1, TOKENS, d]);
+        let fc1 = LinearConfig::new(d, hidden).init(&device);
+        let fc2 = LinearConfig::new(hidden, d).init(&device);
+        let proj = LinearConfig::new(d, d).init(&device);
+        group.bench_function(format!("{name} linear {TOKENS}x{d}x{d} burn"), |b| {
+            b.iter(|| read(proj.forward(x.clone())))
+        });
+        group.bench_function(format!("{name} linear {TOKENS}x{d}x{d} vlsm"), |b| {
+            b.iter(|| read(kernels::linear(x.clone(), &proj)))
+        });
+        group.bench_function(format!("{name} mlp {d}-{hidden}-{d} burn"), |b| {
+            b.iter(|| {
+                let h = fc1.forward(x.clone());
+                let h = if quick {
+                    h.clone() * activation::sigmoid(h * 1.702)
+                } else {
+                    activation::relu(h)
+                };
+                read(fc2.forward(h))
+            })
+        });
+        group.bench_function(format!("{name} mlp {d}-{hidden}-{d} vlsm"), |b| {
+            b.iter(|| read(kernels::mlp(&x, &fc1, &fc2, quick).expect("flex f32")))
+        });
+    }
+
+    for (name, heads, head_dim) in [("vision", 12, 64), ("decoder", 4, 16)] {
+        // [B, L, H, d] projections viewed as [B, H, L, d], as the models build them.
+        let qkv = || {
+            Tensor::<4>::random(
+                [1, TOKENS, heads, head_dim],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+            .swap_dims(1, 2)
+        };
+        let (q, k, v) = (qkv(), qkv(), qkv());
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        group.bench_function(
+            format!("{name} attention {heads}x{TOKENS}x{head_dim} burn"),
+            |b| {
+                b.iter(|| {
+                    burn_attention(q.clone(), k.clone(), v.clone(), None, None, options).into_data()
+                })
+            },
+        );
+        group.bench_function(
+            format!("{name} attention {heads}x{TOKENS}x{head_dim} vlsm"),
+            |b| b.iter(|| kernels::attention(q.clone(), k.clone(), v.clone(), false).into_data()),
+        );
+    }
+
+    let scores = normal([12, TOKENS, TOKENS]);
+    group.bench_function(format!("softmax 12x{TOKENS}x{TOKENS} burn"), |b| {
+        b.iter(|| read(activation::softmax(scores.clone(), 2)))
+    });
+    let hidden = normal([1, TOKENS, 3072]);
+    group.bench_function(format!("quick_gelu {TOKENS}x3072 burn"), |b| {
+        b.iter(|| read(hidden.clone() * activation::sigmoid(hidden.clone() * 1.702)))
+    });
+    group.bench_function(format!("quick_gelu {TOKENS}x3072 vlsm"), |b| {
+        b.iter(|| read(kernels::quick_gelu(hidden.clone())))
+    });
+    let x = normal([1, TOKENS, 768]);
+    let norm = LayerNormConfig::new(768).init(&device);
+    group.bench_function(format!("layer_norm {TOKENS}x768 burn"), |b| {
+        b.iter(|| read(norm.forward(x.clone())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
