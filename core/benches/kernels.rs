@@ -74,7 +74,11 @@ fn bench(c: &mut Criterion) {
         );
         group.bench_function(
             format!("{name} attention {heads}x{TOKENS}x{head_dim} vlsm"),
-            |b| b.iter(|| kernels::attention(q.clone(), k.clone(), v.clone(), false).into_data()),
+            |b| {
+                b.iter(|| {
+                    kernels::attention(q.clone(), k.clone(), v.clone(), None, false).into_data()
+                })
+            },
         );
     }
 

@@ -10,7 +10,7 @@
 use burn::nn::Linear;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor, TensorData, activation};
+use burn::tensor::{Bool, DType, Tensor, TensorData, activation};
 use burn_flex::{Flex, FlexTensor, Layout};
 
 /// `exp` for f32, branch-free so loops over it vectorise: 2ⁿ·p(r) with r = x − n·ln 2 in
@@ -136,11 +136,14 @@ fn rows_of(t: &FlexTensor) -> Option<(&[f32], usize, usize)> {
     } else {
         shape[0] as isize
     };
-    // Each leading dimension must step over whole rows of the one inside it.
+    // Each leading dimension must step over whole rows of the ones inside it (a dimension
+    // of size 1 has no step to check).
+    let mut expected = row * if n >= 2 { shape[n - 2] as isize } else { 1 };
     for i in (0..n.saturating_sub(2)).rev() {
-        if strides[i] != strides[i + 1] * shape[i + 1] as isize && shape[i] > 1 {
+        if shape[i] > 1 && strides[i] != expected {
             return None;
         }
+        expected *= shape[i] as isize;
     }
     (row >= shape[n - 1] as isize)
         .then(|| (t.storage::<f32>(), layout.start_offset(), row as usize))
@@ -219,6 +222,18 @@ impl FlexLinear {
     }
 }
 
+/// Samples (the first dimension, for three or more) and rows per sample of a `[..., d]`
+/// shape. The kernels run one GEMM per sample, so a sample's result does not depend on what
+/// it is batched with (the GEMM's blocking, and so its rounding, follows the row count).
+fn sample_rows(dims: &[usize]) -> (usize, usize) {
+    let rows = |d: &[usize]| d.iter().product::<usize>();
+    match dims.len() {
+        0 | 1 => (1, 1),
+        2 => (1, dims[0]),
+        n => (dims[0], rows(&dims[1..n - 1])),
+    }
+}
+
 /// `layer.forward(x)` with the bias added inside the GEMM on flex.
 pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
     let (Some(fx), Some(fl)) = (flex_f32(&x), FlexLinear::of(layer)) else {
@@ -234,11 +249,11 @@ pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
         None => fx.to_contiguous(),
     };
     let (data, offset, x_rs) = rows_of(&fx).expect("a contiguous tensor has rows");
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let mut out = vec![0f32; rows * fl.d_out];
-    if rows > 0 {
-        // SAFETY: `rows_of` describes `rows` rows of d_in values inside `data`.
-        unsafe { fl.apply(data[offset..].as_ptr(), x_rs, rows, &mut out) };
+    let (samples, rows) = sample_rows(&dims);
+    let mut out = vec![0f32; samples * rows * fl.d_out];
+    for (i, out) in out.chunks_exact_mut((rows * fl.d_out).max(1)).enumerate() {
+        // SAFETY: `rows_of` describes samples × rows rows of d_in values inside `data`.
+        unsafe { fl.apply(data[offset + i * rows * x_rs..].as_ptr(), x_rs, rows, out) };
     }
     let mut shape = dims;
     shape[D - 1] = fl.d_out;
@@ -265,7 +280,7 @@ pub fn mlp<const D: usize>(
         None => fx.to_contiguous(),
     };
     let (data, offset, x_rs) = rows_of(&fx)?;
-    let rows = dims[..D - 1].iter().product::<usize>();
+    let (samples, rows) = sample_rows(&dims);
     let hidden = l1.d_out;
     // Blocks of rows whose hidden activations fit in ~1 MiB; large weights (re-packed by
     // the GEMM on each call) go in one block.
@@ -275,10 +290,11 @@ pub fn mlp<const D: usize>(
     } else {
         rows.max(1)
     };
-    let mut out = vec![0f32; rows * l2.d_out];
+    let mut out = vec![0f32; samples * rows * l2.d_out];
     let mut h = vec![0f32; block.min(rows.max(1)) * hidden];
-    for start in (0..rows).step_by(block) {
-        let n = block.min(rows - start);
+    let starts = (0..samples).flat_map(|i| (0..rows).step_by(block).map(move |r| (i * rows, r)));
+    for (first, r) in starts {
+        let (start, n) = (first + r, block.min(rows - r));
         let h = &mut h[..n * hidden];
         // SAFETY: rows start..start+n of `x` lie inside `data`; `h` holds n × hidden.
         unsafe { l1.apply(data[offset + start * x_rs..].as_ptr(), x_rs, n, h) };
@@ -304,27 +320,44 @@ widest_simd!(relu_in_place(values: &mut [f32]) {
     }
 });
 
-/// Scaled dot-product attention, `softmax(q·kᵀ / √d + causal) · v`, for `[B, H, L, d]`
-/// tensors without a key mask (the vision towers, CLIPSeg's decoder, CLIP's causal text).
-pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+/// Scaled dot-product attention, `softmax(q·kᵀ / √d + mask) · v`, for `[B, H, L, d]`
+/// tensors; `key_mask` `[B, H, Lq, Lk]` is true where a key is ignored, `causal` ignores keys
+/// after the query. The same kernel runs with and without padding, so a prompt's result does
+/// not depend on whether it was batched with longer ones.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_mask: Option<Tensor<4, Bool>>,
+    causal: bool,
+) -> Tensor<4> {
     let options = AttentionModuleOptions {
         scale: None, // 1/sqrt(head_dim), as CLIP
         softcap: None,
         is_causal: causal,
     };
-    let (Some(fq), Some(fk), Some(fv)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v)) else {
-        return burn_attention(q, k, v, None, None, options);
+    // Some(None): no mask; None: a mask this path cannot read.
+    let fmask = match &key_mask {
+        None => Some(None),
+        Some(m) => m.clone().try_into_primitive::<Flex>().ok().map(Some),
+    };
+    let (Some(fq), Some(fk), Some(fv), Some(fmask)) =
+        (flex_f32(&q), flex_f32(&k), flex_f32(&v), fmask)
+    else {
+        return burn_attention(q, k, v, key_mask, None, options);
     };
     let [b, h, lq, d] = q.dims();
     let [_, _, lk, dv] = v.dims();
-    if lk == 0 || k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] {
-        return burn_attention(q, k, v, None, None, options);
+    let mask_fits = key_mask.as_ref().is_none_or(|m| m.dims() == [b, h, lq, lk]);
+    if lk == 0 || k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] || !mask_fits {
+        return burn_attention(q, k, v, key_mask, None, options);
     }
-    drop((q, k, v));
+    drop((q, k, v, key_mask));
     let out = FlexAttention {
         q: View::of(&fq),
         k: View::of(&fk),
         v: View::of(&fv),
+        mask: fmask.as_ref().map(MaskView::of),
         heads: h,
         lq,
         lk,
@@ -361,12 +394,56 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Pointer to element `[b, h, 0, 0]`.
-    fn head(&self, b: usize, h: usize) -> *const f32 {
-        let at = self.offset as isize + b as isize * self.strides[0] + h as isize * self.strides[1];
-        debug_assert!(at >= 0 && (at as usize) <= self.data.len());
-        // SAFETY: `at` is an element of the tensor (burn checked its layout).
-        unsafe { self.data.as_ptr().offset(at) }
+    /// The first `rows` rows of head `[b, h]`, `width` values each, contiguous.
+    fn rows(&self, b: usize, h: usize, rows: usize, width: usize) -> Vec<f32> {
+        let [s0, s1, s2, s3] = self.strides;
+        let start = self.offset as isize + b as isize * s0 + h as isize * s1;
+        let mut out = Vec::with_capacity(rows * width);
+        for i in 0..rows {
+            let row = start + i as isize * s2;
+            if s3 == 1 {
+                out.extend_from_slice(&self.data[row as usize..row as usize + width]);
+            } else {
+                out.extend((0..width).map(|j| self.data[(row + j as isize * s3) as usize]));
+            }
+        }
+        out
+    }
+}
+
+/// A strided 4-D bool view (flex stores bools as bytes), `[B, H, Lq, Lk]`.
+struct MaskView<'a> {
+    data: &'a [u8],
+    offset: isize,
+    strides: [isize; 4],
+}
+
+impl<'a> MaskView<'a> {
+    fn of(t: &'a FlexTensor) -> Self {
+        let s = t.layout().strides();
+        MaskView {
+            data: t.storage::<u8>(),
+            offset: t.layout().start_offset() as isize,
+            strides: [s[0], s[1], s[2], s[3]],
+        }
+    }
+
+    /// When every query of head (b, h) ignores exactly the keys from some index on, that
+    /// index (the number of keys it sees).
+    fn unmasked_prefix(&self, b: usize, h: usize, lq: usize, lk: usize) -> Option<usize> {
+        let keys = (0..lk)
+            .position(|j| self.masked([b, h, 0, j]))
+            .unwrap_or(lk);
+        (0..lq)
+            .all(|i| (0..lk).all(|j| self.masked([b, h, i, j]) == (j >= keys)))
+            .then_some(keys)
+    }
+
+    fn masked(&self, [b, h, i, j]: [usize; 4]) -> bool {
+        let [s0, s1, s2, s3] = self.strides;
+        let at =
+            self.offset + b as isize * s0 + h as isize * s1 + i as isize * s2 + j as isize * s3;
+        self.data[at as usize] != 0
     }
 }
 
@@ -374,6 +451,7 @@ struct FlexAttention<'a> {
     q: View<'a>,
     k: View<'a>,
     v: View<'a>,
+    mask: Option<MaskView<'a>>,
     heads: usize,
     lq: usize,
     lk: usize,
@@ -411,13 +489,37 @@ impl FlexAttention<'_> {
 
     /// One head: scores = q·kᵀ·scale, softmax by rows, out = scores·v (rows `H·dv` apart).
     unsafe fn head(&self, b: usize, hh: usize, scores: &mut [f32], out: *mut f32) {
-        let (lq, lk, d, dv) = (self.lq, self.lk, self.d, self.dv);
+        let (lq, d, dv) = (self.lq, self.d, self.dv);
+        // A padding mask (the same last keys ignored by every query) is run as the shorter
+        // sequence it stands for, so a padded prompt computes exactly what it computes alone
+        // (the GEMM's rounding depends on the number of keys). Any other mask is applied
+        // key by key.
+        let (lk, mask) = match &self.mask {
+            None => (self.lk, None),
+            Some(m) => match m.unmasked_prefix(b, hh, lq, self.lk) {
+                Some(keys) => (keys, None),
+                None => (self.lk, Some(m)),
+            },
+        };
+        let heads_dv = (self.heads * dv) as isize;
+        if lk == 0 {
+            // Every key ignored: zeros, as burn's kernel gives.
+            for i in 0..lq {
+                // SAFETY: row i of this head's output: dv values at out + i·heads·dv.
+                unsafe { std::slice::from_raw_parts_mut(out.add(i * heads_dv as usize), dv) }
+                    .fill(0.0);
+            }
+            return;
+        }
+        let scores = &mut scores[..lq * lk];
         let scale = 1.0 / (d as f32).sqrt();
-        let [.., q_rs, q_cs] = self.q.strides;
-        let [.., k_rs, k_cs] = self.k.strides;
-        let [.., v_rs, v_cs] = self.v.strides;
-        // SAFETY: pointers and strides describe the tensors' own elements; `scores` holds
-        // lq × lk values.
+        // q, k and v copied to contiguous rows first: the GEMM's rounding depends on its
+        // operands' strides, and the same head must give the same result however the
+        // tensors before it were laid out.
+        let q = self.q.rows(b, hh, lq, d);
+        let k = self.k.rows(b, hh, lk, d);
+        let v = self.v.rows(b, hh, lk, dv);
+        // SAFETY: `q` is lq × d, `k` lk × d, `scores` lq × lk, all row-major.
         unsafe {
             gemm::gemm(
                 lq,
@@ -427,12 +529,12 @@ impl FlexAttention<'_> {
                 1,
                 lk as isize,
                 false,
-                self.q.head(b, hh),
-                q_cs,
-                q_rs,
-                self.k.head(b, hh),
-                k_rs, // kᵀ: its rows are the columns
-                k_cs,
+                q.as_ptr(),
+                1,
+                d as isize,
+                k.as_ptr(),
+                d as isize, // kᵀ: its rows are the columns
+                1,
                 0.0,
                 scale,
                 false,
@@ -447,10 +549,34 @@ impl FlexAttention<'_> {
         for (i, row) in scores.chunks_exact_mut(lk).enumerate() {
             // Causal: key j > query i is masked (PyTorch's is_causal with Lq = Lk).
             let visible = if self.causal { (i + 1).min(lk) } else { lk };
-            inverse_sums.push(1.0 / exp_minus_max(&mut row[..visible]));
             row[visible..].fill(0.0);
+            let row = &mut row[..visible];
+            let Some(mask) = mask else {
+                inverse_sums.push(1.0 / exp_minus_max(row));
+                continue;
+            };
+            let mut any = false;
+            for (j, x) in row.iter_mut().enumerate() {
+                if mask.masked([b, hh, i, j]) {
+                    *x = f32::NEG_INFINITY;
+                } else {
+                    any = true;
+                }
+            }
+            if !any {
+                row.fill(0.0);
+                inverse_sums.push(0.0);
+                continue;
+            }
+            // Ignored keys come out of exp at f32's smallest normal, which leaves a sum of
+            // at least 1 unchanged; they are zeroed before the product.
+            inverse_sums.push(1.0 / exp_minus_max(row));
+            for (j, x) in row.iter_mut().enumerate() {
+                if mask.masked([b, hh, i, j]) {
+                    *x = 0.0;
+                }
+            }
         }
-        let heads_dv = (self.heads * dv) as isize;
         // SAFETY: as above; `out` rows are heads·dv apart, dv wide.
         unsafe {
             gemm::gemm(
@@ -464,9 +590,9 @@ impl FlexAttention<'_> {
                 scores.as_ptr(),
                 1,
                 lk as isize,
-                self.v.head(b, hh),
-                v_cs,
-                v_rs,
+                v.as_ptr(),
+                1,
+                dv as isize,
                 0.0,
                 1.0,
                 false,
@@ -622,6 +748,61 @@ mod tests {
     }
 
     #[test]
+    fn attention_with_a_padding_mask_matches_burns() {
+        let device = Device::flex();
+        let heads = |l: usize, seed: f64| {
+            Tensor::<4>::random([2, l, 3, 16], Distribution::Normal(seed, 1.5), &device)
+                .swap_dims(1, 2)
+        };
+        let l = 9;
+        let (q, k, v) = (heads(l, 0.0), heads(l, 0.1), heads(l, -0.2));
+        // Sample 0 ignores its last 4 keys, sample 1 none; expanded as the models build it.
+        let ignore: Vec<bool> = (0..2 * l).map(|i| i < l && i >= l - 4).collect();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(ignore, [2, l]), &device)
+            .reshape([2, 1, 1, l])
+            .expand([2, 3, l, l]);
+        for causal in [false, true] {
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: causal,
+            };
+            let reference = burn_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(mask.clone()),
+                None,
+                options,
+            );
+            attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), causal)
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.into_data(), Tolerance::absolute(1e-5));
+        }
+        // A padded prompt gives exactly what it gives alone, and so does an unpadded one.
+        let alone = attention(
+            q.clone().narrow(0, 0, 1).narrow(2, 0, l - 4),
+            k.clone().narrow(0, 0, 1).narrow(2, 0, l - 4),
+            v.clone().narrow(0, 0, 1).narrow(2, 0, l - 4),
+            None,
+            false,
+        );
+        let padded = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), false)
+            .narrow(0, 0, 1)
+            .narrow(2, 0, l - 4);
+        assert_eq!(alone.into_data(), padded.into_data());
+        let alone = attention(
+            q.clone().narrow(0, 1, 1),
+            k.clone().narrow(0, 1, 1),
+            v.clone().narrow(0, 1, 1),
+            None,
+            false,
+        );
+        let batched = attention(q, k, v, Some(mask), false).narrow(0, 1, 1);
+        assert_eq!(alone.into_data(), batched.into_data());
+    }
+
+    #[test]
     fn attention_matches_burns_on_strided_heads_causal_or_not() {
         let device = Device::flex();
         // [B, L, H, d] projections viewed as [B, H, L, d], as the models build them.
@@ -637,18 +818,18 @@ mod tests {
                 is_causal: causal,
             };
             let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
-            let ours = attention(q, k, v, causal);
+            let ours = attention(q, k, v, None, causal);
             assert_eq!(ours.dims(), reference.dims());
             ours.clone()
                 .into_data()
-                .assert_approx_eq::<f32>(&reference.clone().into_data(), Tolerance::absolute(2e-6));
+                .assert_approx_eq::<f32>(&reference.clone().into_data(), Tolerance::absolute(1e-5));
             // The layout callers rely on: [B, Lq, H·d] after swapping back is the same.
             ours.swap_dims(1, 2)
                 .reshape([2, lq, 48])
                 .into_data()
                 .assert_approx_eq::<f32>(
                     &reference.swap_dims(1, 2).reshape([2, lq, 48]).into_data(),
-                    Tolerance::absolute(2e-6),
+                    Tolerance::absolute(1e-5),
                 );
         }
     }

@@ -385,3 +385,19 @@ fn own_fixture_trained_decoder_exported_and_reloaded() {
     assert_eq!(seg.arch(), Arch::BiomedClipSeg);
     check(&seg, &Case::own("trained"));
 }
+
+/// A prompt's conditioning is the same alone and batched with a longer (padded) one: the
+/// padded prompt's attention runs as the shorter sequence it stands for.
+#[test]
+fn a_prompt_embeds_the_same_alone_and_padded_in_a_batch() {
+    let seg = own(Arch::BiomedClipSegD, None);
+    let short = "a polyp";
+    let long = "a very large pink polyp with an irregular surface in the upper left of the image";
+    let film = |prompts: &[&str]| {
+        let embedded = seg.embed_prompts(prompts).unwrap();
+        embedded.conditioning.film().unwrap().clone()
+    };
+    let alone = film(&[short]);
+    let padded = film(&[long, short]).narrow(0, 1, 1);
+    assert_eq!(alone.into_data(), padded.into_data());
+}

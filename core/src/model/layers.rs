@@ -375,10 +375,8 @@ impl SelfAttention {
             is_causal: causal,
         };
         let dtype = q.dtype();
-        let out = if dtype == DType::F32 && key_mask.is_none() {
-            kernels::attention(q, k, v, causal)
-        } else if dtype == DType::F32 {
-            attention(q, k, v, key_mask, None, options)
+        let out = if dtype == DType::F32 {
+            kernels::attention(q, k, v, key_mask, causal)
         } else {
             // Half precision (mixed-precision training): scores and softmax in float32, as
             // autocast runs softmax; q·kᵀ of large activations overflows float16.
