@@ -354,10 +354,10 @@ pub fn attention(
     }
     drop((q, k, v, key_mask));
     let out = FlexAttention {
-        q: View::of(&fq),
-        k: View::of(&fk),
-        v: View::of(&fv),
-        mask: fmask.as_ref().map(MaskView::of),
+        q: View::new(fq.storage::<f32>(), &fq),
+        k: View::new(fk.storage::<f32>(), &fk),
+        v: View::new(fv.storage::<f32>(), &fv),
+        mask: fmask.as_ref().map(|m| View::new(m.storage::<u8>(), m)),
         heads: h,
         lq,
         lk,
@@ -377,57 +377,53 @@ pub fn attention(
     Tensor::from_primitive::<Flex>(t)
 }
 
-/// A strided 4-D f32 view: storage, offset and the strides of `[B, H, L, d]`.
-struct View<'a> {
-    data: &'a [f32],
+/// A strided 4-D view of a flex tensor's storage: `[B, H, L, d]` values (f32), or a
+/// `[B, H, Lq, Lk]` mask (flex stores bools as bytes).
+struct View<'a, E> {
+    data: &'a [E],
     offset: usize,
     strides: [isize; 4],
 }
 
-impl<'a> View<'a> {
-    fn of(t: &'a FlexTensor) -> Self {
+impl<'a, E> View<'a, E> {
+    /// `data`: `t`'s storage, typed.
+    fn new(data: &'a [E], t: &FlexTensor) -> Self {
         let s = t.layout().strides();
         View {
-            data: t.storage::<f32>(),
+            data,
             offset: t.layout().start_offset(),
             strides: [s[0], s[1], s[2], s[3]],
         }
     }
 
+    /// The storage index of element `[b, h, i, j]`.
+    fn index(&self, [b, h, i, j]: [usize; 4]) -> usize {
+        let [s0, s1, s2, s3] = self.strides;
+        (self.offset as isize
+            + b as isize * s0
+            + h as isize * s1
+            + i as isize * s2
+            + j as isize * s3) as usize
+    }
+}
+
+impl View<'_, f32> {
     /// The first `rows` rows of head `[b, h]`, `width` values each, contiguous.
     fn rows(&self, b: usize, h: usize, rows: usize, width: usize) -> Vec<f32> {
-        let [s0, s1, s2, s3] = self.strides;
-        let start = self.offset as isize + b as isize * s0 + h as isize * s1;
         let mut out = Vec::with_capacity(rows * width);
         for i in 0..rows {
-            let row = start + i as isize * s2;
-            if s3 == 1 {
-                out.extend_from_slice(&self.data[row as usize..row as usize + width]);
+            let row = self.index([b, h, i, 0]);
+            if self.strides[3] == 1 {
+                out.extend_from_slice(&self.data[row..row + width]);
             } else {
-                out.extend((0..width).map(|j| self.data[(row + j as isize * s3) as usize]));
+                out.extend((0..width).map(|j| self.data[self.index([b, h, i, j])]));
             }
         }
         out
     }
 }
 
-/// A strided 4-D bool view (flex stores bools as bytes), `[B, H, Lq, Lk]`.
-struct MaskView<'a> {
-    data: &'a [u8],
-    offset: isize,
-    strides: [isize; 4],
-}
-
-impl<'a> MaskView<'a> {
-    fn of(t: &'a FlexTensor) -> Self {
-        let s = t.layout().strides();
-        MaskView {
-            data: t.storage::<u8>(),
-            offset: t.layout().start_offset() as isize,
-            strides: [s[0], s[1], s[2], s[3]],
-        }
-    }
-
+impl View<'_, u8> {
     /// When every query of head (b, h) ignores exactly the keys from some index on, that
     /// index (the number of keys it sees).
     fn unmasked_prefix(&self, b: usize, h: usize, lq: usize, lk: usize) -> Option<usize> {
@@ -439,19 +435,16 @@ impl<'a> MaskView<'a> {
             .then_some(keys)
     }
 
-    fn masked(&self, [b, h, i, j]: [usize; 4]) -> bool {
-        let [s0, s1, s2, s3] = self.strides;
-        let at =
-            self.offset + b as isize * s0 + h as isize * s1 + i as isize * s2 + j as isize * s3;
-        self.data[at as usize] != 0
+    fn masked(&self, at: [usize; 4]) -> bool {
+        self.data[self.index(at)] != 0
     }
 }
 
 struct FlexAttention<'a> {
-    q: View<'a>,
-    k: View<'a>,
-    v: View<'a>,
-    mask: Option<MaskView<'a>>,
+    q: View<'a, f32>,
+    k: View<'a, f32>,
+    v: View<'a, f32>,
+    mask: Option<View<'a, u8>>,
     heads: usize,
     lq: usize,
     lk: usize,

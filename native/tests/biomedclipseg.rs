@@ -346,20 +346,15 @@ fn training_then_bench_and_segment_with_both_variants() {
             arch == "biomedclipseg",
             "{err}"
         );
-        // metrics.csv: epoch, train loss, val loss, val Dice, …. The exported epoch is the
-        // trainer's best: a Dice that beats the best so far by more than 1e-4 (Lightning's
-        // min_delta), not the largest Dice, which a later epoch may top by less than that.
-        let best = std::fs::read_to_string(run.join("metrics.csv"))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').nth(3).unwrap().parse::<f64>().unwrap())
-            .fold(
-                f64::NEG_INFINITY,
-                |best, d| {
-                    if d > best + 1e-4 { d } else { best }
-                },
-            );
+        // metrics.csv: epoch, train loss, val loss, val Dice, …; the exported epoch is the
+        // trainer's best.
+        let best = common::trainers_best(
+            std::fs::read_to_string(run.join("metrics.csv"))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(3).unwrap().parse::<f64>().unwrap()),
+        );
         eprintln!("{arch}: best val Dice {best}");
         assert!(best >= 0.8, "{arch}: val Dice reached only {best}");
         let config: serde_json::Value =

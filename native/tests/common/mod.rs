@@ -274,3 +274,13 @@ pub fn synthetic(root: &Path) {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The trainer's best of a run's validation Dice values, in epoch order: a Dice counts only
+/// when it beats the best so far by more than 1e-4 (Lightning's min_delta), so a later epoch
+/// that tops it by less is not the exported one.
+pub fn trainers_best(val_dice: impl IntoIterator<Item = f64>) -> f64 {
+    val_dice.into_iter().fold(
+        f64::NEG_INFINITY,
+        |best, d| if d > best + 1e-4 { d } else { best },
+    )
+}
