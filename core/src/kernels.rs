@@ -72,15 +72,18 @@ pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// never fuses a multiply and an add by itself, so every path rounds alike.
 macro_rules! widest_simd {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        fn $name($($arg: $ty),*) {
+        widest_simd!($name($($arg: $ty),*) -> () $body);
+    };
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) -> $ret { body($($arg),*) }
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) -> $ret { body($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512F.
                     return unsafe { avx512($($arg),*) };
@@ -95,7 +98,7 @@ macro_rules! widest_simd {
             #[cfg(target_arch = "wasm32")]
             {
                 #[target_feature(enable = "simd128")]
-                fn simd128($($arg: $ty),*) { body($($arg),*) }
+                fn simd128($($arg: $ty),*) -> $ret { body($($arg),*) }
                 return simd128($($arg),*);
             }
             #[allow(unreachable_code)]
@@ -624,14 +627,8 @@ impl OutPtr {
 /// rounds alike) that compilers vectorise.
 const LANES: usize = 16;
 
-/// `row ← exp(row − max(row))` in place; returns the sum (softmax is that over the sum).
-fn exp_minus_max(row: &mut [f32]) -> f32 {
-    let mut sum = 0.0;
-    exp_minus_max_into(row, &mut sum);
-    sum
-}
-
-widest_simd!(exp_minus_max_into(row: &mut [f32], total: &mut f32) {
+// `row ← exp(row − max(row))` in place; returns the sum (softmax is that over the sum).
+widest_simd!(exp_minus_max(row: &mut [f32]) -> f32 {
     let mut maxima = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -657,7 +654,7 @@ widest_simd!(exp_minus_max_into(row: &mut [f32], total: &mut f32) {
         *x = exp_f32(*x - max);
         sum += *x;
     }
-    *total = sum;
+    sum
 });
 
 #[cfg(test)]

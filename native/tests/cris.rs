@@ -442,20 +442,14 @@ fn a_killed_cris_run_resumes_to_the_same_weights() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(
-        std::fs::read_to_string(whole.join("metrics.csv")).unwrap(),
-        std::fs::read_to_string(killed.join("metrics.csv")).unwrap(),
-        "metrics.csv: the resumed run differs from the uninterrupted one"
+    common::assert_same_run(
+        &whole,
+        &killed,
+        &[
+            "checkpoint/last/model.safetensors",
+            "model/model.safetensors",
+        ],
     );
-    for file in [
-        "checkpoint/last/model.safetensors",
-        "model/model.safetensors",
-    ] {
-        assert!(
-            std::fs::read(whole.join(file)).unwrap() == std::fs::read(killed.join(file)).unwrap(),
-            "{file}: the resumed run differs from the uninterrupted one"
-        );
-    }
 }
 
 /// Mixed precision trains CRIS too (float16 with loss scaling, bfloat16), BatchNorm's

@@ -215,22 +215,15 @@ fn a_killed_run_resumes_to_the_same_weights() {
         "{}",
         stderr(&out)
     );
-    let metrics_whole = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
-    let metrics_killed = std::fs::read_to_string(killed.join("metrics.csv")).unwrap();
-    assert_eq!(
-        metrics_whole, metrics_killed,
-        "metrics.csv: the resumed run differs from the uninterrupted one"
+    common::assert_same_run(
+        &whole,
+        &killed,
+        &[
+            "checkpoint/last/decoder.safetensors",
+            "checkpoint/best/decoder.safetensors",
+            "model/model.safetensors",
+        ],
     );
-    for file in [
-        "checkpoint/last/decoder.safetensors",
-        "checkpoint/best/decoder.safetensors",
-        "model/model.safetensors",
-    ] {
-        assert!(
-            std::fs::read(whole.join(file)).unwrap() == std::fs::read(killed.join(file)).unwrap(),
-            "{file}: the resumed run differs from the uninterrupted one"
-        );
-    }
 }
 
 #[test]

@@ -284,3 +284,19 @@ pub fn trainers_best(val_dice: impl IntoIterator<Item = f64>) -> f64 {
         |best, d| if d > best + 1e-4 { d } else { best },
     )
 }
+
+/// A resumed run left the same files as the uninterrupted one: `metrics.csv` and `files`,
+/// byte for byte.
+pub fn assert_same_run(whole: &Path, resumed: &Path, files: &[&str]) {
+    assert_eq!(
+        std::fs::read_to_string(whole.join("metrics.csv")).unwrap(),
+        std::fs::read_to_string(resumed.join("metrics.csv")).unwrap(),
+        "metrics.csv: the resumed run differs from the uninterrupted one"
+    );
+    for file in files {
+        assert!(
+            std::fs::read(whole.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap(),
+            "{file}: the resumed run differs from the uninterrupted one"
+        );
+    }
+}
