@@ -165,7 +165,7 @@ def bench_torch(out: Path):
 def bench_ort(out: Path):
     import bench_reference
 
-    bench_reference.bench_ort(out, lambda n: inputs(out / "hub", n))
+    bench_reference.bench_ort(out, lambda n: inputs(out / "hub", n), cases=[(1, 1), (1, 10)])
 
 
 if __name__ == "__main__":

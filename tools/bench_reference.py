@@ -60,14 +60,46 @@ def timed(fn):
     return best
 
 
-def inputs(n_prompts):
+# (images, prompts per image) of each case: one image with 1 and 10 prompts, and a batch
+# of 8 images with one prompt each (one forward of batch 8 here; `segment --batch-size 8`).
+CASES = [(1, 1), (1, 10), (8, 1)]
+
+
+def case_name(images, prompts):
+    return f"{images}x{prompts}"
+
+
+def inputs(n_prompts, n_images=1):
+    """Feed arrays for n_images images × n_prompts prompts, one row per pair."""
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(ROOT / "tests/fixtures/tokenizer"), pad_token="<|endoftext|>")
-    enc = tok(PROMPTS[:n_prompts], padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    texts = PROMPTS[:n_prompts] * n_images
+    enc = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
     rng = np.random.default_rng(0)
-    pixels = rng.normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
+    pixels = rng.normal(size=(n_images, 3, SIZE, SIZE)).astype(np.float32)
     return pixels.repeat(n_prompts, 0), enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def work_gflop(images, prompts):
+    """The arithmetic a case needs at least (what vlsm computes): each image's vision
+    tower up to the last tapped block (10 of 12) once, each prompt's text tower up to its
+    EOS token, and the decoder per (image, prompt) pair. Multiply-adds count 2."""
+    from transformers import CLIPTokenizer
+
+    tokens, d, hidden, layers = (SIZE // 16) ** 2 + 1, 768, 3072, 10
+    block = 2 * tokens * (4 * d * d + 2 * d * hidden) + 2 * 2 * tokens * tokens * d
+    vision = layers * block + 2 * (tokens - 1) * 3 * 16 * 16 * d
+    tok = CLIPTokenizer.from_pretrained(str(ROOT / "tests/fixtures/tokenizer"), pad_token="<|endoftext|>")
+    text = 0
+    for p in PROMPTS[:prompts]:
+        n, td = len(tok(p)["input_ids"]), 512
+        text += 12 * (2 * n * (4 * td * td + 2 * td * 2048) + 2 * 2 * n * n * td)
+    # Decoder: three reduces (768→64 on every token), FiLM, three layers of width 64 (MLP
+    # 2048), the refined head's transposed convolutions (small).
+    r, dd = 64, 2048
+    decoder = 3 * 2 * tokens * d * r + 3 * (2 * tokens * (4 * r * r + 2 * r * dd) + 2 * 2 * tokens * tokens * r)
+    return (images * vision + text + images * prompts * decoder) / 1e9
 
 
 def setup(out: Path):
@@ -122,15 +154,16 @@ def bench_torch(out: Path):
 
     torch.set_num_threads(1)
     model = CLIPSegForImageSegmentation.from_pretrained(out / "model").eval()
-    for n in (1, 10):
-        px, ids, mask = (torch.from_numpy(a) for a in inputs(n))
+    for images, n in CASES:
+        px, ids, mask = (torch.from_numpy(a) for a in inputs(n, images))
         with torch.no_grad():
             wall, cpu = timed(lambda: model(pixel_values=px, input_ids=ids, attention_mask=mask))
-        print(json.dumps(dict(framework=f"PyTorch {torch.__version__} (transformers)", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
+        print(json.dumps(dict(framework=f"PyTorch {torch.__version__} (transformers)", case=case_name(images, n), wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
 
 
-def bench_ort(out: Path, make_inputs=None):
-    """ONNX Runtime on DIR/model.onnx, one thread; `make_inputs(n)` gives the feed arrays."""
+def bench_ort(out: Path, make_inputs=None, cases=None):
+    """ONNX Runtime on DIR/model.onnx, one thread; `make_inputs(n)` gives the feed arrays
+    (`make_inputs(n, images)` for a batch); `cases` [(images, prompts)], default CASES."""
     import onnxruntime as ort
 
     make_inputs = make_inputs or inputs
@@ -140,26 +173,38 @@ def bench_ort(out: Path, make_inputs=None):
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
-    for n in (1, 10):
-        px, ids, mask = make_inputs(n)
+    for images, n in cases or CASES:
+        px, ids, mask = make_inputs(n) if images == 1 else make_inputs(n, images)
         feed = {k: v for k, v in dict(input_ids=ids, pixel_values=px, attention_mask=mask).items() if k in names}
         wall, cpu = timed(lambda: sess.run(None, feed))
-        print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=f"1x{n}", wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
+        print(json.dumps(dict(framework=f"ONNX Runtime {ort.__version__}", case=case_name(images, n), wall_s=wall, cpu_s=cpu, peak_mib=peak_mib())))
 
 
-def table(out: Path):
-    """Markdown table of WORKDIR/results.jsonl, CPU seconds relative to ONNX Runtime."""
+def table(out: Path, flops=False):
+    """Markdown table of WORKDIR/results.jsonl, CPU seconds relative to ONNX Runtime; with
+    `flops`, the GFLOP/s each achieves on CLIPSeg rd64-refined's work (`work_gflop`)."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     ort = {r["case"]: r for r in rows if r["framework"].startswith("ONNX")}
-    print("| framework | case | CPU s | wall s | CPU vs ORT | peak MiB |")
-    print("|---|---|---:|---:|---:|---:|")
+    work = {}
+    print("| framework | case | CPU s | wall s | CPU vs ORT |" + (" GFLOP/s |" if flops else "") + " peak MiB |")
+    print("|---|---|---:|---:|---:|" + ("---:|" if flops else "") + "---:|")
     for r in rows:
-        ratio = r["cpu_s"] / ort[r["case"]]["cpu_s"]
-        case = "1 image × %s prompt%s" % (r["case"][2:], "" if r["case"] == "1x1" else "s")
-        print(f"| {r['framework']} | {case} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | {ratio:.2f}× | {r['peak_mib']:.0f} |")
+        images, prompts = (int(v) for v in r["case"].split("x"))
+        ratio = r["cpu_s"] / ort[r["case"]]["cpu_s"] if r["case"] in ort else float("nan")
+        case = "%d image%s × %d prompt%s" % (images, "" if images == 1 else "s", prompts, "" if prompts == 1 else "s")
+        rate = ""
+        if flops:
+            work.setdefault(r["case"], work_gflop(images, prompts))
+            rate = f" {work[r['case']] / r['cpu_s']:.0f} |"
+        print(f"| {r['framework']} | {case} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | {ratio:.2f}× |{rate} {r['peak_mib']:.0f} |")
+    if flops:
+        print()
+        print("GFLOP/s: each case's work (what vlsm computes) over CPU seconds; work in GFLOP: "
+              + ", ".join(f"{c} {g:.1f}" for c, g in work.items()) + ".")
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    {"setup": setup, "torch": bench_torch, "ort": bench_ort, "table": table}[mode](out)
+    {"setup": setup, "torch": bench_torch, "ort": bench_ort, "table": table,
+     "table-flops": lambda o: table(o, flops=True)}[mode](out)

@@ -2,13 +2,14 @@
 //! (485 tokens: 22×22 patches and the class token), each beside burn's own op so a
 //! regression or a gain shows: the vision tower's linears and MLP (768 → 3072), its
 //! 12-head attention, CLIPSeg's decoder MLP (64 → 2048) and 4-head attention, softmax,
-//! LayerNorm and QuickGELU. `cargo bench -p vlsm --bench kernels`.
+//! LayerNorm and QuickGELU; the linears and MLPs also with bf16 weights where the CPU has
+//! AVX-512 BF16. `cargo bench -p vlsm --bench kernels`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use vlsm::burn::nn::{LayerNormConfig, LinearConfig};
 use vlsm::burn::tensor::module::attention as burn_attention;
 use vlsm::burn::tensor::ops::AttentionModuleOptions;
-use vlsm::burn::tensor::{Device, Distribution, Tensor, activation};
+use vlsm::burn::tensor::{DType, Device, Distribution, Tensor, activation};
 use vlsm::kernels;
 
 const TOKENS: usize = 485;
@@ -46,6 +47,21 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{name} mlp {d}-{hidden}-{d} vlsm"), |b| {
             b.iter(|| read(kernels::mlp(&x, &fc1, &fc2, quick).expect("flex f32")))
         });
+        if vlsm::gemm_bf16::available() {
+            // The same layers with bf16 weights (`--precision bf16`).
+            let bf16 = |l: &vlsm::burn::nn::Linear| {
+                let mut l = l.clone();
+                l.weight = l.weight.map(|w| w.cast(DType::BF16));
+                l
+            };
+            let (proj, fc1, fc2) = (bf16(&proj), bf16(&fc1), bf16(&fc2));
+            group.bench_function(format!("{name} linear {TOKENS}x{d}x{d} vlsm bf16"), |b| {
+                b.iter(|| read(kernels::linear(x.clone(), &proj)))
+            });
+            group.bench_function(format!("{name} mlp {d}-{hidden}-{d} vlsm bf16"), |b| {
+                b.iter(|| read(kernels::mlp(&x, &fc1, &fc2, quick).expect("flex bf16")))
+            });
+        }
     }
 
     for (name, heads, head_dim) in [("vision", 12, 64), ("decoder", 4, 16)] {

@@ -152,7 +152,8 @@ fn rows_of(t: &FlexTensor) -> Option<(&[f32], usize, usize)> {
         .then(|| (t.storage::<f32>(), layout.start_offset(), row as usize))
 }
 
-/// What a flex fast path needs from a `Linear`: its `[d_in, d_out]` weight and its bias.
+/// What a flex fast path needs from a `Linear`: its `[d_in, d_out]` weight (f32, or bf16
+/// where [`linears_to_bf16`] stored it so) and its bias.
 struct FlexLinear {
     weight: FlexTensor,
     bias: Option<FlexTensor>,
@@ -164,7 +165,14 @@ impl FlexLinear {
     fn of(layer: &Linear) -> Option<Self> {
         let weight = layer.weight.val();
         let [d_in, d_out] = weight.dims();
-        let weight = flex_f32(&weight)?;
+        if weight.device().is_autodiff() {
+            return None;
+        }
+        let bf16 = weight.dtype() == DType::BF16 && crate::gemm_bf16::available();
+        if weight.dtype() != DType::F32 && !bf16 {
+            return None;
+        }
+        let weight = weight.try_into_primitive::<Flex>().ok()?;
         if !weight.is_contiguous() || weight.layout().start_offset() != 0 {
             return None;
         }
@@ -193,6 +201,29 @@ impl FlexLinear {
     /// `x` points at `rows` rows of `d_in` values `x_rs` apart; `out` holds `rows · d_out`.
     unsafe fn apply(&self, x: *const f32, x_rs: usize, rows: usize, out: &mut [f32]) {
         let bias = self.bias.as_ref().map(|b| b.storage::<f32>());
+        if self.weight.dtype() == DType::BF16 {
+            if rows == 0 {
+                return;
+            }
+            // SAFETY: as documented.
+            let x = unsafe { std::slice::from_raw_parts(x, (rows - 1) * x_rs + self.d_in) };
+            let parallel = !matches!(
+                parallelism(rows, self.d_out, self.d_in),
+                gemm::Parallelism::None
+            );
+            crate::gemm_bf16::gemm(
+                x,
+                x_rs,
+                rows,
+                self.d_in,
+                self.weight.storage::<half::bf16>(),
+                self.d_out,
+                bias,
+                out,
+                parallel,
+            );
+            return;
+        }
         if let Some(bias) = bias {
             for row in out.chunks_exact_mut(self.d_out) {
                 row.copy_from_slice(bias);
@@ -237,14 +268,15 @@ fn sample_rows(dims: &[usize]) -> (usize, usize) {
     }
 }
 
-/// `layer.forward(x)` with the bias added inside the GEMM on flex.
+/// `layer.forward(x)` with the bias added inside the GEMM on flex, and in bf16 where the
+/// weight is stored so.
 pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
     let (Some(fx), Some(fl)) = (flex_f32(&x), FlexLinear::of(layer)) else {
-        return layer.forward(x);
+        return burn_linear(x, layer);
     };
     let dims = x.dims();
     if dims[D - 1] != fl.d_in {
-        return layer.forward(x);
+        return burn_linear(x, layer);
     }
     drop(x);
     let fx = match rows_of(&fx) {
@@ -261,6 +293,69 @@ pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
     let mut shape = dims;
     shape[D - 1] = fl.d_out;
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, shape)))
+}
+
+/// burn's `Linear::forward`, with a bf16-stored weight (and bias) widened to the input's
+/// dtype first: the path wherever vlsm's bf16 kernel does not run.
+pub fn burn_linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
+    let weight = layer.weight.val();
+    if weight.dtype() == x.dtype() {
+        return layer.forward(x);
+    }
+    let dtype = x.dtype();
+    burn::tensor::module::linear(
+        x,
+        weight.cast(dtype),
+        layer.bias.as_ref().map(|b| b.val().cast(dtype)),
+    )
+}
+
+/// Whether the layer's weight is stored in bf16 (by [`linears_to_bf16`]).
+pub fn stored_in_bf16(layer: &Linear) -> bool {
+    layer.weight.val().dtype() == DType::BF16
+}
+
+/// The weights of the linears inside attention and MLP blocks (q/k/v/out projections, fc1,
+/// fc2: most of a transformer's arithmetic and parameters) stored in bf16, for inference
+/// on a CPU with AVX-512 BF16: linears then run in bf16 with f32 sums ([`crate::gemm_bf16`]),
+/// while embeddings, norms, biases, attention products and softmax stay f32.
+pub fn linears_to_bf16<M: burn::module::Module>(module: M) -> M {
+    module.map(&mut Bf16Linears { path: Vec::new() })
+}
+
+/// Walks a module keeping `(field, container type)` of each level, as burn reports them.
+struct Bf16Linears {
+    path: Vec<(String, String)>,
+}
+
+impl burn::module::ModuleMapper for Bf16Linears {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<D>>,
+    ) -> burn::module::Param<Tensor<D>> {
+        // ... → SelfAttention.{q,k,v,out}_proj or Mlp.fc{1,2} → Linear.weight
+        let n = self.path.len();
+        let in_block_linear = n >= 2
+            && self.path[n - 1] == ("weight".to_string(), "Struct:Linear".to_string())
+            && matches!(
+                self.path[n - 2].1.as_str(),
+                "Struct:SelfAttention" | "Struct:Mlp"
+            );
+        if D == 2 && in_block_linear && param.val().dtype() == DType::F32 {
+            param.map(|w| w.cast(DType::BF16))
+        } else {
+            param
+        }
+    }
 }
 
 /// `fc2(act(fc1(x)))` on flex, `act` ReLU or QuickGELU, in blocks of rows when the hidden

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
+pub mod gemm_bf16;
 pub mod kernels;
 pub mod limits;
 pub mod mask_check;
@@ -33,7 +34,7 @@ pub use config::{ClipSegConfig, PreprocessConfig};
 pub use error::{Error, Result};
 pub use model::{Arch, BiomedClipSeg, ClipSeg, Conditioning, Cris, Encoded, Model};
 pub use segmenter::{
-    EmbeddedPrompts, EncodedImage, Logits, ModelConfig, ModelFiles, Pipeline, Segmenter,
+    EmbeddedPrompts, EncodedImage, Logits, ModelConfig, ModelFiles, Pipeline, Precision, Segmenter,
 };
 pub use tokenize::{PromptTokenizer, TokenizedPrompt};
 pub use weights::Weights;

@@ -75,6 +75,7 @@ impl ModelConfig {
 }
 
 /// Everything besides the weights: config, preprocessing, tokenizer.
+#[derive(Clone)]
 pub struct Pipeline {
     pub config: ModelConfig,
     pub preprocess: PreprocessConfig,
@@ -243,6 +244,37 @@ impl Logits {
     }
 }
 
+/// How the linears of a model's transformer blocks compute at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout (the default: masks stable bit for bit, as the parity tests check).
+    #[default]
+    F32,
+    /// Weights stored in bf16 and activations rounded to bf16 at each such linear, products
+    /// summed in f32 (CPU with AVX-512 BF16 only); everything else stays f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("precision `{s}`: expected f32 or bf16")),
+        }
+    }
+}
+
 /// A loaded model with its tokenizer and preprocessing, on one device.
 pub struct Segmenter {
     pub model: Model,
@@ -313,6 +345,45 @@ impl Segmenter {
 
     pub fn arch(&self) -> Arch {
         self.pipeline.arch()
+    }
+
+    /// Why `precision` cannot run here, if it cannot: bf16 needs the CPU (flex) device and a
+    /// processor with AVX-512 BF16.
+    pub fn precision_unavailable(&self, precision: Precision) -> Option<String> {
+        if precision == Precision::F32 {
+            return None;
+        }
+        if self.arch() == Arch::Cris {
+            // Most of CRIS's time is its ResNet's convolutions, which have no bf16 kernel,
+            // and bf16 in its transformer layers moved the fixture's logits by 6 % of their
+            // range (CLIPSeg's: under 1 %).
+            return Some("CRIS runs in f32 (its convolutions have no bf16 kernel)".into());
+        }
+        let on_flex = Tensor::<1>::zeros([1], &self.device)
+            .try_into_primitive::<burn_flex::Flex>()
+            .is_ok();
+        if !on_flex || self.device.is_autodiff() {
+            Some("bf16 linears run on the CPU backend only".into())
+        } else if !crate::gemm_bf16::available() {
+            Some("this CPU has no AVX-512 BF16 instructions (vdpbf16ps) for bf16 linears".into())
+        } else {
+            None
+        }
+    }
+
+    /// Switches the linears of the attention and MLP blocks to `precision` (one way: from
+    /// f32 to bf16); an error where it cannot run (see [`Self::precision_unavailable`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if let Some(why) = self.precision_unavailable(precision) {
+            return Err(Error::Input(format!(
+                "precision {}: {why}",
+                precision.name()
+            )));
+        }
+        if precision == Precision::Bf16 {
+            self.model = self.model.clone().with_bf16_linears();
+        }
+        Ok(())
     }
 
     /// The study's threshold for this model.

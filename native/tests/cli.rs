@@ -757,3 +757,64 @@ fn a_folder_is_segmented_recursively_and_a_bad_image_is_skipped_not_fatal() {
     assert!(t.join("g/sub/b/00_polyp.mask.png").is_file());
     assert!(!t.join("g/a").exists());
 }
+
+/// `segment --batch-size` encodes several images in one pass with the same logits as one at
+/// a time; `--precision bf16` runs (or falls back to f32 with a warning where the CPU
+/// lacks AVX-512 BF16) and its logits stay close to f32's.
+#[test]
+fn batched_and_bf16_segmentation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in ["rgb_150x100.png", "palette_110x75.png", "grey_120x90.png"] {
+        std::fs::copy(fixture("images").join(f), images.join(f)).unwrap();
+    }
+    let weights = fixture("clipseg_refined");
+    let logits = |name: &str, extra: &[&str]| -> Vec<f32> {
+        let npy = tmp.path().join(format!("{name}.npy"));
+        let mut args = vec![
+            "segment",
+            s(&images),
+            "--prompt",
+            "polyp",
+            "--prompt",
+            "a round pink polyp",
+            "--weights",
+            s(&weights),
+            "--out",
+            s(tmp.path()),
+            "--save-logits",
+            s(&npy),
+        ];
+        args.extend(extra);
+        let out = vlsm(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bytes = std::fs::read(&npy).unwrap();
+        // The .npy header is padded to a multiple of 64 bytes; then float32 values.
+        let header = 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        bytes[header..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let one = logits("one", &[]);
+    let batched = logits("batched", &["--batch-size", "3"]);
+    assert!(
+        !one.is_empty() && one.len() % 6 == 0,
+        "3 images × 2 prompts"
+    );
+    assert_eq!(one, batched, "batch of 3 vs one at a time");
+    let bf16 = logits("bf16", &["--precision", "bf16", "--batch-size", "2"]);
+    let range = one.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_diff = one
+        .iter()
+        .zip(&bf16)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    if vlsm::gemm_bf16::available() {
+        assert!(max_diff > 0.0, "bf16 gave f32's logits: it did not run");
+    }
+    assert!(
+        max_diff < 0.03 * range,
+        "bf16 moved logits by {max_diff} of {range}"
+    );
+}

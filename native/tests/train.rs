@@ -10,26 +10,25 @@ use std::time::{Duration, Instant};
 use common::{assert_clean_error, fixture, stderr, stdout, synthetic, train, train_args, vlsm};
 
 /// The mean Dice at model resolution of the model in `model_dir` on the validation split
-/// with prompt p1, as `vlsm bench` measures it.
-fn bench_val_dice(root: &Path, model_dir: &Path, out: &Path) -> f64 {
-    let result = vlsm(
-        &[
-            "bench",
-            "--data",
-            root.to_str().unwrap(),
-            "--datasets",
-            "ellipses",
-            "--weights",
-            model_dir.to_str().unwrap(),
-            "--prompts",
-            "p1",
-            "--split",
-            "val",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+/// with prompt p1, as `vlsm bench` measures it (`extra`: more bench options).
+fn bench_val_dice(root: &Path, model_dir: &Path, out: &Path, extra: &[&str]) -> f64 {
+    let args = [
+        "bench",
+        "--data",
+        root.to_str().unwrap(),
+        "--datasets",
+        "ellipses",
+        "--weights",
+        model_dir.to_str().unwrap(),
+        "--prompts",
+        "p1",
+        "--split",
+        "val",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    let result = vlsm(&args, &[]);
     assert!(result.status.success(), "{}", stderr(&result));
     let mut reader = csv::Reader::from_path(out.join("results.csv")).unwrap();
     let col = reader
@@ -101,11 +100,26 @@ fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
     }
     // The exported model, benchmarked on the validation split at model resolution, scores
     // exactly the best validation Dice the training measured.
-    let mean = bench_val_dice(&root, &run.join("model"), &tmp.path().join("bench"));
+    let mean = bench_val_dice(&root, &run.join("model"), &tmp.path().join("bench"), &[]);
     assert!(
         (mean - best).abs() < 1e-6,
         "exported model: {mean}, training: {best}"
     );
+    // bf16 linears (opt-in, `--precision bf16`) keep the fine-tuned model's Dice within half
+    // a point; bench.json records the precision.
+    if vlsm::gemm_bf16::available() {
+        let bf16_out = tmp.path().join("bench-bf16");
+        let bf16 = bench_val_dice(
+            &root,
+            &run.join("model"),
+            &bf16_out,
+            &["--precision", "bf16"],
+        );
+        eprintln!("bench val Dice: f32 {mean:.4}, bf16 {bf16:.4}");
+        assert!((bf16 - mean).abs() <= 0.005, "f32 {mean}, bf16 {bf16}");
+        let config = std::fs::read_to_string(bf16_out.join("bench.json")).unwrap();
+        assert!(config.contains("\"precision\": \"bf16\""), "{config}");
+    }
 }
 
 /// Mixed precision (float16 with loss scaling, bfloat16) learns the task as float32 does, and
@@ -144,6 +158,7 @@ fn mixed_precision_training_learns_the_task() {
             &root,
             &run.join("model"),
             &tmp.path().join(format!("b{precision}")),
+            &[],
         );
         assert!(
             (mean - best).abs() < 0.005,

@@ -101,3 +101,51 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) {
     let d = max_abs_diff(actual, expected);
     assert!(d <= tol, "{what}: max |Δ| = {d:e} > {tol:e}");
 }
+
+/// How a model's logits in bf16 compare with its f32 logits on one image and some prompts.
+#[derive(Debug)]
+pub struct Bf16Agreement {
+    /// Largest |Δlogit| over every prompt and pixel.
+    pub max_abs: f32,
+    /// That over the largest |logit| in f32.
+    pub relative: f32,
+    /// Share of model-resolution mask pixels (at `threshold`) that agree.
+    pub mask_agreement: f64,
+}
+
+/// Runs `seg` in f32 and again with its block linears in bf16 (on a clone) and compares;
+/// asserts the bf16 linears were really in use (the logits differ, the q projection of the
+/// first layer found is stored in bf16). `None` on a CPU without AVX-512 BF16.
+pub fn bf16_agreement(
+    seg: &vlsm::Segmenter,
+    image: &image::RgbImage,
+    prompts: &[&str],
+    threshold: f32,
+) -> Option<Bf16Agreement> {
+    if !vlsm::gemm_bf16::available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return None;
+    }
+    let run = |s: &vlsm::Segmenter| s.decode(&s.encode_image(image).unwrap(), prompts).unwrap();
+    let f32_logits = run(seg);
+    let mut bf16 = vlsm::Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device);
+    bf16.set_precision(vlsm::Precision::Bf16).unwrap();
+    let bf16_logits = run(&bf16);
+    let (mut max_abs, mut largest, mut agree, mut total) = (0f32, 0f32, 0usize, 0usize);
+    for (a, b) in f32_logits.iter().zip(&bf16_logits) {
+        max_abs = max_abs.max(max_abs_diff(&a.values, &b.values));
+        largest = a.values.iter().fold(largest, |m, v| m.max(v.abs()));
+        let (ma, mb) = (a.mask(threshold), b.mask(threshold));
+        agree += ma.iter().zip(&mb).filter(|(x, y)| x == y).count();
+        total += ma.len();
+    }
+    assert!(
+        max_abs > 0.0,
+        "bf16 logits equal f32's: the bf16 path did not run"
+    );
+    Some(Bf16Agreement {
+        max_abs,
+        relative: max_abs / largest,
+        mask_agreement: agree as f64 / total as f64,
+    })
+}

@@ -401,3 +401,24 @@ fn a_prompt_embeds_the_same_alone_and_padded_in_a_batch() {
     let padded = film(&[long, short]).narrow(0, 1, 1);
     assert_eq!(alone.into_data(), padded.into_data());
 }
+
+/// bf16 linears against f32 (BERT and timm's ViT: GELU MLPs, fused qkv split in three).
+#[test]
+fn bf16_linears_stay_close_to_f32() {
+    let image = image::open(vlsm_tests::fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .to_rgb8();
+    for (arch, decoder) in [
+        (Arch::BiomedClipSeg, Some("checkpoints/best.safetensors")),
+        (Arch::BiomedClipSegD, None),
+    ] {
+        let seg = own(arch, decoder);
+        let Some(a) = vlsm_tests::bf16_agreement(&seg, &image, &["polyp", "a large polyp"], 0.5)
+        else {
+            return;
+        };
+        eprintln!("{arch} bf16 vs f32: {a:?}");
+        assert!(a.relative < 0.03, "{arch}: {a:?}");
+        assert!(a.mask_agreement > 0.98, "{arch}: {a:?}");
+    }
+}

@@ -607,3 +607,15 @@ fn training_steps_match_medvlsm() {
     let checked = compare(&trainer, "after", f32::INFINITY);
     assert_eq!(checked, 19, "every reference tensor was compared");
 }
+
+/// CRIS stays f32 under `--precision bf16`: its convolutions have no bf16 kernel, and bf16 in
+/// its transformer layers moved the fixture's logits by 6 % of their range.
+#[test]
+fn bf16_is_declined_for_cris() {
+    let folder = own_fixture_folder();
+    let mut seg = vlsm::Segmenter::from_dir(folder.path(), &Device::flex()).unwrap();
+    let why = seg.precision_unavailable(vlsm::Precision::Bf16).unwrap();
+    assert!(why.contains("CRIS runs in f32"), "{why}");
+    assert!(seg.set_precision(vlsm::Precision::Bf16).is_err());
+    assert!(seg.set_precision(vlsm::Precision::F32).is_ok());
+}

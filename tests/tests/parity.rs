@@ -288,3 +288,43 @@ fn loading_from_bytes_equals_loading_from_the_directory() {
         .unwrap();
     assert_eq!(a, b);
 }
+
+/// bf16 linears (`--precision bf16`) against f32 on the refined fixture: logits within a few
+/// percent of their range, masks nearly all the same. The figures are printed for the
+/// README's accuracy table (`cargo test -p vlsm-tests bf16 -- --nocapture`).
+#[test]
+fn bf16_linears_stay_close_to_f32() {
+    let seg = Segmenter::from_dir(&fixture("clipseg_refined"), &Device::flex()).unwrap();
+    let image = image::open(fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .to_rgb8();
+    let prompts = ["polyp", "a round pink polyp", "", "skin melanoma"];
+    let Some(a) = vlsm_tests::bf16_agreement(&seg, &image, &prompts, 0.5) else {
+        return;
+    };
+    eprintln!("clipseg_refined bf16 vs f32: {a:?}");
+    assert!(a.relative < 0.03, "{a:?}");
+    assert!(a.mask_agreement > 0.98, "{a:?}");
+
+    // Only the blocks' linears change; the patch embedding and projections stay f32.
+    let mut bf16 = Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device);
+    bf16.set_precision(vlsm::Precision::Bf16).unwrap();
+    let vlsm::Model::ClipSeg(m) = &bf16.model else {
+        panic!("not CLIPSeg");
+    };
+    use vlsm::burn::tensor::DType;
+    let dtype = |l: &vlsm::burn::nn::Linear| l.weight.val().dtype();
+    let layer = &m.vision.layers[0];
+    for l in [
+        &layer.self_attn.q_proj,
+        &layer.self_attn.out_proj,
+        &layer.mlp.fc1,
+        &layer.mlp.fc2,
+    ] {
+        assert_eq!(dtype(l), DType::BF16);
+    }
+    assert_eq!(dtype(&m.text.layers[1].mlp.fc2), DType::BF16);
+    assert_eq!(dtype(&m.vision.patch_embedding), DType::F32);
+    assert_eq!(dtype(&m.text_projection), DType::F32);
+    assert_eq!(dtype(&m.decoder.film_mul), DType::F32);
+}

@@ -297,6 +297,17 @@ impl Model {
         Ok(())
     }
 
+    /// The model with the linears of its attention and MLP blocks stored in bf16 (see
+    /// [`crate::kernels::linears_to_bf16`]).
+    pub fn with_bf16_linears(self) -> Self {
+        use crate::kernels::linears_to_bf16;
+        match self {
+            Model::ClipSeg(m) => Model::ClipSeg(linears_to_bf16(m)),
+            Model::BiomedClipSeg(m) => Model::BiomedClipSeg(linears_to_bf16(m)),
+            Model::Cris(m) => Model::Cris(linears_to_bf16(m)),
+        }
+    }
+
     /// The whole CLIPSeg model, for what only CLIPSeg supports (full fine-tuning).
     pub fn clipseg(&self) -> Result<&ClipSeg> {
         match self {

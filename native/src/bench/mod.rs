@@ -102,6 +102,10 @@ pub struct RunArgs {
     no_encode_once: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
+    /// How the linears of the transformer blocks compute: `f32` or `bf16` (as `vlsm segment
+    /// --precision`; recorded in bench.json, so a resumed run keeps it).
+    #[arg(long, default_value = "f32")]
+    precision: vlsm::Precision,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<[usize; 2], String> {
@@ -203,6 +207,9 @@ fn bench(args: RunArgs) -> Result<()> {
         list_prompts,
         nsd_tolerance: args.nsd_tolerance,
         shard: args.shard,
+        precision: crate::segment::effective_precision(args.precision, args.backend)
+            .name()
+            .into(),
         finished: false,
     };
     let results_path = args.out.join(RESULTS);
@@ -315,7 +322,9 @@ fn bench(args: RunArgs) -> Result<()> {
                 continue;
             }
             bar.set_message(format!("loading {}", model.id.name));
-            let segmenter = model.source.load(&device)?;
+            let mut segmenter = model.source.load(&device)?;
+            let precision = config.precision.parse().map_err(anyhow::Error::msg)?;
+            crate::segment::set_precision(&mut segmenter, precision)?;
             let mut evaluator = Evaluator {
                 segmenter: &segmenter,
                 model: &model.id.name,

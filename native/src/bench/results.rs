@@ -366,6 +366,10 @@ pub struct RunConfig {
     pub nsd_tolerance: f64,
     /// `[K, N]`: this folder holds shard K of N; absent for a whole run or a merge.
     pub shard: Option<[usize; 2]>,
+    /// How the linears computed (`--precision`): `f32` (also runs made before the option)
+    /// or `bf16`.
+    #[serde(default = "f32_precision")]
+    pub precision: String,
     /// Set when the run got through all its work (a kill leaves it false).
     pub finished: bool,
 }
@@ -448,8 +452,13 @@ impl RunConfig {
             None => "none".into(),
         };
         check("shard", shard(self.shard), shard(other.shard));
+        check("precision", self.precision.clone(), other.precision.clone());
         d
     }
+}
+
+fn f32_precision() -> String {
+    "f32".into()
 }
 
 fn names(models: &[ModelId]) -> String {
