@@ -322,19 +322,19 @@ mod x86 {
                     },
                 };
             }
+            // The last pair of an odd k has no second weight row: it reads zeros instead
+            // (a mask of no columns), so the loop has no branch.
             let full = block.kc - usize::from(block.half_pair);
             for p in 0..block.kc {
+                let second = if p < full { block.mask } else { 0 };
                 // SAFETY: weight rows 2p and 2p+1 of the block (the second only when it
-                // exists), masked to the strip's columns.
+                // exists: a zero mask reads nothing), masked to the strip's columns.
                 let (w0, w1) = unsafe {
                     let row = block.w.add(2 * p * block.ldw);
-                    let w0 = _mm512_maskz_loadu_epi16(block.mask, row.cast());
-                    let w1 = if p < full {
-                        _mm512_maskz_loadu_epi16(block.mask, row.add(block.ldw).cast())
-                    } else {
-                        _mm512_setzero_si512()
-                    };
-                    (w0, w1)
+                    (
+                        _mm512_maskz_loadu_epi16(block.mask, row.cast()),
+                        _mm512_maskz_loadu_epi16(second, row.add(block.ldw).cast()),
+                    )
                 };
                 let b0: __m512bh = unsafe { std::mem::transmute(_mm512_unpacklo_epi16(w0, w1)) };
                 let b1: __m512bh = unsafe { std::mem::transmute(_mm512_unpackhi_epi16(w0, w1)) };

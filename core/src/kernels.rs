@@ -757,6 +757,57 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution, Tolerance};
 
+    /// A bf16-stored linear runs vlsm's bf16 GEMM (not burn's widened fallback), in the
+    /// linear and in the fused MLP.
+    #[test]
+    fn bf16_linears_run_the_bf16_gemm() {
+        if !crate::gemm_bf16::available() {
+            return;
+        }
+        let device = Device::flex();
+        let (d, hidden, rows) = (48, 80, 37);
+        let x = Tensor::<3>::random([2, rows, d], Distribution::Normal(0.0, 1.0), &device);
+        let layer = |i, o| {
+            let l = burn::nn::LinearConfig::new(i, o).init(&device);
+            let mut l = l;
+            l.weight = l.weight.map(|w| w.cast(DType::BF16));
+            l
+        };
+        let (fc1, fc2) = (layer(d, hidden), layer(hidden, d));
+        let direct = |x: &[f32], rows: usize, l: &Linear| {
+            let w = l.weight.val().into_data().convert::<half::bf16>();
+            let w = w.as_slice::<half::bf16>().unwrap().to_vec();
+            let b = l
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let [d_in, d_out] = l.weight.val().dims();
+            let mut out = vec![0f32; rows * d_out];
+            crate::gemm_bf16::gemm(x, d_in, rows, d_in, &w, d_out, Some(&b), &mut out, false);
+            out
+        };
+        let xs = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want: Vec<f32> = direct(&xs, 2 * rows, &fc1);
+        let got = linear(x.clone(), &fc1)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "linear");
+        let h: Vec<f32> = want
+            .iter()
+            .map(|&v| v / (1.0 + exp_f32(-1.702 * v)))
+            .collect();
+        let want = direct(&h, 2 * rows, &fc2);
+        let got = mlp(&x, &fc1, &fc2, true)
+            .expect("the fused path")
+            .into_data();
+        assert_eq!(got.try_to_vec::<f32>().unwrap(), want, "mlp");
+    }
+
     #[test]
     fn exp_is_within_two_ulp_of_libm_over_the_range_models_use() {
         let mut worst = 0f64;
