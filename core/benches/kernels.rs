@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use vlsm::burn::nn::{LayerNormConfig, LinearConfig};
 use vlsm::burn::tensor::module::attention as burn_attention;
 use vlsm::burn::tensor::ops::AttentionModuleOptions;
-use vlsm::burn::tensor::{DType, Device, Distribution, Tensor, activation};
+use vlsm::burn::tensor::{Device, Distribution, Tensor, activation};
 use vlsm::kernels;
 
 const TOKENS: usize = 485;
@@ -49,11 +49,7 @@ fn bench(c: &mut Criterion) {
         });
         if vlsm::gemm_bf16::available() {
             // The same layers with bf16 weights (`--precision bf16`).
-            let bf16 = |l: &vlsm::burn::nn::Linear| {
-                let mut l = l.clone();
-                l.weight = l.weight.map(|w| w.cast(DType::BF16));
-                l
-            };
+            let bf16 = |l: &vlsm::burn::nn::Linear| kernels::linear_to_bf16(l.clone());
             let (proj, fc1, fc2) = (bf16(&proj), bf16(&fc1), bf16(&fc2));
             group.bench_function(format!("{name} linear {TOKENS}x{d}x{d} vlsm bf16"), |b| {
                 b.iter(|| read(kernels::linear(x.clone(), &proj)))

@@ -1,10 +1,14 @@
 //! A bfloat16 GEMM for linears on CPUs with AVX-512 BF16 (`vdpbf16ps`): activations
 //! rounded to bf16 per call, weights stored in bf16 once at load (half the memory), products
 //! summed in f32. No mainstream Rust GEMM crate computes in bf16 (`gemm`, faer and candle
-//! widen to f32), so this is a small one: 12 × 32 tiles, the weight read in its own
-//! row-major `[d_in, d_out]` layout (pairs of rows interleaved in registers, so the stored
-//! weight is an ordinary bf16 tensor that burn can read too) and the bias as the starting
-//! value.
+//! widen to f32), so this is a small one: 12 × 32 tiles, the bias as the starting value.
+//!
+//! Weights are stored once, at load, in the order the kernel reads them ([`store`]): for
+//! each strip of 32 columns, each pair of rows interleaved (`w[2p][j], w[2p+1][j]` side by
+//! side, what one `vdpbf16ps` lane multiplies), so the kernel streams each strip
+//! sequentially. A weight whose shape does not fit whole strips and pairs (a column count
+//! not a multiple of 32, an odd row count: only tiny test models) stays row-major and the
+//! kernel interleaves pairs of rows in registers. [`unstore`] gives the row-major values back.
 //!
 //! Each output element's sum runs in the same order whatever the number of rows, the thread
 //! count or the batch (k in blocks of [`KC`] pairs, f32 partial sums in the output between
@@ -42,9 +46,61 @@ fn to_bf16_bits(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
+/// Whether a `[k, n]` weight is stored in strips (else row-major).
+fn in_strips(k: usize, n: usize) -> bool {
+    n.is_multiple_of(32) && k.is_multiple_of(2)
+}
+
+/// A row-major f32 weight `[k, n]` in bf16 (rounded to nearest even), in the order the
+/// kernel reads it (see the module's notes).
+pub fn store(w: &[f32], k: usize, n: usize) -> Vec<bf16> {
+    in_stored_order(w, k, n)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
+}
+
+/// A row-major weight `[k, n]` in [`store`]'s order, not yet rounded (burn then casts it).
+pub fn in_stored_order(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * n, "a [{k}, {n}] weight");
+    if !in_strips(k, n) {
+        return w.to_vec();
+    }
+    let mut out = Vec::with_capacity(k * n);
+    for n0 in (0..n).step_by(32) {
+        for p in 0..k / 2 {
+            for j in n0..n0 + 32 {
+                out.push(w[2 * p * n + j]);
+                out.push(w[(2 * p + 1) * n + j]);
+            }
+        }
+    }
+    out
+}
+
+/// A stored weight ([`store`]) back as row-major f32 `[k, n]`.
+pub fn unstore(w: &[bf16], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * n, "a [{k}, {n}] weight");
+    if !in_strips(k, n) {
+        return w.iter().map(|v| v.to_f32()).collect();
+    }
+    let mut out = vec![0f32; k * n];
+    let mut stored = w.iter();
+    for n0 in (0..n).step_by(32) {
+        for p in 0..k / 2 {
+            for j in n0..n0 + 32 {
+                for row in [2 * p, 2 * p + 1] {
+                    out[row * n + j] = stored.next().expect("k·n values").to_f32();
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `out[r] = bias + bf16(x[r]) · w` for `rows` rows of `k` values (`x_rs` apart) and a
-/// bf16 weight `[k, n]` (row-major); `out` is `rows × n`, row-major. `parallel`
-/// spreads column strips over rayon's threads (natively).
+/// bf16 weight `[k, n]` as [`store`] lays it out; `out` is `rows × n`, row-major.
+/// `parallel` spreads column strips over rayon's threads (natively).
 ///
 /// # Panics
 /// When [`available`] is false, or a slice is shorter than the shapes say.
@@ -77,10 +133,18 @@ pub fn gemm(
             unsafe { x86::round_row(&x[r * x_rs..r * x_rs + k], row) };
         }
         let strips = n.div_ceil(NR);
+        let packed = in_strips(k, n);
         let out_ptr = SharedOut(out.as_mut_ptr());
         let strip = |s: usize| {
             let n0 = s * NR;
             let width = NR.min(n - n0);
+            let weight = x86::Weight {
+                // Strip s: its k·32 values from s·k·32 when stored in strips, else from
+                // column n0 of the rows.
+                w: w[if packed { n0 * k } else { n0 }..].as_ptr().cast::<u16>(),
+                ldw: n,
+                packed,
+            };
             // SAFETY: the CPU has AVX-512 BF16; strip s writes only columns n0..n0+width of
             // each output row, which no other strip touches.
             unsafe {
@@ -89,8 +153,7 @@ pub fn gemm(
                     lda,
                     rows,
                     k,
-                    w.as_ptr().cast::<u16>().add(n0),
-                    n,
+                    &weight,
                     bias.map(|b| &b[n0..n0 + width]),
                     out_ptr.at(n0),
                     n,
@@ -142,7 +205,7 @@ mod x86 {
             unsafe {
                 let lo = _mm512_loadu_ps(x.as_ptr().add(i));
                 let hi = _mm512_loadu_ps(x.as_ptr().add(i + 16));
-                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                 _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), packed);
             }
             i += 32;
@@ -153,9 +216,8 @@ mod x86 {
         out[x.len()..].fill(0);
     }
 
-    /// Accumulator lane j of the first (second) register holds column `FIRST[j]`
-    /// (`SECOND[j]`) of the strip: interleaving two weight rows with unpacklo/unpackhi
-    /// works within 128-bit lanes. These indices put columns back in order (for
+    /// For a row-major weight, interleaving two rows with unpacklo/unpackhi works within
+    /// 128-bit lanes, so the accumulators hold the strip's columns out of order. These indices put columns back in order (for
     /// `permutex2var(first, idx, second)`) and take them out of order (from `out0, out1`).
     const TO_ORDER: [[i32; 16]; 2] = [
         [0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23],
@@ -166,6 +228,13 @@ mod x86 {
         [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31],
     ];
 
+    /// One strip's weight: where it starts, the row stride (row-major only) and its layout.
+    pub(super) struct Weight {
+        pub(super) w: *const u16,
+        pub(super) ldw: usize,
+        pub(super) packed: bool,
+    }
+
     /// One strip of `width` ≤ 32 columns for every row: k in blocks of KC pairs, rows in
     /// tiles of MR.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -175,8 +244,7 @@ mod x86 {
         lda: usize,
         rows: usize,
         k: usize,
-        w: *const u16,
-        ldw: usize,
+        weight: &Weight,
         bias: Option<&[f32]>,
         out: *mut f32,
         ldo: usize,
@@ -188,27 +256,40 @@ mod x86 {
             (1u32 << width) - 1
         };
         let pairs = k.div_ceil(2);
-        // The starting value (bias or zero) in the accumulators' column order.
+        // The starting value (bias or zero), in the accumulators' column order.
         let start = {
             let mut b = [0f32; NR];
             if let Some(bias) = bias {
                 b[..width].copy_from_slice(&bias[..width]);
             }
             // SAFETY: b holds 32 values.
-            unsafe {
-                scatter(
+            let (b0, b1) = unsafe {
+                (
                     _mm512_loadu_ps(b.as_ptr()),
                     _mm512_loadu_ps(b.as_ptr().add(16)),
                 )
+            };
+            if weight.packed {
+                [b0, b1]
+            } else {
+                unsafe { scatter(b0, b1) }
             }
         };
         let mut p0 = 0;
         while p0 < pairs {
             let kc = KC.min(pairs - p0);
+            // SAFETY: pair p0 of the strip exists: 64 values a pair when packed, two rows
+            // otherwise.
+            let w = unsafe {
+                weight.w.add(if weight.packed {
+                    64 * p0
+                } else {
+                    2 * p0 * weight.ldw
+                })
+            };
             let block = Block {
-                // SAFETY: pair p0 of the weight's rows exists.
-                w: unsafe { w.add(2 * p0 * ldw) },
-                ldw,
+                w,
+                ldw: weight.ldw,
                 // The last pair of an odd k has no second weight row.
                 half_pair: 2 * (p0 + kc) > k,
                 kc,
@@ -225,27 +306,31 @@ mod x86 {
                     ldo,
                     start: (p0 == 0).then_some(start),
                 };
-                // SAFETY: rows r..r+m of `a` and `out` exist; the block lies inside `w`.
-                unsafe {
-                    match m {
-                        12 => tile.run::<12>(&block),
-                        11 => tile.run::<11>(&block),
-                        10 => tile.run::<10>(&block),
-                        9 => tile.run::<9>(&block),
-                        8 => tile.run::<8>(&block),
-                        7 => tile.run::<7>(&block),
-                        6 => tile.run::<6>(&block),
-                        5 => tile.run::<5>(&block),
-                        4 => tile.run::<4>(&block),
-                        3 => tile.run::<3>(&block),
-                        2 => tile.run::<2>(&block),
-                        _ => tile.run::<1>(&block),
-                    }
+                macro_rules! run {
+                    ($($m:literal)*) => {
+                        match (m, weight.packed) {
+                            $(
+                                // SAFETY: rows r..r+m of `a` and `out` exist; the block lies
+                                // inside the weight.
+                                ($m, true) => unsafe { tile.run::<$m, true>(&block) },
+                                ($m, false) => unsafe { tile.run::<$m, false>(&block) },
+                            )*
+                            _ => unreachable!("1 ≤ m ≤ MR"),
+                        }
+                    };
                 }
+                run!(1 2 3 4 5 6 7 8 9 10 11 12);
                 r += m;
             }
             p0 += kc;
         }
+    }
+
+    /// 32 bf16 values, as `vdpbf16ps` takes them.
+    #[inline(always)]
+    fn as_bf16(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64 bytes of plain bits.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
     /// 32 columns in order (two registers) → the accumulators' order.
@@ -282,7 +367,7 @@ mod x86 {
         ]
     }
 
-    /// KC pairs of weight rows of one strip.
+    /// KC pairs of weight rows of one strip (packed: 64 values a pair).
     struct Block {
         w: *const u16,
         ldw: usize,
@@ -304,9 +389,12 @@ mod x86 {
     }
 
     impl Tile {
+        /// `PACKED`: the weight is stored in strips, and the accumulators hold columns in
+        /// order; else two row-major weight rows are interleaved in registers, which
+        /// leaves the columns out of order (see [`TO_ORDER`]).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-        unsafe fn run<const M: usize>(&self, block: &Block) {
+        unsafe fn run<const M: usize, const PACKED: bool>(&self, block: &Block) {
             let (lo_mask, hi_mask) = (block.mask as u16, (block.mask >> 16) as u16);
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
             for (r, acc) in acc.iter_mut().enumerate() {
@@ -315,10 +403,11 @@ mod x86 {
                     // SAFETY: row r of the output holds the strip's valid columns.
                     None => unsafe {
                         let row = self.out.add(r * self.ldo);
-                        scatter(
+                        let (c0, c1) = (
                             _mm512_maskz_loadu_ps(lo_mask, row),
                             _mm512_maskz_loadu_ps(hi_mask, row.add(16)),
-                        )
+                        );
+                        if PACKED { [c0, c1] } else { scatter(c0, c1) }
                     },
                 };
             }
@@ -326,18 +415,27 @@ mod x86 {
             // (a mask of no columns), so the loop has no branch.
             let full = block.kc - usize::from(block.half_pair);
             for p in 0..block.kc {
-                let second = if p < full { block.mask } else { 0 };
-                // SAFETY: weight rows 2p and 2p+1 of the block (the second only when it
-                // exists: a zero mask reads nothing), masked to the strip's columns.
-                let (w0, w1) = unsafe {
-                    let row = block.w.add(2 * p * block.ldw);
-                    (
-                        _mm512_maskz_loadu_epi16(block.mask, row.cast()),
-                        _mm512_maskz_loadu_epi16(second, row.add(block.ldw).cast()),
-                    )
+                // SAFETY: pair p of the block: 64 packed values, or weight rows 2p and
+                // 2p+1 (the second only when it exists: a zero mask reads nothing), masked
+                // to the strip's columns.
+                let (b0, b1): (__m512bh, __m512bh) = unsafe {
+                    if PACKED {
+                        let pair = block.w.add(64 * p);
+                        (
+                            as_bf16(_mm512_loadu_si512(pair.cast())),
+                            as_bf16(_mm512_loadu_si512(pair.add(32).cast())),
+                        )
+                    } else {
+                        let second = if p < full { block.mask } else { 0 };
+                        let row = block.w.add(2 * p * block.ldw);
+                        let w0 = _mm512_maskz_loadu_epi16(block.mask, row.cast());
+                        let w1 = _mm512_maskz_loadu_epi16(second, row.add(block.ldw).cast());
+                        (
+                            as_bf16(_mm512_unpacklo_epi16(w0, w1)),
+                            as_bf16(_mm512_unpackhi_epi16(w0, w1)),
+                        )
+                    }
                 };
-                let b0: __m512bh = unsafe { std::mem::transmute(_mm512_unpacklo_epi16(w0, w1)) };
-                let b1: __m512bh = unsafe { std::mem::transmute(_mm512_unpackhi_epi16(w0, w1)) };
                 for (r, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: pair p of row r (rows are padded to even lengths).
                     let pair = unsafe {
@@ -346,13 +444,17 @@ mod x86 {
                             .cast::<i32>()
                             .read_unaligned()
                     };
-                    let x: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
+                    let x = as_bf16(_mm512_set1_epi32(pair));
                     acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                let [c0, c1] = unsafe { gather(*acc) };
+                let [c0, c1] = if PACKED {
+                    *acc
+                } else {
+                    unsafe { gather(*acc) }
+                };
                 // SAFETY: row r of the output, the strip's valid columns.
                 unsafe {
                     let row = self.out.add(r * self.ldo);
@@ -370,7 +472,8 @@ mod tests {
 
     /// The same sum in f64 from the bf16-rounded operands.
     fn reference(x: &[f32], rows: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f64> {
-        let wf = |i: usize| f64::from(w[i].to_f32());
+        let w = unstore(w, k, n);
+        let wf = |i: usize| f64::from(w[i]);
         let xf = |i: usize| f64::from(bf16::from_f32(x[i]).to_f32());
         let mut out = vec![0f64; rows * n];
         for r in 0..rows {
@@ -409,7 +512,7 @@ mod tests {
             (12, 64, 32),
         ] {
             let x = values(1, rows * k);
-            let w: Vec<bf16> = values(2, k * n).into_iter().map(bf16::from_f32).collect();
+            let w = store(&values(2, k * n), k, n);
             let bias = values(3, n);
             let mut out = vec![f32::NAN; rows * n];
             gemm(&x, k, rows, k, &w, n, Some(&bias), &mut out, rows > 8);
@@ -426,19 +529,31 @@ mod tests {
     }
 
     #[test]
+    fn stored_weights_round_trip() {
+        for (k, n) in [(3, 5), (4, 64), (6, 33), (2, 32)] {
+            let w: Vec<f32> = values(6, k * n)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(unstore(&store(&w, k, n), k, n), w, "[{k}, {n}]");
+        }
+    }
+
+    #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
         if !available() {
             return;
         }
-        let (rows, k, n) = (29, 300, 45);
-        let x = values(4, rows * k);
-        let w: Vec<bf16> = values(5, k * n).into_iter().map(bf16::from_f32).collect();
-        let mut all = vec![0f32; rows * n];
-        gemm(&x, k, rows, k, &w, n, None, &mut all, true);
-        for r in [0, 11, 12, 28] {
-            let mut one = vec![0f32; n];
-            gemm(&x[r * k..], k, 1, k, &w, n, None, &mut one, false);
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        for (rows, k, n) in [(29, 300, 45), (29, 300, 64)] {
+            let x = values(4, rows * k);
+            let w = store(&values(5, k * n), k, n);
+            let mut all = vec![0f32; rows * n];
+            gemm(&x, k, rows, k, &w, n, None, &mut all, true);
+            for r in [0, 11, 12, 28] {
+                let mut one = vec![0f32; n];
+                gemm(&x[r * k..], k, 1, k, &w, n, None, &mut one, false);
+                assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+            }
         }
     }
 }

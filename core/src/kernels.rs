@@ -295,17 +295,16 @@ pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, shape)))
 }
 
-/// burn's `Linear::forward`, with a bf16-stored weight (and bias) widened to the input's
-/// dtype first: the path wherever vlsm's bf16 kernel does not run.
+/// burn's `Linear::forward`, with a bf16-stored weight put back in row-major order and
+/// widened to the input's dtype first: the path wherever vlsm's bf16 kernel does not run.
 pub fn burn_linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
-    let weight = layer.weight.val();
-    if weight.dtype() == x.dtype() {
+    if !stored_in_bf16(layer) {
         return layer.forward(x);
     }
     let dtype = x.dtype();
     burn::tensor::module::linear(
         x,
-        weight.cast(dtype),
+        bf16_weight_values(layer).cast(dtype),
         layer.bias.as_ref().map(|b| b.val().cast(dtype)),
     )
 }
@@ -313,6 +312,40 @@ pub fn burn_linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
 /// Whether the layer's weight is stored in bf16 (by [`linears_to_bf16`]).
 pub fn stored_in_bf16(layer: &Linear) -> bool {
     layer.weight.val().dtype() == DType::BF16
+}
+
+/// A bf16-stored weight ([`linear_to_bf16`]) as an ordinary row-major f32 `[d_in, d_out]`
+/// tensor (for burn's ops and for export).
+pub fn bf16_weight_values(layer: &Linear) -> Tensor<2> {
+    let weight = layer.weight.val();
+    let [k, n] = weight.dims();
+    let device = weight.device();
+    let stored = weight
+        .into_data()
+        .convert::<half::bf16>()
+        .try_into_vec::<half::bf16>()
+        .expect("a bf16 weight");
+    let values = crate::gemm_bf16::unstore(&stored, k, n);
+    Tensor::from_data(TensorData::new(values, [k, n]), &device)
+}
+
+/// A linear with its weight stored in bf16 in the bf16 GEMM's order
+/// ([`crate::gemm_bf16::store`]); the bias stays f32.
+pub fn linear_to_bf16(mut layer: Linear) -> Linear {
+    layer.weight = layer.weight.map(weight_to_bf16);
+    layer
+}
+
+fn weight_to_bf16<const D: usize>(w: Tensor<D>) -> Tensor<D> {
+    let dims = w.dims();
+    let device = w.device();
+    let values = w
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("an f32 weight");
+    let ordered = crate::gemm_bf16::in_stored_order(&values, dims[0], dims[1]);
+    Tensor::<D>::from_data(TensorData::new(ordered, dims), &device).cast(DType::BF16)
 }
 
 /// The weights of the linears inside attention and MLP blocks (q/k/v/out projections, fc1,
@@ -351,7 +384,7 @@ impl burn::module::ModuleMapper for Bf16Linears {
                 "Struct:SelfAttention" | "Struct:Mlp"
             );
         if D == 2 && in_block_linear && param.val().dtype() == DType::F32 {
-            param.map(|w| w.cast(DType::BF16))
+            param.map(weight_to_bf16)
         } else {
             param
         }
@@ -767,13 +800,10 @@ mod tests {
         let device = Device::flex();
         let (d, hidden, rows) = (48, 80, 37);
         let x = Tensor::<3>::random([2, rows, d], Distribution::Normal(0.0, 1.0), &device);
-        let layer = |i, o| {
-            let l = burn::nn::LinearConfig::new(i, o).init(&device);
-            let mut l = l;
-            l.weight = l.weight.map(|w| w.cast(DType::BF16));
-            l
-        };
+        let layer = |i, o| linear_to_bf16(burn::nn::LinearConfig::new(i, o).init(&device));
         let (fc1, fc2) = (layer(d, hidden), layer(hidden, d));
+        // Shapes in strips (64, 96) and row-major (48, 80).
+        let (proj1, proj2) = (layer(d, 64), layer(64, 96));
         let direct = |x: &[f32], rows: usize, l: &Linear| {
             let w = l.weight.val().into_data().convert::<half::bf16>();
             let w = w.as_slice::<half::bf16>().unwrap().to_vec();
@@ -806,6 +836,23 @@ mod tests {
             .expect("the fused path")
             .into_data();
         assert_eq!(got.try_to_vec::<f32>().unwrap(), want, "mlp");
+        let h = linear(x.clone(), &proj1);
+        let want = direct(
+            &h.clone().into_data().try_to_vec::<f32>().unwrap(),
+            2 * rows,
+            &proj2,
+        );
+        let got = linear(h.clone(), &proj2)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "linear in strips");
+        // burn's fallback reads the same stored weight back in row-major order.
+        let fallback = burn_linear(h, &proj2).into_data();
+        fallback.assert_approx_eq::<f32>(
+            &TensorData::new(want, [2, rows, 96]),
+            Tolerance::absolute(0.05),
+        );
     }
 
     #[test]

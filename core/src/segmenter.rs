@@ -371,9 +371,11 @@ impl Segmenter {
         }
     }
 
-    /// Switches the linears of the attention and MLP blocks to `precision` (one way: from
-    /// f32 to bf16); an error where it cannot run (see [`Self::precision_unavailable`]).
-    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+    /// The segmenter with the linears of its attention and MLP blocks in `precision` (one
+    /// way: from f32 to bf16); an error where it cannot run (see
+    /// [`Self::precision_unavailable`]). Each f32 weight is freed as soon as its bf16 copy
+    /// is made, so memory never holds both whole models.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         if let Some(why) = self.precision_unavailable(precision) {
             return Err(Error::Input(format!(
                 "precision {}: {why}",
@@ -381,9 +383,9 @@ impl Segmenter {
             )));
         }
         if precision == Precision::Bf16 {
-            self.model = self.model.clone().with_bf16_linears();
+            self.model = self.model.with_bf16_linears();
         }
-        Ok(())
+        Ok(self)
     }
 
     /// The study's threshold for this model.

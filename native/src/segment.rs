@@ -167,9 +167,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let device = backend::device(args.backend)?;
     let source = args.model.resolve()?;
     let segmenter = timings.measure("load model", || -> Result<Segmenter> {
-        let mut segmenter = source.load(&device)?;
-        set_precision(&mut segmenter, precision)?;
-        Ok(segmenter)
+        with_precision(source.load(&device)?, precision)
     })?;
     let threshold = args
         .threshold
@@ -293,14 +291,14 @@ pub fn effective_precision(requested: Precision, backend: Backend) -> Precision 
     requested
 }
 
-/// Switches a loaded model to `precision` where the model supports it (CRIS stays f32,
-/// with a warning).
-pub fn set_precision(segmenter: &mut Segmenter, precision: Precision) -> Result<()> {
+/// A loaded model in `precision` where the model supports it (CRIS stays f32, with a
+/// warning).
+pub fn with_precision(segmenter: Segmenter, precision: Precision) -> Result<Segmenter> {
     if let Some(why) = segmenter.precision_unavailable(precision) {
         eprintln!("warning: --precision {}: {why}", precision.name());
-        return Ok(());
+        return Ok(segmenter);
     }
-    Ok(segmenter.set_precision(precision)?)
+    Ok(segmenter.with_precision(precision)?)
 }
 
 /// Reads and decodes an image file (errors name the file).

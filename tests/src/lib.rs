@@ -128,8 +128,9 @@ pub fn bf16_agreement(
     }
     let run = |s: &vlsm::Segmenter| s.decode(&s.encode_image(image).unwrap(), prompts).unwrap();
     let f32_logits = run(seg);
-    let mut bf16 = vlsm::Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device);
-    bf16.set_precision(vlsm::Precision::Bf16).unwrap();
+    let bf16 = vlsm::Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device)
+        .with_precision(vlsm::Precision::Bf16)
+        .unwrap();
     let bf16_logits = run(&bf16);
     let (mut max_abs, mut largest, mut agree, mut total) = (0f32, 0f32, 0usize, 0usize);
     for (a, b) in f32_logits.iter().zip(&bf16_logits) {

@@ -307,8 +307,9 @@ fn bf16_linears_stay_close_to_f32() {
     assert!(a.mask_agreement > 0.98, "{a:?}");
 
     // Only the blocks' linears change; the patch embedding and projections stay f32.
-    let mut bf16 = Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device);
-    bf16.set_precision(vlsm::Precision::Bf16).unwrap();
+    let bf16 = Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device)
+        .with_precision(vlsm::Precision::Bf16)
+        .unwrap();
     let vlsm::Model::ClipSeg(m) = &bf16.model else {
         panic!("not CLIPSeg");
     };

@@ -599,7 +599,13 @@ pub fn named<const D: usize>(name: String, param: &Param<Tensor<D>>) -> Result<N
 /// burn's `Linear` weight is `[in, out]`; PyTorch's `[out, in]`.
 pub fn export_linear(out: &mut Vec<NamedTensor>, prefix: &str, l: &Linear) -> Result<()> {
     let [d_in, d_out] = l.weight.dims();
-    let w = crate::weights::transpose(&values(l.weight.val())?, d_in, d_out);
+    // A bf16-stored weight (`--precision bf16`) is kept in the bf16 GEMM's order.
+    let weight = if kernels::stored_in_bf16(l) {
+        kernels::bf16_weight_values(l)
+    } else {
+        l.weight.val()
+    };
+    let w = crate::weights::transpose(&values(weight)?, d_in, d_out);
     out.push((format!("{prefix}.weight"), vec![d_out, d_in], w));
     if let Some(b) = &l.bias {
         out.push(named(format!("{prefix}.bias"), b)?);

@@ -322,9 +322,8 @@ fn bench(args: RunArgs) -> Result<()> {
                 continue;
             }
             bar.set_message(format!("loading {}", model.id.name));
-            let mut segmenter = model.source.load(&device)?;
             let precision = config.precision.parse().map_err(anyhow::Error::msg)?;
-            crate::segment::set_precision(&mut segmenter, precision)?;
+            let segmenter = crate::segment::with_precision(model.source.load(&device)?, precision)?;
             let mut evaluator = Evaluator {
                 segmenter: &segmenter,
                 model: &model.id.name,
