@@ -275,6 +275,30 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// Why a model of `arch` cannot run in `precision` on `device`, if it cannot: bf16 needs the
+/// CPU (flex) device and a processor with AVX-512 BF16, and CRIS stays f32.
+pub fn precision_problem(arch: Arch, device: &Device, precision: Precision) -> Option<String> {
+    if precision == Precision::F32 {
+        return None;
+    }
+    if arch == Arch::Cris {
+        // Most of CRIS's time is its ResNet's convolutions, which have no bf16 kernel, and
+        // bf16 in its transformer layers moved the fixture's logits by 6 % of their range
+        // (CLIPSeg's: under 1 %).
+        return Some("CRIS runs in f32 (its convolutions have no bf16 kernel)".into());
+    }
+    let on_flex = Tensor::<1>::zeros([1], device)
+        .try_into_primitive::<burn_flex::Flex>()
+        .is_ok();
+    if !on_flex || device.is_autodiff() {
+        Some("bf16 linears run on the CPU backend only".into())
+    } else if !crate::gemm_bf16::available() {
+        Some("this CPU has no AVX-512 BF16 instructions (vdpbf16ps) for bf16 linears".into())
+    } else {
+        None
+    }
+}
+
 /// A loaded model with its tokenizer and preprocessing, on one device.
 pub struct Segmenter {
     pub model: Model,
@@ -337,9 +361,25 @@ impl Segmenter {
     /// `preprocessor_config.json`) or vlsm's BiomedCLIPSeg folder.
     #[cfg(feature = "std")]
     pub fn from_dir(dir: &std::path::Path, device: &Device) -> Result<Self> {
+        Self::from_dir_in(dir, device, Precision::F32)
+    }
+
+    /// As [`Self::from_dir`], with the transformer layers' linears stored in `precision` as
+    /// they load (so bf16 never holds the f32 weights whole); where `precision` cannot run
+    /// ([`precision_problem`]) the model loads in f32.
+    #[cfg(feature = "std")]
+    pub fn from_dir_in(
+        dir: &std::path::Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         let dir_files = crate::files::DirFiles::read(dir)?;
         let pipeline = Pipeline::from_files(&dir_files.model_files())?;
-        let weights = dir_files.weights()?;
+        let mut weights = dir_files.weights()?;
+        weights.set_bf16_block_linears(
+            precision == Precision::Bf16
+                && precision_problem(pipeline.arch(), device, precision).is_none(),
+        );
         Self::from_weights(pipeline, &weights, device)
     }
 
@@ -347,28 +387,9 @@ impl Segmenter {
         self.pipeline.arch()
     }
 
-    /// Why `precision` cannot run here, if it cannot: bf16 needs the CPU (flex) device and a
-    /// processor with AVX-512 BF16.
+    /// Why `precision` cannot run here, if it cannot (see [`precision_problem`]).
     pub fn precision_unavailable(&self, precision: Precision) -> Option<String> {
-        if precision == Precision::F32 {
-            return None;
-        }
-        if self.arch() == Arch::Cris {
-            // Most of CRIS's time is its ResNet's convolutions, which have no bf16 kernel,
-            // and bf16 in its transformer layers moved the fixture's logits by 6 % of their
-            // range (CLIPSeg's: under 1 %).
-            return Some("CRIS runs in f32 (its convolutions have no bf16 kernel)".into());
-        }
-        let on_flex = Tensor::<1>::zeros([1], &self.device)
-            .try_into_primitive::<burn_flex::Flex>()
-            .is_ok();
-        if !on_flex || self.device.is_autodiff() {
-            Some("bf16 linears run on the CPU backend only".into())
-        } else if !crate::gemm_bf16::available() {
-            Some("this CPU has no AVX-512 BF16 instructions (vdpbf16ps) for bf16 linears".into())
-        } else {
-            None
-        }
+        precision_problem(self.arch(), &self.device, precision)
     }
 
     /// The segmenter with the linears of its attention and MLP blocks in `precision` (one

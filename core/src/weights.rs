@@ -69,6 +69,9 @@ pub struct Weights<'a> {
     used: RefCell<BTreeSet<String>>,
     /// What the checkpoint is called in error messages.
     source: String,
+    /// Read for bf16 inference: transformer layers store their attention and MLP linears in
+    /// bf16 as they load ([`crate::model::layers::in_load_precision`]).
+    bf16_block_linears: bool,
 }
 
 impl<'a> Weights<'a> {
@@ -218,7 +221,18 @@ impl<'a> Weights<'a> {
             fresh: false,
             used: RefCell::new(BTreeSet::new()),
             source: source.to_string(),
+            bf16_block_linears: false,
         }
+    }
+
+    /// Whether transformer layers loaded from here store their attention and MLP linears in
+    /// bf16 (see [`crate::Precision::Bf16`]); off unless set.
+    pub fn bf16_block_linears(&self) -> bool {
+        self.bf16_block_linears
+    }
+
+    pub fn set_bf16_block_linears(&mut self, on: bool) {
+        self.bf16_block_linears = on;
     }
 
     /// A stand-in checkpoint that answers every request with deterministic random values of

@@ -213,8 +213,14 @@ impl ModelSource {
     }
 
     pub fn load(&self, device: &Device) -> Result<Segmenter> {
+        self.load_in(device, vlsm::Precision::F32)
+    }
+
+    /// The model, a folder's transformer layers stored in `precision` as they load (other
+    /// sources load in f32; `segment::with_precision` converts them after).
+    pub fn load_in(&self, device: &Device, precision: vlsm::Precision) -> Result<Segmenter> {
         Ok(match self {
-            Self::Dir(dir) => Segmenter::from_dir(dir, device)
+            Self::Dir(dir) => Segmenter::from_dir_in(dir, device, precision)
                 .with_context(|| format!("loading {}", dir.display()))?,
             Self::Biomed(s) => s.load(device)?,
             Self::Cris(s) => s.load(device)?,

@@ -167,7 +167,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let device = backend::device(args.backend)?;
     let source = args.model.resolve()?;
     let segmenter = timings.measure("load model", || -> Result<Segmenter> {
-        with_precision(source.load(&device)?, precision)
+        with_precision(source.load_in(&device, precision)?, precision)
     })?;
     let threshold = args
         .threshold

@@ -328,4 +328,24 @@ fn bf16_linears_stay_close_to_f32() {
     assert_eq!(dtype(&m.vision.patch_embedding), DType::F32);
     assert_eq!(dtype(&m.text_projection), DType::F32);
     assert_eq!(dtype(&m.decoder.film_mul), DType::F32);
+
+    // Stored in bf16 as each layer loads (what the CLI does): the same model, bit for bit.
+    let loaded = Segmenter::from_dir_in(
+        &fixture("clipseg_refined"),
+        &Device::flex(),
+        vlsm::Precision::Bf16,
+    )
+    .unwrap();
+    let vlsm::Model::ClipSeg(l) = &loaded.model else {
+        panic!("not CLIPSeg");
+    };
+    assert_eq!(dtype(&l.vision.layers[0].mlp.fc1), DType::BF16);
+    assert_eq!(dtype(&l.vision.patch_embedding), DType::F32);
+    let run = |s: &Segmenter| {
+        s.decode(&s.encode_image(&image).unwrap(), &prompts)
+            .unwrap()
+    };
+    for (a, b) in run(&bf16).iter().zip(&run(&loaded)) {
+        assert_eq!(a.values, b.values);
+    }
 }

@@ -205,7 +205,7 @@ fn load_layer(
 ) -> Result<TransformerLayer> {
     let d = s.hidden;
     let proj = |name: &str| linear(w, &format!("{prefix}.{name}"), d, d, true, device);
-    Ok(TransformerLayer {
+    let layer = TransformerLayer {
         self_attn: SelfAttention {
             q_proj: proj("attention.self.query")?,
             k_proj: proj("attention.self.key")?,
@@ -240,5 +240,6 @@ fn load_layer(
             act: s.act,
         },
         layer_norm2: layer_norm(w, &format!("{prefix}.output.LayerNorm"), d, s.eps, device)?,
-    })
+    };
+    Ok(super::layers::in_load_precision(w, layer))
 }

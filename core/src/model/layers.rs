@@ -161,7 +161,7 @@ pub fn load_packed_block(
 ) -> Result<TransformerLayer> {
     let d = s.hidden;
     let key = |name: &str| format!("{prefix}.{name}");
-    Ok(TransformerLayer {
+    let layer = TransformerLayer {
         self_attn: SelfAttention::load_packed_at(
             w,
             [
@@ -180,7 +180,19 @@ pub fn load_packed_block(
             act: s.act,
         },
         layer_norm2: layer_norm(w, &key(keys.norm2), d, s.eps, device)?,
-    })
+    };
+    Ok(in_load_precision(w, layer))
+}
+
+/// A just-loaded transformer layer, its attention and MLP linears stored in bf16 when the
+/// checkpoint is read for bf16 inference ([`Weights::bf16_block_linears`]): each f32 copy
+/// lives only while its layer loads, so the model never holds the f32 weights whole.
+pub fn in_load_precision(w: &Weights, layer: TransformerLayer) -> TransformerLayer {
+    if w.bf16_block_linears() {
+        kernels::linears_to_bf16(layer)
+    } else {
+        layer
+    }
 }
 
 /// `nn.LayerNorm(d, eps)` at `{prefix}.weight` / `{prefix}.bias`.
@@ -470,7 +482,7 @@ pub struct TransformerLayer {
 
 impl TransformerLayer {
     pub fn load(w: &Weights, prefix: &str, s: LayerShape, device: &Device) -> Result<Self> {
-        Ok(Self {
+        let layer = Self {
             self_attn: SelfAttention::load(
                 w,
                 &format!("{prefix}.self_attn"),
@@ -488,7 +500,8 @@ impl TransformerLayer {
                 device,
             )?,
             layer_norm2: layer_norm(w, &format!("{prefix}.layer_norm2"), s.hidden, s.eps, device)?,
-        })
+        };
+        Ok(in_load_precision(w, layer))
     }
 
     /// Pre-norm: `x + attn(ln1(x))`, then `x + mlp(ln2(x))` (the CLIP towers).

@@ -323,7 +323,10 @@ fn bench(args: RunArgs) -> Result<()> {
             }
             bar.set_message(format!("loading {}", model.id.name));
             let precision = config.precision.parse().map_err(anyhow::Error::msg)?;
-            let segmenter = crate::segment::with_precision(model.source.load(&device)?, precision)?;
+            let segmenter = crate::segment::with_precision(
+                model.source.load_in(&device, precision)?,
+                precision,
+            )?;
             let mut evaluator = Evaluator {
                 segmenter: &segmenter,
                 model: &model.id.name,
