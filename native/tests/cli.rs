@@ -805,6 +805,8 @@ fn batched_and_bf16_segmentation() {
     );
     assert_eq!(one, batched, "batch of 3 vs one at a time");
     let bf16 = logits("bf16", &["--precision", "bf16", "--batch-size", "2"]);
+    let bf16_one = logits("bf16-one", &["--precision", "bf16"]);
+    assert_eq!(bf16, bf16_one, "bf16: batch of 2 vs one at a time");
     let range = one.iter().fold(0f32, |m, v| m.max(v.abs()));
     let max_diff = one
         .iter()
