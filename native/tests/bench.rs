@@ -167,6 +167,18 @@ fn killed_run_resumes_to_the_same_rows_and_shards_merge_to_it() {
         &[],
     );
     assert_clean_error(&out, "threshold 0.5 (each model's) vs 0.4 (--threshold)");
+    if vlsm::gemm_bf16::available() {
+        let out = vlsm(
+            &bench_args(
+                root_s,
+                model_s,
+                killed.to_str().unwrap(),
+                &["--precision", "bf16"],
+            ),
+            &[],
+        );
+        assert_clean_error(&out, "precision f32 vs bf16");
+    }
 
     // Two shards, merged, equal the unsharded run.
     let mut shard_dirs = Vec::new();
