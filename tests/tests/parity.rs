@@ -348,4 +348,22 @@ fn bf16_linears_stay_close_to_f32() {
     for (a, b) in run(&bf16).iter().zip(&run(&loaded)) {
         assert_eq!(a.values, b.values);
     }
+
+    // bf16 runs a batch's prompts through each linear together (one product for all their
+    // tokens): a prompt still embeds bit for bit as it does alone.
+    let film = |prompts: &[&str]| {
+        let t = loaded
+            .embed_prompts(prompts)
+            .unwrap()
+            .conditioning
+            .film()
+            .unwrap()
+            .clone();
+        vlsm_tests::values(t)
+    };
+    let together = film(&prompts);
+    let width = together.len() / prompts.len();
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(film(&[p]), together[i * width..(i + 1) * width], "{p:?}");
+    }
 }
