@@ -66,12 +66,17 @@ pub fn in_stored_order(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     if !in_strips(k, n) {
         return w.to_vec();
     }
-    let mut out = Vec::with_capacity(k * n);
-    for n0 in (0..n).step_by(32) {
-        for p in 0..k / 2 {
-            for j in n0..n0 + 32 {
-                out.push(w[2 * p * n + j]);
-                out.push(w[(2 * p + 1) * n + j]);
+    // Pairs of rows read in order, each strip's 64 values written where they belong.
+    let pairs = k / 2;
+    let mut out = vec![0f32; k * n];
+    for (p, rows) in w.chunks_exact(2 * n).enumerate() {
+        let (first, second) = rows.split_at(n);
+        let strips = first.chunks_exact(32).zip(second.chunks_exact(32));
+        for (s, (a, b)) in strips.enumerate() {
+            let at = (s * pairs + p) * 64;
+            for (pair, (&x, &y)) in out[at..at + 64].chunks_exact_mut(2).zip(a.iter().zip(b)) {
+                pair[0] = x;
+                pair[1] = y;
             }
         }
     }
