@@ -3,7 +3,7 @@
 //! summed in f32. No mainstream Rust GEMM crate computes in bf16 (`gemm`, faer and candle
 //! widen to f32), so this is a small one: 12 × 32 tiles, the bias as the starting value.
 //!
-//! Weights are stored once, at load, in the order the kernel reads them ([`store`]): for
+//! Weights are stored once, at load, in the order the kernel reads them ([`in_stored_order`]): for
 //! each strip of 32 columns, each pair of rows interleaved (`w[2p][j], w[2p+1][j]` side by
 //! side, what one `vdpbf16ps` lane multiplies), so the kernel streams each strip
 //! sequentially. A weight whose shape does not fit whole strips and pairs (a column count
@@ -51,16 +51,8 @@ fn in_strips(k: usize, n: usize) -> bool {
     n.is_multiple_of(32) && k.is_multiple_of(2)
 }
 
-/// A row-major f32 weight `[k, n]` in bf16 (rounded to nearest even), in the order the
-/// kernel reads it (see the module's notes).
-pub fn store(w: &[f32], k: usize, n: usize) -> Vec<bf16> {
-    in_stored_order(w, k, n)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect()
-}
-
-/// A row-major weight `[k, n]` in [`store`]'s order, not yet rounded (burn then casts it).
+/// A row-major weight `[k, n]` in the order the kernel reads it (see the module's notes),
+/// still in f32: rounding it to bf16 (burn's cast, nearest even) gives the stored weight.
 pub fn in_stored_order(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "a [{k}, {n}] weight");
     if !in_strips(k, n) {
@@ -83,7 +75,7 @@ pub fn in_stored_order(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
-/// A stored weight ([`store`]) back as row-major f32 `[k, n]`.
+/// A stored weight ([`in_stored_order`]) back as row-major f32 `[k, n]`.
 pub fn unstore(w: &[bf16], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "a [{k}, {n}] weight");
     if !in_strips(k, n) {
@@ -104,7 +96,7 @@ pub fn unstore(w: &[bf16], k: usize, n: usize) -> Vec<f32> {
 }
 
 /// `out[r] = bias + bf16(x[r]) · w` for `rows` rows of `k` values (`x_rs` apart) and a
-/// bf16 weight `[k, n]` as [`store`] lays it out; `out` is `rows × n`, row-major.
+/// bf16 weight `[k, n]` as [`in_stored_order`] lays it out; `out` is `rows × n`, row-major.
 /// `parallel` spreads column strips over rayon's threads (natively).
 ///
 /// # Panics
@@ -474,6 +466,14 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row-major f32 weight as the kernel stores it.
+    fn store(w: &[f32], k: usize, n: usize) -> Vec<bf16> {
+        in_stored_order(w, k, n)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect()
+    }
 
     /// The same sum in f64 from the bf16-rounded operands.
     fn reference(x: &[f32], rows: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f64> {

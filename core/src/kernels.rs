@@ -205,7 +205,7 @@ impl FlexLinear {
     /// `x` points at `rows` rows of `d_in` values `x_rs` apart; `out` holds `rows · d_out`.
     unsafe fn apply(&self, x: *const f32, x_rs: usize, rows: usize, out: &mut [f32]) {
         let bias = self.bias.as_ref().map(|b| b.storage::<f32>());
-        if self.weight.dtype() == DType::BF16 {
+        if self.in_bf16() {
             if rows == 0 {
                 return;
             }
@@ -352,7 +352,7 @@ pub fn bf16_weight_values(layer: &Linear) -> Tensor<2> {
 }
 
 /// A linear with its weight stored in bf16 in the bf16 GEMM's order
-/// ([`crate::gemm_bf16::store`]); the bias stays f32.
+/// ([`crate::gemm_bf16::in_stored_order`], rounded); the bias stays f32.
 pub fn linear_to_bf16(mut layer: Linear) -> Linear {
     layer.weight = layer.weight.map(weight_to_bf16);
     layer

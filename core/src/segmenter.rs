@@ -291,12 +291,19 @@ pub fn precision_problem(arch: Arch, device: &Device, precision: Precision) -> O
         .try_into_primitive::<burn_flex::Flex>()
         .is_ok();
     if !on_flex || device.is_autodiff() {
-        Some("bf16 linears run on the CPU backend only".into())
-    } else if !crate::gemm_bf16::available() {
-        Some("this CPU has no AVX-512 BF16 instructions (vdpbf16ps) for bf16 linears".into())
+        Some(BF16_CPU_ONLY.into())
     } else {
-        None
+        cpu_precision_problem(precision)
     }
+}
+
+/// Why bf16 cannot run on another backend than the CPU's.
+pub const BF16_CPU_ONLY: &str = "bf16 linears run on the CPU backend only";
+
+/// Why this processor cannot run `precision` on the CPU backend, if it cannot.
+pub fn cpu_precision_problem(precision: Precision) -> Option<String> {
+    (precision == Precision::Bf16 && !crate::gemm_bf16::available())
+        .then(|| "this CPU has no AVX-512 BF16 instructions (vdpbf16ps) for bf16 linears".into())
 }
 
 /// A loaded model with its tokenizer and preprocessing, on one device.

@@ -275,20 +275,21 @@ pub fn run(args: SegmentArgs) -> Result<()> {
 /// The precision to run in: bf16 only where its kernel runs (the CPU backend on a
 /// processor with AVX-512 BF16), else f32 with a warning.
 pub fn effective_precision(requested: Precision, backend: Backend) -> Precision {
-    if requested == Precision::Bf16 {
-        let why = if !matches!(backend, Backend::Cpu) {
-            Some("bf16 linears run on the CPU backend only")
-        } else if !vlsm::gemm_bf16::available() {
-            Some("this CPU has no AVX-512 BF16 instructions (vdpbf16ps)")
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            eprintln!("warning: --precision bf16: {why}; running in f32");
-            return Precision::F32;
+    let why = match backend {
+        Backend::Cpu => vlsm::segmenter::cpu_precision_problem(requested),
+        _ if requested == Precision::F32 => None,
+        _ => Some(vlsm::segmenter::BF16_CPU_ONLY.to_string()),
+    };
+    match why {
+        Some(why) => {
+            eprintln!(
+                "warning: --precision {}: {why}; running in f32",
+                requested.name()
+            );
+            Precision::F32
         }
+        None => requested,
     }
-    requested
 }
 
 /// A loaded model in `precision` where the model supports it (CRIS stays f32, with a

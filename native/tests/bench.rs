@@ -156,28 +156,20 @@ fn killed_run_resumes_to_the_same_rows_and_shards_merge_to_it() {
         stderr(&out)
     );
     assert_eq!(std::fs::read(&results).unwrap(), whole_csv);
-    // Resuming with other options is refused.
-    let out = vlsm(
-        &bench_args(
-            root_s,
-            model_s,
-            killed.to_str().unwrap(),
-            &["--threshold", "0.4"],
-        ),
-        &[],
-    );
-    assert_clean_error(&out, "threshold 0.5 (each model's) vs 0.4 (--threshold)");
+    // Resuming with other options is refused (another precision only where bf16 runs).
+    let mut refusals = vec![(
+        ["--threshold", "0.4"],
+        "threshold 0.5 (each model's) vs 0.4 (--threshold)",
+    )];
     if vlsm::gemm_bf16::available() {
+        refusals.push((["--precision", "bf16"], "precision f32 vs bf16"));
+    }
+    for (options, difference) in refusals {
         let out = vlsm(
-            &bench_args(
-                root_s,
-                model_s,
-                killed.to_str().unwrap(),
-                &["--precision", "bf16"],
-            ),
+            &bench_args(root_s, model_s, killed.to_str().unwrap(), &options),
             &[],
         );
-        assert_clean_error(&out, "precision f32 vs bf16");
+        assert_clean_error(&out, difference);
     }
 
     // Two shards, merged, equal the unsharded run.
