@@ -75,7 +75,26 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("unknown")
 }
 
+/// Keeps freed tensor buffers in the process instead of giving them back to the system.
+/// glibc's defaults map every buffer above 128 KiB (up to 32 MiB once it adapts) afresh and
+/// unmap it when freed, so each op's output (activations of 1–30 MB) is page-faulted in
+/// and zeroed again: a fifth of a training step's time. Peak memory is unchanged (freed
+/// buffers are reused), but the process keeps up to its peak until it exits.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread runs.
+    unsafe {
+        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     // A panic is a bug, but the user still gets one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let msg = panic_message(info.payload());
