@@ -107,6 +107,10 @@ macro_rules! widest_simd {
     };
 }
 
+// After `widest_simd!`, which it uses.
+#[cfg(feature = "train")]
+mod autodiff;
+
 widest_simd!(quick_gelu_in_place(values: &mut [f32]) {
     // sigmoid(z) = 1 / (1 + e^−z), which is exact enough at both ends: e^−z clamps at
     // e^87, so large negative z give ≈ 0 and large positive ones 1.
@@ -489,6 +493,17 @@ pub fn attention(
         softcap: None,
         is_causal: causal,
     };
+    let [b, h, lq, d] = q.dims();
+    let lk = v.dims()[2];
+    let mask_fits = key_mask.as_ref().is_none_or(|m| m.dims() == [b, h, lq, lk]);
+    if lk == 0 || k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] || !mask_fits {
+        return burn_attention(q, k, v, key_mask, None, options);
+    }
+    // Training on the CPU: the same kernel, with its own backward pass.
+    #[cfg(feature = "train")]
+    if let Some(out) = autodiff::attention(&q, &k, &v, key_mask.as_ref(), causal) {
+        return out;
+    }
     // Some(None): no mask; None: a mask this path cannot read.
     let fmask = match &key_mask {
         None => Some(None),
@@ -499,18 +514,26 @@ pub fn attention(
     else {
         return burn_attention(q, k, v, key_mask, None, options);
     };
-    let [b, h, lq, d] = q.dims();
-    let [_, _, lk, dv] = v.dims();
-    let mask_fits = key_mask.as_ref().is_none_or(|m| m.dims() == [b, h, lq, lk]);
-    if lk == 0 || k.dims() != [b, h, lk, d] || v.dims()[..2] != [b, h] || !mask_fits {
-        return burn_attention(q, k, v, key_mask, None, options);
-    }
     drop((q, k, v, key_mask));
+    Tensor::from_primitive::<Flex>(flex_attention(&fq, &fk, &fv, fmask.as_ref(), causal))
+}
+
+/// [`attention`] on flex tensors whose shapes were checked: q `[B, H, Lq, d]`, k `[B, H, Lk,
+/// d]`, v `[B, H, Lk, dv]`, the mask `[B, H, Lq, Lk]` (any strides).
+fn flex_attention(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: Option<&FlexTensor>,
+    causal: bool,
+) -> FlexTensor {
+    let [b, h, lq, d] = dims4(q);
+    let [_, _, lk, dv] = dims4(v);
     let out = FlexAttention {
-        q: View::new(fq.storage::<f32>(), &fq),
-        k: View::new(fk.storage::<f32>(), &fk),
-        v: View::new(fv.storage::<f32>(), &fv),
-        mask: fmask.as_ref().map(|m| View::new(m.storage::<u8>(), m)),
+        q: View::new(q.storage::<f32>(), q),
+        k: View::new(k.storage::<f32>(), k),
+        v: View::new(v.storage::<f32>(), v),
+        mask: mask.map(|m| View::new(m.storage::<u8>(), m)),
         heads: h,
         lq,
         lk,
@@ -521,13 +544,16 @@ pub fn attention(
     .run(b);
     // Written as [B, Lq, H, dv] (what the caller reshapes to [B, Lq, H·dv]), viewed as
     // [B, H, Lq, dv].
-    let t =
-        FlexTensor::from_data(TensorData::new(out, [b * lq * h * dv])).with_layout(Layout::new(
-            [b, h, lq, dv].into(),
-            vec![(lq * h * dv) as isize, dv as isize, (h * dv) as isize, 1],
-            0,
-        ));
-    Tensor::from_primitive::<Flex>(t)
+    FlexTensor::from_data(TensorData::new(out, [b * lq * h * dv])).with_layout(Layout::new(
+        [b, h, lq, dv].into(),
+        vec![(lq * h * dv) as isize, dv as isize, (h * dv) as isize, 1],
+        0,
+    ))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1], shape[2], shape[3]]
 }
 
 /// A strided 4-D view of a flex tensor's storage: `[B, H, L, d]` values (f32), or a
@@ -633,38 +659,44 @@ impl FlexAttention<'_> {
         out
     }
 
-    /// One head: scores = q·kᵀ·scale, softmax by rows, out = scores·v (rows `H·dv` apart).
-    unsafe fn head(&self, b: usize, hh: usize, scores: &mut [f32], out: *mut f32) {
-        let (lq, d, dv) = (self.lq, self.d, self.dv);
-        // A padding mask (the same last keys ignored by every query) is run as the shorter
-        // sequence it stands for, so a padded prompt computes exactly what it computes alone
-        // (the GEMM's rounding depends on the number of keys). Any other mask is applied
-        // key by key.
-        let (lk, mask) = match &self.mask {
+    /// The keys head (b, h) sees and the mask still to apply. A padding mask (the same last
+    /// keys ignored by every query) is run as the shorter sequence it stands for, so a padded
+    /// prompt computes exactly what it computes alone (the GEMM's rounding depends on the
+    /// number of keys). Any other mask is applied key by key.
+    fn keys(&self, b: usize, hh: usize) -> (usize, Option<&View<'_, u8>>) {
+        match &self.mask {
             None => (self.lk, None),
-            Some(m) => match m.unmasked_prefix(b, hh, lq, self.lk) {
+            Some(m) => match m.unmasked_prefix(b, hh, self.lq, self.lk) {
                 Some(keys) => (keys, None),
                 None => (self.lk, Some(m)),
             },
-        };
-        let heads_dv = (self.heads * dv) as isize;
-        if lk == 0 {
-            // Every key ignored: zeros, as burn's kernel gives.
-            for i in 0..lq {
-                // SAFETY: row i of this head's output: dv values at out + i·heads·dv.
-                unsafe { std::slice::from_raw_parts_mut(out.add(i * heads_dv as usize), dv) }
-                    .fill(0.0);
-            }
-            return;
         }
-        let scores = &mut scores[..lq * lk];
-        let scale = 1.0 / (d as f32).sqrt();
-        // q, k and v copied to contiguous rows first: the GEMM's rounding depends on its
-        // operands' strides, and the same head must give the same result however the
-        // tensors before it were laid out.
-        let q = self.q.rows(b, hh, lq, d);
-        let k = self.k.rows(b, hh, lk, d);
-        let v = self.v.rows(b, hh, lk, dv);
+    }
+
+    /// Head (b, h)'s q, k and v (its first `lk` keys), copied to contiguous rows: the GEMM's
+    /// rounding depends on its operands' strides, and the same head must give the same
+    /// result however the tensors before it were laid out.
+    fn operands(&self, b: usize, hh: usize, lk: usize) -> [Vec<f32>; 3] {
+        [
+            self.q.rows(b, hh, self.lq, self.d),
+            self.k.rows(b, hh, lk, self.d),
+            self.v.rows(b, hh, lk, self.dv),
+        ]
+    }
+
+    /// `scores` (lq × lk) ← exp(q·kᵀ·scale − row max), zero where a key is ignored (by
+    /// `mask` or causality); returns each row's 1 / sum (0 for a row that sees no key), so
+    /// the softmax is each row times its value.
+    fn exp_scores(
+        &self,
+        b: usize,
+        hh: usize,
+        (q, k): (&[f32], &[f32]),
+        mask: Option<&View<'_, u8>>,
+        scores: &mut [f32],
+    ) -> Vec<f32> {
+        let (lq, d) = (self.lq, self.d);
+        let lk = scores.len() / lq;
         // SAFETY: `q` is lq × d, `k` lk × d, `scores` lq × lk, all row-major.
         unsafe {
             gemm::gemm(
@@ -682,15 +714,13 @@ impl FlexAttention<'_> {
                 d as isize, // kᵀ: its rows are the columns
                 1,
                 0.0,
-                scale,
+                attention_scale(d),
                 false,
                 false,
                 false,
                 gemm::Parallelism::None,
             );
         }
-        // Unnormalised: each output row is divided by its sum after the product, dv values
-        // per row instead of lk.
         let mut inverse_sums = Vec::with_capacity(lq);
         for (i, row) in scores.chunks_exact_mut(lk).enumerate() {
             // Causal: key j > query i is masked (PyTorch's is_causal with Lq = Lk).
@@ -723,7 +753,29 @@ impl FlexAttention<'_> {
                 }
             }
         }
-        // SAFETY: as above; `out` rows are heads·dv apart, dv wide.
+        inverse_sums
+    }
+
+    /// One head: scores = q·kᵀ·scale, softmax by rows, out = scores·v (rows `H·dv` apart).
+    unsafe fn head(&self, b: usize, hh: usize, scores: &mut [f32], out: *mut f32) {
+        let (lq, dv) = (self.lq, self.dv);
+        let (lk, mask) = self.keys(b, hh);
+        let heads_dv = (self.heads * dv) as isize;
+        if lk == 0 {
+            // Every key ignored: zeros, as burn's kernel gives.
+            for i in 0..lq {
+                // SAFETY: row i of this head's output: dv values at out + i·heads·dv.
+                unsafe { std::slice::from_raw_parts_mut(out.add(i * heads_dv as usize), dv) }
+                    .fill(0.0);
+            }
+            return;
+        }
+        let scores = &mut scores[..lq * lk];
+        let [q, k, v] = self.operands(b, hh, lk);
+        // Unnormalised: each output row is divided by its sum after the product, dv values
+        // per row instead of lk.
+        let inverse_sums = self.exp_scores(b, hh, (&q, &k), mask, scores);
+        // SAFETY: `scores` is lq × lk, `v` lk × dv; `out` rows are heads·dv apart, dv wide.
         unsafe {
             gemm::gemm(
                 lq,
@@ -753,6 +805,11 @@ impl FlexAttention<'_> {
             scale_in_place(row, inv);
         }
     }
+}
+
+/// CLIP's (and PyTorch's default) attention scale, 1/√d.
+fn attention_scale(d: usize) -> f32 {
+    1.0 / (d as f32).sqrt()
 }
 
 widest_simd!(scale_in_place(values: &mut [f32], factor: f32) {

@@ -542,14 +542,18 @@ pub fn write_safetensors(
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, shape, values)| {
-            let bytes = if fp16 {
-                values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect()
+            // Sized up front and filled element by element: a `flat_map(..).collect()` grows
+            // byte by byte, which took seconds on a full-size model.
+            let mut bytes = Vec::with_capacity(values.len() * if fp16 { 2 } else { 4 });
+            if fp16 {
+                for v in values {
+                    bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+                }
             } else {
-                values.iter().flat_map(|v| v.to_le_bytes()).collect()
-            };
+                for v in values {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             (name.clone(), shape.clone(), bytes)
         })
         .collect();
