@@ -10,6 +10,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::report::Report;
+use crate::report::thresholds::Study;
 
 const PANEL: (u32, u32) = (420, 300);
 const COLORS: [RGBColor; 6] = [
@@ -40,6 +41,97 @@ pub fn dice_vs_prompt(report: &Report, out: &Path) -> Result<Vec<PathBuf>> {
         out,
         "dice_vs_prompt",
     )
+}
+
+/// Writes `dice_vs_threshold.png` and `.svg` into `out` (one panel per dataset, a line per
+/// model); returns their paths.
+pub fn dice_vs_threshold(study: &Study, out: &Path) -> Result<Vec<PathBuf>> {
+    let mut datasets: Vec<&str> = Vec::new();
+    for c in &study.curves {
+        if !datasets.contains(&c.dataset.as_str()) {
+            datasets.push(&c.dataset);
+        }
+    }
+    if datasets.is_empty() {
+        return Ok(Vec::new());
+    }
+    load_font()?;
+    let columns = datasets.len().min(3);
+    let rows = datasets.len().div_ceil(columns);
+    let size = (PANEL.0 * columns as u32, PANEL.1 * rows as u32 + 40);
+    render(
+        &DiceVsThreshold {
+            study,
+            datasets,
+            rows,
+            columns,
+        },
+        size,
+        out,
+        "dice_vs_threshold",
+    )
+}
+
+struct DiceVsThreshold<'a> {
+    study: &'a Study,
+    datasets: Vec<&'a str>,
+    rows: usize,
+    columns: usize,
+}
+
+impl Figure for DiceVsThreshold<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the plot: {e:?}");
+        root.fill(&WHITE).map_err(fail)?;
+        let root = root
+            .titled("Dice (%) vs threshold", ("sans-serif", 22))
+            .map_err(fail)?;
+        let panels = root.split_evenly((self.rows, self.columns));
+        let mut models: Vec<&str> = Vec::new();
+        for c in &self.study.curves {
+            if !models.contains(&c.model.as_str()) {
+                models.push(&c.model);
+            }
+        }
+        for (index, (dataset, panel)) in self.datasets.iter().zip(&panels).enumerate() {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(*dataset, ("sans-serif", 16))
+                .margin(8)
+                .x_label_area_size(28)
+                .y_label_area_size(36)
+                .build_cartesian_2d(0f64..1f64, 0f64..100f64)
+                .map_err(fail)?;
+            chart
+                .configure_mesh()
+                .x_labels(6)
+                .y_labels(6)
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(fail)?;
+            for curve in self.study.curves.iter().filter(|c| c.dataset == *dataset) {
+                let m = models.iter().position(|m| *m == curve.model).unwrap_or(0);
+                let color = COLORS[m % COLORS.len()];
+                let points: Vec<(f64, f64)> = curve
+                    .thresholds
+                    .iter()
+                    .zip(&curve.dice)
+                    .filter(|(_, d)| !d.is_nan())
+                    .map(|(&t, &d)| (f64::from(t), d * 100.0))
+                    .collect();
+                draw_line(&mut chart, points.clone(), color, &curve.model)?;
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(fail)?;
+            }
+            if index == 0 {
+                draw_legend(&mut chart)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Something drawn on any plotters backend (so once for the SVG, once for the PNG).

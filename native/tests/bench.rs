@@ -806,3 +806,231 @@ fn mutated_results_and_config_are_refused_or_repaired_never_silently_wrong() {
     }
     assert!(refused > 10, "refused {refused}, repaired {repaired}");
 }
+
+/// `<root>/kvasir` with the masks of its first two entries blanked (empty masks, as BKAI,
+/// BUSI, CAMUS and CheXlocalize have) and a `val.json` equal to `test.json`.
+fn dataset_with_empty_masks(root: &Path) -> PathBuf {
+    let dir = dataset(root, 1);
+    let entries: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("anns/test.json")).unwrap()).unwrap();
+    for e in &entries[..2] {
+        let path = dir.join("masks").join(e["mask_name"].as_str().unwrap());
+        let (w, h) = image::image_dimensions(&path).unwrap();
+        image::GrayImage::new(w, h).save(&path).unwrap();
+    }
+    std::fs::copy(dir.join("anns/test.json"), dir.join("anns/val.json")).unwrap();
+    dir
+}
+
+fn report_json(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn threshold_study_empty_mask_conventions_and_paired_comparisons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset_with_empty_masks(&root);
+    let (simple, refined) = (fixture("clipseg_simple"), fixture("clipseg_refined"));
+    let bench = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "kvasir",
+            "--weights",
+            simple.to_str().unwrap(),
+            "--weights",
+            refined.to_str().unwrap(),
+            "--prompts",
+            "p1,p6",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        vlsm(&args, &[])
+    };
+    // Three thresholds from one decoding each; 1 predicts nothing (sigmoid < 1 always).
+    let test = tmp.path().join("test");
+    let out = bench(&test, &["--thresholds", "0.3,0.5,1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(test.join("results.csv")).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 2 * 5 * 2 * 3);
+    for r in &records {
+        let n = |c: &str| r[col(c)].parse::<u64>().unwrap();
+        let (w, h) = (n("width"), n("height"));
+        assert_eq!(n("tp") + n("fp") + n("fn") + n("tn"), w * h);
+        let threshold: f32 = r[col("threshold")].parse().unwrap();
+        assert!([0.3, 0.5, 1.0].contains(&threshold));
+        if threshold == 1.0 {
+            assert_eq!((n("tp"), n("fp")), (0, 0), "nothing predicted at 1");
+        }
+    }
+    // Resuming does nothing; other thresholds are refused.
+    let out = bench(&test, &["--thresholds", "0.3,0.5,1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bench: 0 rows"), "{}", stderr(&out));
+    let out = bench(&test, &["--thresholds", "0.3,0.5"]);
+    assert_clean_error(&out, "other options");
+    let out = bench(&tmp.path().join("x"), &["--thresholds", "0:1:0.001"]);
+    assert_clean_error(&out, "at most 100");
+
+    // Thresholds chosen on validation results (here the same images), never on test ones.
+    let val = tmp.path().join("val");
+    let out = bench(&val, &["--split", "val", "--thresholds", "0.3,0.5,1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = |results: &Path, extra: &[&str]| {
+        let mut args = vec!["report", results.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        vlsm(&args, &[])
+    };
+    let out = report(&test, &["--tune-on", test.to_str().unwrap()]);
+    assert_clean_error(&out, "test-split results");
+    let (a, b) = ("clipseg_simple", "clipseg_refined");
+    let pair = format!("{a},{b}");
+    let out = report(
+        &test,
+        &[
+            "--tune-on",
+            val.to_str().unwrap(),
+            "--compare",
+            &pair,
+            "--compare-prompts",
+            "p1,p6",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = report_json(&test);
+    let study = &json["threshold_study"];
+    let curves = study["curves"].as_array().unwrap();
+    assert_eq!(curves.len(), 2);
+    for c in curves {
+        let thresholds: Vec<f32> = c["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(thresholds, [0.3, 0.5, 1.0]);
+        // At 1 the two empty masks score 1 (medvlsm's convention), the three others 0.
+        assert!((c["dice"][2].as_f64().unwrap() - 0.4).abs() < 1e-12, "{c}");
+    }
+    for t in study["tuned"].as_array().unwrap() {
+        // The same images: the chosen threshold gives here what it gave there.
+        assert_eq!(t["dice_at_chosen"], t["val_dice"], "{t}");
+        assert_eq!(t["table_threshold"].as_f64(), Some(0.5));
+    }
+    // The tables stay at the models' study threshold.
+    for c in json["cells"].as_array().unwrap() {
+        assert_eq!(c["images"], 5);
+    }
+    let comparisons = json["comparisons"].as_array().unwrap();
+    assert_eq!(
+        comparisons.len(),
+        4,
+        "two prompts for the models, two models for the prompts"
+    );
+    // The first: simple − refined on p1, recomputed from the rows at 0.5.
+    let dice = |model: &str| -> Vec<f64> {
+        let mut v: Vec<(usize, f64)> = records
+            .iter()
+            .filter(|r| {
+                &r[col("model")] == model
+                    && &r[col("prompt_id")] == "p1"
+                    && &r[col("threshold")] == "0.5"
+            })
+            .map(|r| {
+                (
+                    r[col("entry")].parse().unwrap(),
+                    r[col("dice")].parse().unwrap(),
+                )
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v.into_iter().map(|x| x.1).collect()
+    };
+    let (da, db) = (dice(a), dice(b));
+    let expected = da.iter().zip(&db).map(|(x, y)| x - y).sum::<f64>() / 5.0;
+    let first = &comparisons[0];
+    assert_eq!(
+        (first["a"].as_str(), first["within"].as_str()),
+        (Some(a), Some("p1"))
+    );
+    assert!((first["dice"]["mean_difference"].as_f64().unwrap() - expected).abs() < 1e-12);
+    assert_eq!(first["dice"]["n"], 5);
+    let p = first["dice"]["p_value"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    let md = std::fs::read_to_string(test.join("report.md")).unwrap();
+    for section in [
+        "## Dice (%) vs threshold",
+        "## Thresholds chosen on validation results",
+        "## Paired comparisons",
+    ] {
+        assert!(md.contains(section), "{section} missing:\n{md}");
+    }
+    assert!(test.join("dice_vs_threshold.png").is_file());
+    let out = report(&test, &["--compare", "clipseg_simple,nope"]);
+    assert_clean_error(&out, "no model nope");
+
+    // Empty masks: at threshold 1 every prediction is empty, so the two blank masks are
+    // empty-on-empty pairs: Dice 1 for medvlsm, left out by nnU-Net.
+    let empty = tmp.path().join("empty");
+    let out = bench(&empty, &["--threshold", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = report(&empty, &["--nnunet-summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = report_json(&empty);
+    let differ = json["empty_masks_differ"].as_array().unwrap();
+    assert_eq!(differ.len(), 4, "two models × two prompts");
+    for c in differ {
+        assert_eq!(
+            (c["empty_masks"].as_u64(), c["both_empty"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert!((c["dice_medvlsm"]["mean"].as_f64().unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(c["dice_nnunet"]["mean"].as_f64(), Some(0.0));
+        assert_eq!(c["dice_nnunet"]["n"], 3);
+    }
+    let out = report(
+        &empty,
+        &[
+            "--empty-masks",
+            "nnunet",
+            "--out",
+            tmp.path().join("nn").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for c in report_json(&tmp.path().join("nn"))["cells"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(
+            (c["dice"]["mean"].as_f64(), c["dice"]["n"].as_u64()),
+            (Some(0.0), Some(3))
+        );
+    }
+    // nnU-Net's summary.json: NaN Dice for the empty pairs, nanmean over the others.
+    let summary =
+        std::fs::read_to_string(empty.join("nnunet/clipseg_simple/kvasir/p1/summary.json"))
+            .unwrap();
+    let summary: Value = serde_json::from_str(&summary.replace("NaN", "null")).unwrap();
+    let cases = summary["metric_per_case"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    let empty_cases = cases
+        .iter()
+        .filter(|c| c["metrics"]["1"]["Dice"].is_null())
+        .count();
+    assert_eq!(empty_cases, 2);
+    assert_eq!(summary["mean"]["1"]["Dice"].as_f64(), Some(0.0));
+    assert_eq!(summary["foreground_mean"]["TP"].as_f64(), Some(0.0));
+    let out = report(
+        &empty,
+        &["--empty-masks", "nnunet", "--resolution", "model"],
+    );
+    assert_clean_error(&out, "original resolution only");
+}

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use vlsm::dataset::{self, Entry, ListPrompts, PromptValue};
-use vlsm::metrics::Scores;
+use vlsm::metrics::{Overlap, Scores};
 use vlsm::model::Arch;
 use vlsm::{Segmenter, preprocess};
 
@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// study threshold: 0.35 for CRIS, 0.5 for the others].
     #[arg(long, value_parser = parse_threshold)]
     threshold: Option<f32>,
+    /// A threshold study: score every model at each of these thresholds, from one decoding
+    /// of each image: a comma-separated list, or FROM:TO:STEP (`0.1:0.9:0.05`); each row
+    /// records its threshold. At most 100 thresholds.
+    #[arg(long, value_name = "LIST", value_parser = parse_thresholds, conflicts_with = "threshold")]
+    thresholds: Option<ThresholdList>,
     /// List-valued prompts (p7–p9, radiology pairs): every member, or one seeded choice.
     #[arg(long, value_enum, default_value = "all")]
     list_prompts: ListMode,
@@ -124,6 +129,53 @@ fn parse_shard(s: &str) -> std::result::Result<[usize; 2], String> {
         return Err(format!("shard {k}/{n}: need 1 ≤ K ≤ N"));
     }
     Ok([k, n])
+}
+
+/// `--thresholds`' values, in increasing order.
+#[derive(Clone, Debug)]
+struct ThresholdList(Vec<f32>);
+
+/// The most thresholds one run scores: each multiplies the rows and the metric work.
+const MAX_THRESHOLDS: usize = 100;
+
+fn parse_thresholds(s: &str) -> std::result::Result<ThresholdList, String> {
+    let mut values: Vec<f32> = match s.split(':').collect::<Vec<_>>()[..] {
+        [from, to, step] => {
+            let [from, to] = [parse_threshold(from)?, parse_threshold(to)?];
+            let step: f64 = step
+                .parse()
+                .map_err(|_| format!("step `{step}` is not a number"))?;
+            if step.is_nan() || step <= 0.0 || step.is_infinite() || from > to {
+                return Err("FROM:TO:STEP needs FROM ≤ TO and a positive STEP".into());
+            }
+            let count = ((f64::from(to) - f64::from(from)) / step + 1e-6).floor() + 1.0;
+            if count > MAX_THRESHOLDS as f64 {
+                return Err(format!("{count} thresholds; at most {MAX_THRESHOLDS}"));
+            }
+            // Each value computed from FROM (not accumulated), rounded to 6 decimals, so
+            // 0.1:0.9:0.05 gives 0.15, not 0.15000001.
+            (0..count as usize)
+                .map(|i| {
+                    let t = f64::from(from) + i as f64 * step;
+                    ((t * 1e6).round() / 1e6) as f32
+                })
+                .collect()
+        }
+        [_] => s
+            .split(',')
+            .map(|t| parse_threshold(t.trim()))
+            .collect::<std::result::Result<_, _>>()?,
+        _ => return Err("expected a list (0.3,0.5) or FROM:TO:STEP (0.1:0.9:0.05)".into()),
+    };
+    values.sort_by(f32::total_cmp);
+    values.dedup();
+    if values.len() > MAX_THRESHOLDS {
+        return Err(format!(
+            "{} thresholds; at most {MAX_THRESHOLDS}",
+            values.len()
+        ));
+    }
+    Ok(ThresholdList(values))
 }
 
 fn parse_tolerance(s: &str) -> std::result::Result<f64, String> {
@@ -204,6 +256,7 @@ fn bench(args: RunArgs) -> Result<()> {
         prompts: wanted_prompts.clone().unwrap_or_else(|| vec!["all".into()]),
         split: args.split.clone(),
         threshold: args.threshold,
+        thresholds: args.thresholds.clone().map(|t| t.0),
         list_prompts,
         nsd_tolerance: args.nsd_tolerance,
         shard: args.shard,
@@ -260,10 +313,15 @@ fn bench(args: RunArgs) -> Result<()> {
     let planned: HashMap<RowKey, Row> = models
         .iter()
         .flat_map(|m| {
+            let thresholds = config.thresholds_of(&m.id);
             items.iter().flat_map(move |item| {
-                item.rows
-                    .iter()
-                    .map(move |r| (key(&m.id.name, item, r), base_row(&m.id.name, item, r)))
+                let thresholds = thresholds.clone();
+                item.rows.iter().flat_map(move |r| {
+                    thresholds.clone().into_iter().map(move |t| {
+                        let row = base_row(&m.id.name, item, r, t);
+                        (row.key(), row)
+                    })
+                })
             })
         })
         .collect();
@@ -285,17 +343,8 @@ fn bench(args: RunArgs) -> Result<()> {
             row.member
         );
     }
-    let pending: usize = models
-        .iter()
-        .map(|m| {
-            items
-                .iter()
-                .flat_map(|item| item.rows.iter().map(move |r| (item, r)))
-                .filter(|(item, r)| !done.contains(&key(&m.id.name, item, r)))
-                .count()
-        })
-        .sum();
-    let total: usize = items.iter().map(|i| i.rows.len()).sum::<usize>() * models.len();
+    let pending = planned.keys().filter(|k| !done.contains(*k)).count();
+    let total = planned.len();
     if !existing.is_empty() {
         eprintln!(
             "resuming: {} rows already in {}, {pending} to do",
@@ -310,13 +359,15 @@ fn bench(args: RunArgs) -> Result<()> {
         let bar = progress_bar(pending as u64);
         let device = backend::device(args.backend)?;
         for model in &models {
+            let thresholds = config.thresholds_of(&model.id);
+            let missing = |item: &Item, r: &PlannedRow| {
+                thresholds
+                    .iter()
+                    .any(|&t| !done.contains(&key(&model.id.name, item, r, t)))
+            };
             let todo: Vec<&Item> = items
                 .iter()
-                .filter(|item| {
-                    item.rows
-                        .iter()
-                        .any(|r| !done.contains(&key(&model.id.name, item, r)))
-                })
+                .filter(|item| item.rows.iter().any(|r| missing(item, r)))
                 .collect();
             if todo.is_empty() {
                 continue;
@@ -331,7 +382,7 @@ fn bench(args: RunArgs) -> Result<()> {
                 segmenter: &segmenter,
                 model: &model.id.name,
                 root: &root,
-                threshold: model.id.threshold(),
+                thresholds: thresholds.clone(),
                 nsd_tolerance: args.nsd_tolerance,
                 encode_once: !args.no_encode_once,
                 text_cache: HashMap::new(),
@@ -339,12 +390,15 @@ fn bench(args: RunArgs) -> Result<()> {
             };
             for item in todo {
                 bar.set_message(format!("{} {}", model.id.name, item.dataset));
-                let rows: Vec<&PlannedRow> = item
-                    .rows
-                    .iter()
-                    .filter(|r| !done.contains(&key(&model.id.name, item, r)))
+                // A prompt is decoded when any of its thresholds is missing; only the
+                // missing rows are written.
+                let rows: Vec<&PlannedRow> =
+                    item.rows.iter().filter(|r| missing(item, r)).collect();
+                let out: Vec<Row> = evaluator
+                    .evaluate(item, &rows)
+                    .into_iter()
+                    .filter(|r| !done.contains(&r.key()))
                     .collect();
-                let out = evaluator.evaluate(item, &rows);
                 let t = Instant::now();
                 appender.append(&out)?;
                 evaluator.stats.write_s += t.elapsed().as_secs_f64();
@@ -382,8 +436,8 @@ fn bench(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn key(model: &str, item: &Item, row: &PlannedRow) -> RowKey {
-    base_row(model, item, row).key()
+fn key(model: &str, item: &Item, row: &PlannedRow, threshold: f32) -> RowKey {
+    base_row(model, item, row, threshold).key()
 }
 
 fn progress_bar(total: u64) -> ProgressBar {
@@ -704,8 +758,9 @@ fn problem(dataset: &str, split: &str, entry: Option<usize>, message: String) ->
 }
 
 /// A row of `item` with nothing measured yet.
-fn base_row(model: &str, item: &Item, row: &PlannedRow) -> Row {
+fn base_row(model: &str, item: &Item, row: &PlannedRow, threshold: f32) -> Row {
     Row {
+        threshold,
         model: model.to_string(),
         dataset: item.dataset.clone(),
         split: item.split.clone(),
@@ -744,13 +799,22 @@ struct Evaluator<'a> {
     segmenter: &'a Segmenter,
     model: &'a str,
     root: &'a Path,
-    threshold: f32,
+    /// Each prompt's logits are scored at every one of these.
+    thresholds: Vec<f32>,
     nsd_tolerance: f64,
     encode_once: bool,
     /// The embedding of each prompt text (one row): the text tower runs once per distinct
     /// prompt.
     text_cache: HashMap<String, vlsm::Conditioning>,
     stats: &'a mut RunStats,
+}
+
+/// One prompt's scores at one threshold.
+struct Scored {
+    at_image: Scores,
+    at_model: Scores,
+    /// Pixel counts at the original resolution.
+    counts: Overlap,
 }
 
 /// An image and its ground truth, checked to match.
@@ -773,29 +837,39 @@ impl Evaluator<'_> {
             Err(panic) => format!("internal error: {}", crate::panic_message(&*panic)),
         };
         rows.iter()
-            .map(|r| Row {
-                error: message.clone(),
-                ..base_row(self.model, item, r)
+            .flat_map(|r| {
+                self.thresholds.iter().map(|&t| Row {
+                    error: message.clone(),
+                    ..base_row(self.model, item, r, t)
+                })
             })
             .collect()
     }
 
     fn evaluate_entry(&mut self, item: &Item, rows: &[&PlannedRow]) -> Result<Vec<Row>> {
-        let base = |row: &PlannedRow| base_row(self.model, item, row);
-        let failed = |row: &PlannedRow, error: String| Row { error, ..base(row) };
+        let thresholds = self.thresholds.clone();
+        let base = |row: &PlannedRow, t: f32| base_row(self.model, item, row, t);
+        // One row per (prompt, threshold), all with the same message.
+        let failed = |error: String| -> Vec<Row> {
+            rows.iter()
+                .flat_map(|r| {
+                    thresholds.iter().map(|&t| Row {
+                        error: error.clone(),
+                        ..base(r, t)
+                    })
+                })
+                .collect()
+        };
         let entry = match &item.source {
             Ok(entry) => entry,
-            Err(message) => return Ok(rows.iter().map(|r| failed(r, message.clone())).collect()),
+            Err(message) => return Ok(failed(message.clone())),
         };
         let t = Instant::now();
         let sample = self.load(item, entry);
         self.stats.read_s += t.elapsed().as_secs_f64();
         let sample = match sample {
             Ok(s) => s,
-            Err(e) => {
-                let message = format!("{e:#}").replace('\n', " ");
-                return Ok(rows.iter().map(|r| failed(r, message.clone())).collect());
-            }
+            Err(e) => return Ok(failed(format!("{e:#}").replace('\n', " "))),
         };
         let (w, h) = sample.image.dimensions();
         let size = self.segmenter.input_size();
@@ -807,43 +881,58 @@ impl Evaluator<'_> {
             .collect();
         let logits = self.logits(&sample.image, &texts)?;
         let t = Instant::now();
-        // Scores of every prompt, in parallel: HD95/NSD at the original size cost about as
-        // much as decoding a prompt.
-        let (threshold, tolerance) = (self.threshold, self.nsd_tolerance);
-        let scored: Vec<Result<(Scores, Scores, f64)>> = logits
+        // Scores of every prompt at every threshold, in parallel: HD95/NSD at the original
+        // size cost about as much as decoding a prompt.
+        let tolerance = self.nsd_tolerance;
+        let pairs: Vec<(&vlsm::Logits, f32)> = logits
+            .iter()
+            .flat_map(|l| thresholds.iter().map(move |&t| (l, t)))
+            .collect();
+        let scored: Vec<Result<Scored>> = pairs
             .par_iter()
-            .map(|l| {
+            .map(|&(l, threshold)| {
                 let pred_model = l.mask(threshold);
                 let pred = l.mask_at(threshold, w, h);
-                let at_model = Scores::of(&pred_model, &truth_model, size, size, tolerance)?;
-                let at_image = Scores::of(&pred, &sample.truth, w as usize, h as usize, tolerance)?;
-                let foreground =
-                    pred.iter().filter(|&&v| v != 0).count() as f64 / pred.len() as f64;
-                Ok((at_image, at_model, foreground))
+                Ok(Scored {
+                    at_model: Scores::of(&pred_model, &truth_model, size, size, tolerance)?,
+                    at_image: Scores::of(&pred, &sample.truth, w as usize, h as usize, tolerance)?,
+                    counts: Overlap::of(&pred, &sample.truth)?,
+                })
             })
             .collect();
         let mut scored = scored.into_iter();
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out = Vec::with_capacity(rows.len() * thresholds.len());
+        let pixels = u64::from(w) * u64::from(h);
         for row in rows {
-            let mut r = base(row);
-            r.width = Some(w);
-            r.height = Some(h);
-            if let Err(message) = &row.text {
-                r.error = message.clone();
+            for &threshold in &thresholds {
+                let mut r = base(row, threshold);
+                r.width = Some(w);
+                r.height = Some(h);
+                if let Err(message) = &row.text {
+                    r.error = message.clone();
+                    out.push(r);
+                    continue;
+                }
+                let Scored {
+                    at_image,
+                    at_model,
+                    counts,
+                } = scored.next().expect("one score per prompt and threshold")?;
+                r.dice = Some(at_image.dice);
+                r.iou = Some(at_image.iou);
+                r.hd95 = Some(at_image.hd95);
+                r.nsd = Some(at_image.nsd);
+                r.dice_model = Some(at_model.dice);
+                r.iou_model = Some(at_model.iou);
+                r.hd95_model = Some(at_model.hd95);
+                r.nsd_model = Some(at_model.nsd);
+                r.foreground = Some(counts.predicted as f64 / pixels as f64);
+                r.tp = Some(counts.both);
+                r.fp = Some(counts.predicted - counts.both);
+                r.fn_ = Some(counts.truth - counts.both);
+                r.tn = Some(pixels - (counts.predicted + counts.truth - counts.both));
                 out.push(r);
-                continue;
             }
-            let (at_image, at_model, foreground) = scored.next().expect("one score per prompt")?;
-            r.dice = Some(at_image.dice);
-            r.iou = Some(at_image.iou);
-            r.hd95 = Some(at_image.hd95);
-            r.nsd = Some(at_image.nsd);
-            r.dice_model = Some(at_model.dice);
-            r.iou_model = Some(at_model.iou);
-            r.hd95_model = Some(at_model.hd95);
-            r.nsd_model = Some(at_model.nsd);
-            r.foreground = Some(foreground);
-            out.push(r);
         }
         self.stats.metrics_s += t.elapsed().as_secs_f64();
         Ok(out)

@@ -31,6 +31,9 @@ pub struct Row {
     pub prompt_id: String,
     /// Index in a list-valued prompt (0 for a string prompt).
     pub member: usize,
+    /// Foreground where sigmoid(logit) > this (the model's threshold, or one of
+    /// `--thresholds`).
+    pub threshold: f32,
     pub prompt: String,
     pub image: String,
     pub mask: String,
@@ -46,6 +49,13 @@ pub struct Row {
     pub nsd_model: Option<f64>,
     /// Foreground share of the prediction at original resolution.
     pub foreground: Option<f64>,
+    /// Pixel counts at the original resolution (true/false positives/negatives): what
+    /// either empty-mask convention and nnU-Net's `summary.json` are computed from.
+    pub tp: Option<u64>,
+    pub fp: Option<u64>,
+    #[serde(rename = "fn")]
+    pub fn_: Option<u64>,
+    pub tn: Option<u64>,
     /// The first 16 hex digits of the sha256 of the row's other fields as CSV: a resumed
     /// or merged run refuses a row that does not match it (an edit, a flipped bit).
     pub check: String,
@@ -62,6 +72,8 @@ pub struct RowKey {
     pub entry: Option<usize>,
     pub prompt_id: String,
     pub member: usize,
+    /// The threshold's bits (f32 has no `Eq`).
+    pub threshold: u32,
 }
 
 impl Row {
@@ -73,6 +85,7 @@ impl Row {
             entry: self.entry,
             prompt_id: self.prompt_id.clone(),
             member: self.member,
+            threshold: self.threshold.to_bits(),
         }
     }
 }
@@ -100,6 +113,7 @@ impl Row {
             entry: None,
             prompt_id: String::new(),
             member: 0,
+            threshold: 0.5,
             prompt: String::new(),
             image: String::new(),
             mask: String::new(),
@@ -114,6 +128,10 @@ impl Row {
             hd95_model: None,
             nsd_model: None,
             foreground: None,
+            tp: None,
+            fp: None,
+            fn_: None,
+            tn: None,
             check: String::new(),
             error: String::new(),
         }
@@ -167,7 +185,14 @@ pub fn read(path: &Path, repair: bool) -> Result<Vec<Row>> {
     }
     let text = &bytes[..complete];
     let first_line = text.split(|&b| b == b'\n').next().unwrap_or_default();
-    if String::from_utf8_lossy(first_line).trim_end() != header() {
+    let first_line = String::from_utf8_lossy(first_line);
+    if first_line.trim_end() != header() {
+        if first_line.starts_with("model,dataset,split,entry,prompt_id,member,prompt,") {
+            bail!(
+                "{} was written by an earlier vlsm (without the threshold and pixel-count columns): recompute it with another --out",
+                path.display()
+            );
+        }
         bail!(
             "{} is not a vlsm results file (its header differs from `{}`)",
             path.display(),
@@ -224,8 +249,12 @@ impl Row {
             .chain(&distances)
             .filter(|(_, v)| v.is_some())
             .count();
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(format!("threshold {} is outside [0, 1]", self.threshold));
+        }
+        let counts = [self.tp, self.fp, self.fn_, self.tn];
         if !self.error.is_empty() {
-            return match present {
+            return match present + counts.iter().flatten().count() {
                 0 => Ok(()),
                 _ => Err("a row with an error has scores".into()),
             };
@@ -233,12 +262,31 @@ impl Row {
         if present != scores.len() + distances.len() {
             return Err("a row without an error lacks scores".into());
         }
-        if self.width.is_none_or(|w| w == 0) || self.height.is_none_or(|h| h == 0) {
+        let (Some(w), Some(h)) = (self.width, self.height) else {
             return Err("width or height missing".into());
+        };
+        let [Some(tp), Some(fp), Some(fn_), Some(tn)] = counts else {
+            return Err("a row without an error lacks pixel counts".into());
+        };
+        let total = [tp, fp, fn_, tn]
+            .iter()
+            .try_fold(0u64, |sum, &n| sum.checked_add(n));
+        if w == 0 || h == 0 || total != Some(u64::from(w) * u64::from(h)) {
+            return Err("pixel counts do not add up to the image size".into());
+        }
+        let counted = vlsm::metrics::Overlap {
+            predicted: tp + fp,
+            truth: tp + fn_,
+            both: tp,
+        };
+        if (counted.dice() - self.dice.unwrap_or(f64::NAN)).abs() > 1e-9 {
+            return Err("Dice does not match the pixel counts".into());
         }
         for (name, v) in scores {
             let v = v.unwrap_or(f64::NAN);
-            if !(0.0..=1.0).contains(&v) {
+            // NSD is NaN where a mask is empty (as MONAI gives it); the others never are.
+            let nan_allowed = name.starts_with("nsd") && v.is_nan();
+            if !(0.0..=1.0).contains(&v) && !nan_allowed {
                 return Err(format!("{name} {v} is outside [0, 1]"));
             }
         }
@@ -362,6 +410,9 @@ pub struct RunConfig {
     /// `--threshold` when given (every model at it); `None`: each model at its study
     /// threshold ([`ModelId::threshold`]).
     pub threshold: Option<f32>,
+    /// `--thresholds`: every model scored at each of these (a threshold study).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<f32>>,
     pub list_prompts: vlsm::dataset::ListPrompts,
     pub nsd_tolerance: f64,
     /// `[K, N]`: this folder holds shard K of N; absent for a whole run or a merge.
@@ -393,6 +444,13 @@ impl RunConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// The thresholds `model`'s rows are scored at: `--thresholds`, else its one threshold.
+    pub fn thresholds_of(&self, model: &ModelId) -> Vec<f32> {
+        self.thresholds
+            .clone()
+            .unwrap_or_else(|| vec![model.threshold()])
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -430,9 +488,10 @@ impl RunConfig {
                 .map(|m| m.threshold().to_string())
                 .collect::<Vec<_>>()
                 .join(",");
-            match c.threshold {
-                Some(t) => format!("{t} (--threshold)"),
-                None => format!("{each} (each model's)"),
+            match (&c.thresholds, c.threshold) {
+                (Some(list), _) => format!("{list:?} (--thresholds)"),
+                (None, Some(t)) => format!("{t} (--threshold)"),
+                (None, None) => format!("{each} (each model's)"),
             }
         };
         check("threshold", thresholds(self), thresholds(other));

@@ -4,6 +4,14 @@
 //! Per image (entry), a list-valued prompt's members are averaged first; then mean, sample
 //! std and a bootstrap 95 % interval are taken over images. Rows with errors are left out
 //! and counted. HD95/NSD means skip NaN values (empty masks) and say how many.
+//!
+//! Beside the tables: both empty-mask conventions where they differ (and nnU-Net-style
+//! `summary.json` files), a threshold study when the run scored several thresholds, and
+//! paired comparisons of two models or two prompts.
+
+mod compare;
+mod empty;
+pub mod thresholds;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,6 +46,38 @@ pub struct ReportArgs {
     prompt: Option<String>,
     #[arg(long, value_enum, default_value = "original")]
     resolution: Resolution,
+    /// How an empty prediction on an empty mask scores in the tables: 1 (medvlsm: MONAI's
+    /// ignore_empty=False) or NaN, left out of means (nnU-Net, Metrics Reloaded). The
+    /// report lists both wherever they differ.
+    #[arg(long, value_enum, default_value = "medvlsm")]
+    empty_masks: EmptyMasks,
+    /// Also write nnU-Net-style `summary.json` files (one per model, dataset and prompt id)
+    /// under OUT/nnunet/, with the pixel counts of every case.
+    #[arg(long)]
+    nnunet_summary: bool,
+    /// The same models' `vlsm bench --split val --thresholds …` results: each model and
+    /// dataset's best threshold is chosen there (never on the test data) and reported at
+    /// that threshold on these results.
+    #[arg(long, value_name = "VAL_RESULTS")]
+    tune_on: Option<PathBuf>,
+    /// Compare two models, `A,B` (their names in the `model` column), on the same images:
+    /// the mean Dice difference per dataset and prompt with a paired bootstrap 95 %
+    /// interval and a Wilcoxon signed-rank p-value.
+    #[arg(long, value_name = "A,B")]
+    compare: Option<String>,
+    /// Compare two prompt ids, `P,Q` (e.g. p0,p3), of every model the same way.
+    #[arg(long, value_name = "P,Q")]
+    compare_prompts: Option<String>,
+}
+
+/// How a pair of empty masks (nothing predicted, nothing there) scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyMasks {
+    /// Dice and IoU 1 (medvlsm, MONAI's `ignore_empty=False`).
+    Medvlsm,
+    /// Dice and IoU undefined (NaN), left out of means (nnU-Net, Metrics Reloaded).
+    Nnunet,
 }
 
 /// Summaries of one (model, dataset, prompt id).
@@ -76,6 +116,10 @@ pub struct ErrorCount {
 pub struct Report {
     pub source: String,
     pub resolution: Resolution,
+    pub empty_masks: EmptyMasks,
+    /// The threshold each model's tables use: its study threshold (or `--threshold`), or
+    /// the scored threshold nearest to it when the run scored others.
+    pub table_thresholds: Vec<(String, f32)>,
     /// `--threshold` when the run gave one.
     pub threshold: Option<f32>,
     /// Each model's threshold (its study threshold unless `--threshold` was given).
@@ -88,6 +132,11 @@ pub struct Report {
     pub prompts: Vec<String>,
     pub cells: Vec<Cell>,
     pub errors: Vec<ErrorCount>,
+    /// Cells where the two empty-mask conventions differ.
+    pub empty_masks_differ: Vec<empty::EmptyCell>,
+    /// Dice vs threshold, when the run scored several.
+    pub threshold_study: Option<thresholds::Study>,
+    pub comparisons: Vec<compare::Comparison>,
 }
 
 pub fn run(args: ReportArgs) -> Result<()> {
@@ -105,17 +154,19 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let rows = results::read(&path, false)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let config = RunConfig::read(&dir).ok().flatten();
-    let report = build(
-        &rows,
-        &path.display().to_string(),
-        args.resolution,
-        config.as_ref(),
-    );
+    if args.empty_masks == EmptyMasks::Nnunet && args.resolution == Resolution::Model {
+        bail!(
+            "--empty-masks nnunet needs pixel counts, which are recorded at the original resolution only"
+        );
+    }
+    let options = Options {
+        resolution: args.resolution,
+        empty_masks: args.empty_masks,
+    };
+    let mut report = build(&rows, &path.display().to_string(), options, config.as_ref());
     if report.cells.is_empty() && report.errors.is_empty() {
         bail!("{} has no rows", path.display());
     }
-    let out = args.out.unwrap_or(dir);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if let Some(p) = &args.prompt
         && !report.prompts.contains(p)
     {
@@ -124,24 +175,144 @@ pub fn run(args: ReportArgs) -> Result<()> {
             report.prompts.join(", ")
         );
     }
+    let tuning = match &args.tune_on {
+        Some(val) => {
+            let val_path = if val.is_dir() {
+                val.join(RESULTS)
+            } else {
+                val.clone()
+            };
+            let val_rows = results::read(&val_path, false)
+                .with_context(|| format!("--tune-on {}", val.display()))?;
+            Some((val_path.display().to_string(), val_rows))
+        }
+        None => None,
+    };
+    report.threshold_study = thresholds::study(
+        &rows,
+        tuning.as_ref().map(|(p, r)| (p.as_str(), r.as_slice())),
+        &report,
+        options,
+    )?;
+    if let Some(pair) = &args.compare {
+        let [a, b] = compare::pair(pair, "--compare")?;
+        for name in [&a, &b] {
+            if !report.models.contains(name) {
+                bail!(
+                    "--compare: no model {name} in the results (they have {})",
+                    report.models.join(", ")
+                );
+            }
+        }
+        report
+            .comparisons
+            .extend(compare::models(&rows, &report, options, &a, &b));
+    }
+    if let Some(pair) = &args.compare_prompts {
+        let [p, q] = compare::pair(pair, "--compare-prompts")?;
+        for id in [&p, &q] {
+            if !report.prompts.contains(id) {
+                bail!(
+                    "--compare-prompts: no prompt {id} in the results (they have {})",
+                    report.prompts.join(", ")
+                );
+            }
+        }
+        report
+            .comparisons
+            .extend(compare::prompts(&rows, &report, options, &p, &q));
+    }
+    let out = args.out.unwrap_or(dir);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let md = markdown(&report, args.prompt.as_deref());
     crate::segment::write_atomic(&out.join("report.md"), md.as_bytes())?;
     let json = serde_json::to_vec_pretty(&report)?;
     crate::segment::write_atomic(&out.join("report.json"), &json)?;
     println!("{}", out.join("report.md").display());
     println!("{}", out.join("report.json").display());
+    if args.nnunet_summary {
+        for file in empty::nnunet_summaries(&rows, &report, &out)? {
+            println!("{}", file.display());
+        }
+    }
     // Tables first: a missing font costs only the plots.
     for file in plot::dice_vs_prompt(&report, &out)? {
         println!("{}", file.display());
     }
+    if let Some(study) = &report.threshold_study {
+        for file in plot::dice_vs_threshold(study, &out)? {
+            println!("{}", file.display());
+        }
+    }
     Ok(())
 }
 
-fn metric(row: &Row, resolution: Resolution) -> [Option<f64>; 4] {
-    match resolution {
+/// How rows become scores.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub resolution: Resolution,
+    pub empty_masks: EmptyMasks,
+}
+
+/// Dice, IoU, HD95 and NSD of a row under the options (NaN Dice and IoU for an empty pair
+/// under nnU-Net's convention).
+fn metric(row: &Row, options: Options) -> [Option<f64>; 4] {
+    let mut m = match options.resolution {
         Resolution::Original => [row.dice, row.iou, row.hd95, row.nsd],
         Resolution::Model => [row.dice_model, row.iou_model, row.hd95_model, row.nsd_model],
+    };
+    if options.empty_masks == EmptyMasks::Nnunet && empty::both_empty(row) {
+        m[0] = Some(f64::NAN);
+        m[1] = Some(f64::NAN);
     }
+    m
+}
+
+/// Each image's score (the mean over a list-valued prompt's members; NaN when they are all
+/// NaN), keyed by (split, entry).
+fn per_image(
+    rows: &[&Row],
+    score: impl Fn(&Row) -> Option<f64>,
+) -> BTreeMap<(String, Option<usize>), f64> {
+    let mut members: BTreeMap<(String, Option<usize>), Vec<f64>> = BTreeMap::new();
+    for r in rows {
+        if let Some(v) = score(r) {
+            members
+                .entry((r.split.clone(), r.entry))
+                .or_default()
+                .push(v);
+        }
+    }
+    members
+        .into_iter()
+        .map(|(k, v)| (k, mean_of(v.into_iter())))
+        .collect()
+}
+
+/// The threshold each model's tables use: its configured threshold when the rows have it,
+/// else the scored threshold nearest to it (0.5 without a bench.json).
+fn table_thresholds(
+    rows: &[Row],
+    models: &[String],
+    config: Option<&RunConfig>,
+) -> Vec<(String, f32)> {
+    models
+        .iter()
+        .map(|model| {
+            let wanted = config
+                .and_then(|c| c.models.iter().find(|m| &m.name == model))
+                .map_or(0.5, |m| {
+                    config.and_then(|c| c.threshold).unwrap_or(m.threshold())
+                });
+            let nearest = rows
+                .iter()
+                .filter(|r| &r.model == model)
+                .map(|r| r.threshold)
+                .min_by(|a, b| (a - wanted).abs().total_cmp(&(b - wanted).abs()))
+                .unwrap_or(wanted);
+            (model.clone(), nearest)
+        })
+        .collect()
 }
 
 /// Mean of the numbers, NaN if there are none.
@@ -154,12 +325,8 @@ fn mean_of(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-pub fn build(
-    rows: &[Row],
-    source: &str,
-    resolution: Resolution,
-    config: Option<&RunConfig>,
-) -> Report {
+pub fn build(rows: &[Row], source: &str, options: Options, config: Option<&RunConfig>) -> Report {
+    let resolution = options.resolution;
     // Orders: models and datasets as they first appear, prompts numerically.
     let mut models: Vec<String> = Vec::new();
     let mut datasets: Vec<String> = Vec::new();
@@ -176,11 +343,17 @@ pub fn build(
         }
     }
     prompts.sort_by_key(|p| (prompt_number(p), p.clone()));
+    let table_thresholds = table_thresholds(rows, &models, config);
+    let at_table_threshold = |r: &Row| {
+        table_thresholds
+            .iter()
+            .any(|(m, t)| *m == r.model && *t == r.threshold)
+    };
 
     type Key = (usize, usize, u32, String);
     let mut groups: BTreeMap<Key, Vec<&Row>> = BTreeMap::new();
     let mut errors: BTreeMap<(usize, usize), ErrorCount> = BTreeMap::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| at_table_threshold(r)) {
         let m = models.iter().position(|x| *x == r.model).expect("listed");
         let d = datasets
             .iter()
@@ -218,7 +391,7 @@ pub fn build(
         for members in per_image.values() {
             for (k, column) in columns.iter_mut().enumerate() {
                 column.push(mean_of(
-                    members.iter().filter_map(|r| metric(r, resolution)[k]),
+                    members.iter().filter_map(|r| metric(r, options)[k]),
                 ));
             }
         }
@@ -234,7 +407,7 @@ pub fn build(
                     example: rs[0].prompt.clone(),
                     dice: Summary::of(
                         &rs.iter()
-                            .filter_map(|r| metric(r, resolution)[0])
+                            .filter_map(|r| metric(r, options)[0])
                             .collect::<Vec<_>>(),
                     ),
                 })
@@ -254,9 +427,12 @@ pub fn build(
             members,
         });
     }
+    let empty_masks_differ = empty::cells(rows, &table_thresholds, &datasets);
     Report {
         source: source.to_string(),
         resolution,
+        empty_masks: options.empty_masks,
+        table_thresholds,
         threshold: config.and_then(|c| c.threshold),
         thresholds: config
             .map(|c| {
@@ -274,6 +450,9 @@ pub fn build(
         prompts,
         cells,
         errors: errors.into_values().collect(),
+        empty_masks_differ,
+        threshold_study: None,
+        comparisons: Vec::new(),
     }
 }
 
@@ -347,6 +526,12 @@ pub fn markdown(report: &Report, prompt: Option<&str>) -> String {
             );
         }
         None => {}
+    }
+    if report.empty_masks == EmptyMasks::Nnunet {
+        let _ = writeln!(
+            md,
+            "- empty masks: an empty prediction on an empty mask is undefined and left out (nnU-Net's convention; --empty-masks medvlsm scores it 1)"
+        );
     }
     if let Some(t) = report.nsd_tolerance {
         let _ = writeln!(
@@ -459,6 +644,9 @@ pub fn markdown(report: &Report, prompt: Option<&str>) -> String {
             }
         }
     }
+    empty::markdown(report, &mut md);
+    thresholds::markdown(report, &mut md);
+    compare::markdown(report, &mut md);
     if !report.errors.is_empty() {
         let _ = writeln!(md, "\n## Errors\n");
         let _ = writeln!(md, "| model | dataset | rows | first messages |");

@@ -1,0 +1,163 @@
+//! Paired comparisons on the same images: two models (per dataset and prompt id) or two
+//! prompt ids (per model and dataset). Per image, a list-valued prompt's members are
+//! averaged first; images scored on one side only are left out.
+
+use std::fmt::Write as _;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use vlsm::stats::Paired;
+
+use super::{Options, Report, Row, metric, per_image};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// What is compared: `a − b`.
+    pub a: String,
+    pub b: String,
+    /// The model (prompt comparisons) or the prompt id (model comparisons).
+    pub within: String,
+    pub dataset: String,
+    /// Dice differences over the images both sides scored.
+    pub dice: Paired,
+}
+
+/// `A,B` as two different names.
+pub fn pair(s: &str, flag: &str) -> Result<[String; 2]> {
+    match s.split(',').map(str::trim).collect::<Vec<_>>()[..] {
+        [a, b] if !a.is_empty() && !b.is_empty() && a != b => Ok([a.into(), b.into()]),
+        _ => bail!("{flag} {s}: expected two different names, A,B"),
+    }
+}
+
+/// The Dice of each image of one side: rows of `model` and `prompt` on `dataset`, at the
+/// model's table threshold.
+fn side(
+    rows: &[Row],
+    report: &Report,
+    options: Options,
+    (model, dataset, prompt): (&str, &str, &str),
+) -> std::collections::BTreeMap<(String, Option<usize>), f64> {
+    let threshold = report
+        .table_thresholds
+        .iter()
+        .find(|(m, _)| m == model)
+        .map(|(_, t)| *t);
+    let cell: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            r.error.is_empty()
+                && r.model == model
+                && r.dataset == dataset
+                && r.prompt_id == prompt
+                && Some(r.threshold) == threshold
+        })
+        .collect();
+    per_image(&cell, |r| metric(r, options)[0])
+}
+
+fn compare(
+    a: std::collections::BTreeMap<(String, Option<usize>), f64>,
+    b: &std::collections::BTreeMap<(String, Option<usize>), f64>,
+) -> Option<Paired> {
+    let (x, y): (Vec<f64>, Vec<f64>) = a
+        .into_iter()
+        .filter_map(|(k, v)| b.get(&k).map(|w| (v, *w)))
+        .unzip();
+    (!x.is_empty()).then(|| Paired::of(&x, &y))
+}
+
+/// Model `a` against model `b`, per dataset and prompt id.
+pub fn models(
+    rows: &[Row],
+    report: &Report,
+    options: Options,
+    a: &str,
+    b: &str,
+) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for dataset in &report.datasets {
+        for prompt in &report.prompts {
+            let left = side(rows, report, options, (a, dataset, prompt));
+            let right = side(rows, report, options, (b, dataset, prompt));
+            if let Some(dice) = compare(left, &right) {
+                out.push(Comparison {
+                    a: a.into(),
+                    b: b.into(),
+                    within: prompt.clone(),
+                    dataset: dataset.clone(),
+                    dice,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Prompt id `p` against `q`, per model and dataset.
+pub fn prompts(
+    rows: &[Row],
+    report: &Report,
+    options: Options,
+    p: &str,
+    q: &str,
+) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for model in &report.models {
+        for dataset in &report.datasets {
+            let left = side(rows, report, options, (model, dataset, p));
+            let right = side(rows, report, options, (model, dataset, q));
+            if let Some(dice) = compare(left, &right) {
+                out.push(Comparison {
+                    a: p.into(),
+                    b: q.into(),
+                    within: model.clone(),
+                    dataset: dataset.clone(),
+                    dice,
+                });
+            }
+        }
+    }
+    out
+}
+
+pub fn markdown(report: &Report, md: &mut String) {
+    if report.comparisons.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Paired comparisons\n\nDice difference (A − B, percentage points) over the images both scored: mean, percentile bootstrap 95 % interval (images resampled, 2000 times, seed 42) and the two-sided Wilcoxon signed-rank p-value (SciPy's `wilcoxon` defaults). An interval that excludes 0 says the difference is more than noise between images; the p-values are not corrected for the number of comparisons.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| A | B | model / prompt | dataset | images | A − B (pp) | 95% CI | p |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    for c in &report.comparisons {
+        let d = &c.dice;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:+.2} | [{:+.2}, {:+.2}] | {} |",
+            c.a,
+            c.b,
+            c.within,
+            c.dataset,
+            d.n,
+            d.mean_difference * 100.0,
+            d.ci_low * 100.0,
+            d.ci_high * 100.0,
+            p_value(d.p_value),
+        );
+    }
+}
+
+fn p_value(p: f64) -> String {
+    if p.is_nan() {
+        "–".into()
+    } else if p < 0.001 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.3}")
+    }
+}
