@@ -430,6 +430,103 @@ pub fn study_prompts(
     prompts
 }
 
+/// Control prompts for a prompt-robustness study (`vlsm bench --prompt-controls`): does the
+/// model read the prompt at all? Built per annotation entry, each compared with the entry's
+/// own prompt ([`CONTROL_REFERENCE`]). Ids and templates:
+///
+/// - `ctl-empty`: `""`, no text at all;
+/// - `ctl-nonsense`: `"blicket"`, a made-up word;
+/// - `ctl-wrong-class`: a healthy look-alike of the dataset's anatomy instead of the target
+///   (`"a healthy colon"` for the polyp sets, `"healthy skin"` for ISIC, `"healthy skin of a
+///   foot"` for DFU, `"healthy breast tissue"` for BUSI, `"healthy lungs"` for CAMUS and
+///   CheXlocalize, `"healthy tissue"` for other datasets);
+/// - `ctl-wrong-location`: the reference prompt with its location mirrored (left ↔ right,
+///   top ↔ bottom, `center` → `top left`), when it says `located in … of the image`;
+/// - `ctl-class-alone`: the entry's `p1` (the class name);
+/// - `ctl-over-described`: the entry's longest prompt text (usually a `p9` member: class,
+///   attributes, a description and the location).
+///
+/// A control that cannot be built for the entry (no location, no `p1`) is an `Err` saying
+/// why.
+pub fn control_prompts(
+    dataset: &str,
+    prompts: &std::collections::BTreeMap<String, crate::dataset::PromptValue>,
+) -> Vec<(&'static str, Result<String, String>)> {
+    use crate::dataset::PromptValue;
+    let text = |id: &str| match prompts.get(id) {
+        Some(PromptValue::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let wrong_class = match dataset {
+        d if d.contains("polyp") || d == "kvasir" => "a healthy colon",
+        "isic" => "healthy skin",
+        "dfu" => "healthy skin of a foot",
+        "busi" => "healthy breast tissue",
+        "camus" | "chexlocalize" => "healthy lungs",
+        _ => "healthy tissue",
+    };
+    let reference = text(CONTROL_REFERENCE);
+    let wrong_location = match &reference {
+        None => Err(format!("no {CONTROL_REFERENCE} to move the location of")),
+        Some(r) => {
+            mirrored_location(r).ok_or_else(|| format!("{CONTROL_REFERENCE} names no location"))
+        }
+    };
+    let longest = prompts
+        .values()
+        .flat_map(|v| v.texts().iter())
+        .max_by_key(|t| t.chars().count())
+        .cloned()
+        .ok_or_else(|| "the entry has no prompts".to_string());
+    vec![
+        ("ctl-empty", Ok(String::new())),
+        ("ctl-nonsense", Ok("blicket".into())),
+        ("ctl-wrong-class", Ok(wrong_class.into())),
+        ("ctl-wrong-location", wrong_location),
+        (
+            "ctl-class-alone",
+            text("p1").ok_or_else(|| "the entry has no p1".to_string()),
+        ),
+        ("ctl-over-described", longest),
+    ]
+}
+
+/// The prompt id controls are compared with: p6, the study's most specific single-string
+/// template (class, attributes and location for the endoscopy and skin sets).
+pub const CONTROL_REFERENCE: &str = "p6";
+
+/// `prompt` with the cells of its `located in … of the image` mirrored, or `None`.
+fn mirrored_location(prompt: &str) -> Option<String> {
+    const START: &str = "located in ";
+    const END: &str = " of the image";
+    let at = prompt.find(START)? + START.len();
+    let len = prompt[at..].find(END)?;
+    let cells: Vec<String> = prompt[at..at + len]
+        .split(", ")
+        .map(|cell| {
+            if cell == "center" {
+                return "top left".to_string();
+            }
+            cell.split(' ')
+                .map(|w| match w {
+                    "left" => "right",
+                    "right" => "left",
+                    "top" => "bottom",
+                    "bottom" => "top",
+                    w => w,
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    Some(format!(
+        "{}{}{}",
+        &prompt[..at],
+        cells.join(", "),
+        &prompt[at + len..]
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,5 +657,51 @@ mod tests {
         ] {
             assert_eq!(number_words(n), w);
         }
+    }
+
+    #[test]
+    fn control_prompts_follow_their_templates() {
+        use crate::dataset::PromptValue;
+        let prompts: std::collections::BTreeMap<String, PromptValue> = [
+            ("p0", PromptValue::Text(String::new())),
+            ("p1", PromptValue::Text("polyp".into())),
+            (
+                "p6",
+                PromptValue::Text("one large white round polyp, located in top left, center of the image".into()),
+            ),
+            (
+                "p9",
+                PromptValue::List(vec!["one large white round polyp which is a projecting growth of tissue located in top left, center of the image".into()]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let controls = control_prompts("kvasir_polyp", &prompts);
+        let get = |id: &str| controls.iter().find(|(c, _)| *c == id).unwrap().1.clone();
+        assert_eq!(get("ctl-empty"), Ok(String::new()));
+        assert_eq!(get("ctl-nonsense"), Ok("blicket".into()));
+        assert_eq!(get("ctl-wrong-class"), Ok("a healthy colon".into()));
+        assert_eq!(
+            get("ctl-wrong-location"),
+            Ok(
+                "one large white round polyp, located in bottom right, top left of the image"
+                    .into()
+            )
+        );
+        assert_eq!(get("ctl-class-alone"), Ok("polyp".into()));
+        assert!(
+            get("ctl-over-described")
+                .unwrap()
+                .starts_with("one large white round polyp which is")
+        );
+        assert_eq!(
+            control_prompts("isic", &std::collections::BTreeMap::new())[3].1,
+            Err("no p6 to move the location of".to_string())
+        );
+        assert_eq!(
+            control_prompts("mine", &prompts)[2].1,
+            Ok("healthy tissue".into())
+        );
     }
 }

@@ -1034,3 +1034,81 @@ fn threshold_study_empty_mask_conventions_and_paired_comparisons() {
     );
     assert_clean_error(&out, "original resolution only");
 }
+
+#[test]
+fn prompt_controls_are_scored_and_compared_with_the_entrys_own_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    dataset(&root, 1);
+    let model = fixture("clipseg_simple");
+    let out_dir = tmp.path().join("out");
+    let args = bench_args(
+        root.to_str().unwrap(),
+        model.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+        &["--prompt-controls"],
+    );
+    let args: Vec<&str> = args
+        .into_iter()
+        .map(|a| if a == "p1,p6,p7" { "p1,p6" } else { a })
+        .collect();
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(out_dir.join("results.csv")).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 5 * (2 + 6));
+    let prompt = |entry: &str, id: &str| {
+        records
+            .iter()
+            .find(|r| &r[col("entry")] == entry && &r[col("prompt_id")] == id)
+            .map(|r| r[col("prompt")].to_string())
+            .unwrap()
+    };
+    // Entry 1's p6 is "one large white round polyp, located in right of the image".
+    assert_eq!(prompt("1", "ctl-empty"), "");
+    assert_eq!(prompt("1", "ctl-nonsense"), "blicket");
+    assert_eq!(prompt("1", "ctl-wrong-class"), "a healthy colon");
+    assert_eq!(
+        prompt("1", "ctl-wrong-location"),
+        prompt("1", "p6").replace("in right of", "in left of")
+    );
+    assert_eq!(prompt("1", "ctl-class-alone"), prompt("1", "p1"));
+    assert!(records.iter().all(|r| r[col("error")].is_empty()));
+    let out = vlsm(&["report", out_dir.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = report_json(&out_dir);
+    assert_eq!(
+        json["prompts"],
+        serde_json::json!(["p1", "p6"]),
+        "controls are not table columns"
+    );
+    let p6 = json["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt_id"] == "p6")
+        .unwrap()["dice"]["mean"]
+        .as_f64()
+        .unwrap();
+    let controls = json["controls"].as_array().unwrap();
+    assert_eq!(controls.len(), 6);
+    for c in controls {
+        assert_eq!(
+            (c["b"].as_str(), c["dice"]["n"].as_u64()),
+            (Some("p6"), Some(5))
+        );
+        assert!((c["b_dice"].as_f64().unwrap() - p6).abs() < 1e-12);
+        let d = c["a_dice"].as_f64().unwrap() - c["b_dice"].as_f64().unwrap();
+        assert!((c["dice"]["mean_difference"].as_f64().unwrap() - d).abs() < 1e-12);
+    }
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("## Prompt controls"));
+    // Resuming without the flag is another run.
+    let args: Vec<&str> = args
+        .into_iter()
+        .filter(|a| *a != "--prompt-controls")
+        .collect();
+    assert_clean_error(&vlsm(&args, &[]), "prompt controls");
+}

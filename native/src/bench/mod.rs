@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// records its threshold. At most 100 thresholds.
     #[arg(long, value_name = "LIST", value_parser = parse_thresholds, conflicts_with = "threshold")]
     thresholds: Option<ThresholdList>,
+    /// Also score control prompts per entry (empty, a nonsense word, the wrong class, a
+    /// mirrored location, the class alone, the most detailed prompt; ids `ctl-…`), which the
+    /// report compares with the entry's p6: does the model read the prompt at all?
+    #[arg(long)]
+    prompt_controls: bool,
     /// List-valued prompts (p7–p9, radiology pairs): every member, or one seeded choice.
     #[arg(long, value_enum, default_value = "all")]
     list_prompts: ListMode,
@@ -257,6 +262,7 @@ fn bench(args: RunArgs) -> Result<()> {
         split: args.split.clone(),
         threshold: args.threshold,
         thresholds: args.thresholds.clone().map(|t| t.0),
+        prompt_controls: args.prompt_controls,
         list_prompts,
         nsd_tolerance: args.nsd_tolerance,
         shard: args.shard,
@@ -305,6 +311,7 @@ fn bench(args: RunArgs) -> Result<()> {
         &args.split,
         wanted_prompts.as_deref(),
         list_prompts,
+        args.prompt_controls,
         args.shard,
     );
     // A scored row that this run would not produce (another prompt text, image or mask
@@ -655,6 +662,7 @@ fn plan(
     split: &str,
     wanted: Option<&[String]>,
     list_prompts: ListPrompts,
+    controls: bool,
     shard: Option<[usize; 2]>,
 ) -> Vec<Item> {
     let mut items = Vec::new();
@@ -727,6 +735,15 @@ fn plan(
                                 });
                             }
                         }
+                    }
+                }
+                if controls {
+                    for (id, text) in vlsm::prompts::control_prompts(name, &entry.prompts) {
+                        rows.push(PlannedRow {
+                            prompt_id: id.to_string(),
+                            member: 0,
+                            text: text.map_err(|why| format!("entry {index}: {why}")),
+                        });
                     }
                 }
                 items.push(Item {

@@ -413,6 +413,9 @@ pub struct RunConfig {
     /// `--thresholds`: every model scored at each of these (a threshold study).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thresholds: Option<Vec<f32>>,
+    /// `--prompt-controls`: control prompts (`ctl-…`) scored beside the prompt ids.
+    #[serde(default)]
+    pub prompt_controls: bool,
     pub list_prompts: vlsm::dataset::ListPrompts,
     pub nsd_tolerance: f64,
     /// `[K, N]`: this folder holds shard K of N; absent for a whole run or a merge.
@@ -495,6 +498,11 @@ impl RunConfig {
             }
         };
         check("threshold", thresholds(self), thresholds(other));
+        check(
+            "prompt controls",
+            self.prompt_controls.to_string(),
+            other.prompt_controls.to_string(),
+        );
         check(
             "list prompts",
             format!("{:?}", self.list_prompts),

@@ -18,6 +18,9 @@ pub struct Comparison {
     /// The model (prompt comparisons) or the prompt id (model comparisons).
     pub within: String,
     pub dataset: String,
+    /// Mean Dice of each side over the images both scored.
+    pub a_dice: f64,
+    pub b_dice: f64,
     /// Dice differences over the images both sides scored.
     pub dice: Paired,
 }
@@ -56,15 +59,18 @@ fn side(
     per_image(&cell, |r| metric(r, options)[0])
 }
 
+/// `a − b` over the images both scored: (mean of a, mean of b, the paired statistics).
 fn compare(
     a: std::collections::BTreeMap<(String, Option<usize>), f64>,
     b: &std::collections::BTreeMap<(String, Option<usize>), f64>,
-) -> Option<Paired> {
+) -> Option<(f64, f64, Paired)> {
     let (x, y): (Vec<f64>, Vec<f64>) = a
         .into_iter()
         .filter_map(|(k, v)| b.get(&k).map(|w| (v, *w)))
+        .filter(|(v, w)| !v.is_nan() && !w.is_nan())
         .unzip();
-    (!x.is_empty()).then(|| Paired::of(&x, &y))
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    (!x.is_empty()).then(|| (mean(&x), mean(&y), Paired::of(&x, &y)))
 }
 
 /// Model `a` against model `b`, per dataset and prompt id.
@@ -80,12 +86,14 @@ pub fn models(
         for prompt in &report.prompts {
             let left = side(rows, report, options, (a, dataset, prompt));
             let right = side(rows, report, options, (b, dataset, prompt));
-            if let Some(dice) = compare(left, &right) {
+            if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
                 out.push(Comparison {
                     a: a.into(),
                     b: b.into(),
                     within: prompt.clone(),
                     dataset: dataset.clone(),
+                    a_dice,
+                    b_dice,
                     dice,
                 });
             }
@@ -107,18 +115,87 @@ pub fn prompts(
         for dataset in &report.datasets {
             let left = side(rows, report, options, (model, dataset, p));
             let right = side(rows, report, options, (model, dataset, q));
-            if let Some(dice) = compare(left, &right) {
+            if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
                 out.push(Comparison {
                     a: p.into(),
                     b: q.into(),
                     within: model.clone(),
                     dataset: dataset.clone(),
+                    a_dice,
+                    b_dice,
                     dice,
                 });
             }
         }
     }
     out
+}
+
+/// Every control prompt (`ctl-…`, `vlsm bench --prompt-controls`) against the entry's own
+/// prompt ([`vlsm::prompts::CONTROL_REFERENCE`]), per model and dataset.
+pub fn controls(rows: &[Row], report: &Report, options: Options) -> Vec<Comparison> {
+    let reference = vlsm::prompts::CONTROL_REFERENCE;
+    let mut ids: Vec<&str> = Vec::new();
+    for r in rows {
+        if r.prompt_id.starts_with("ctl-") && !ids.contains(&r.prompt_id.as_str()) {
+            ids.push(&r.prompt_id);
+        }
+    }
+    let mut out = Vec::new();
+    for model in &report.models {
+        for dataset in &report.datasets {
+            let right = side(rows, report, options, (model, dataset, reference));
+            for &id in &ids {
+                let left = side(rows, report, options, (model, dataset, id));
+                if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
+                    out.push(Comparison {
+                        a: id.into(),
+                        b: reference.into(),
+                        within: model.clone(),
+                        dataset: dataset.clone(),
+                        a_dice,
+                        b_dice,
+                        dice,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn controls_markdown(report: &Report, md: &mut String) {
+    if report.controls.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Prompt controls\n\nEach control prompt against the entry's own {} on the same images: Dice (%) of both, the difference in percentage points with its bootstrap 95 % interval, and the Wilcoxon signed-rank p-value. A model that reads the prompt loses Dice with the empty, nonsense and wrong-class controls; one that does not scores them like its own prompt. Templates: `ctl-empty` \"\", `ctl-nonsense` \"blicket\", `ctl-wrong-class` a healthy look-alike (\"a healthy colon\" for polyps), `ctl-wrong-location` p6 with its location mirrored, `ctl-class-alone` p1, `ctl-over-described` the entry's longest prompt.\n",
+        vlsm::prompts::CONTROL_REFERENCE
+    );
+    let _ = writeln!(
+        md,
+        "| model | dataset | control | images | control Dice % | {} Dice % | difference (pp) | 95% CI | p |",
+        vlsm::prompts::CONTROL_REFERENCE
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for c in &report.controls {
+        let d = &c.dice;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:+.2} | [{:+.2}, {:+.2}] | {} |",
+            c.within,
+            c.dataset,
+            c.a,
+            d.n,
+            c.a_dice * 100.0,
+            c.b_dice * 100.0,
+            d.mean_difference * 100.0,
+            d.ci_low * 100.0,
+            d.ci_high * 100.0,
+            p_value(d.p_value),
+        );
+    }
 }
 
 pub fn markdown(report: &Report, md: &mut String) {

@@ -137,6 +137,8 @@ pub struct Report {
     /// Dice vs threshold, when the run scored several.
     pub threshold_study: Option<thresholds::Study>,
     pub comparisons: Vec<compare::Comparison>,
+    /// Control prompts against the entry's own prompt (`vlsm bench --prompt-controls`).
+    pub controls: Vec<compare::Comparison>,
 }
 
 pub fn run(args: ReportArgs) -> Result<()> {
@@ -194,6 +196,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         &report,
         options,
     )?;
+    report.controls = compare::controls(&rows, &report, options);
     if let Some(pair) = &args.compare {
         let [a, b] = compare::pair(pair, "--compare")?;
         for name in [&a, &b] {
@@ -338,7 +341,11 @@ pub fn build(rows: &[Row], source: &str, options: Options, config: Option<&RunCo
         if !datasets.contains(&r.dataset) {
             datasets.push(r.dataset.clone());
         }
-        if !r.prompt_id.is_empty() && !prompts.contains(&r.prompt_id) {
+        // Control prompts (`ctl-…`) have their own section, not columns of the tables.
+        if !r.prompt_id.is_empty()
+            && !r.prompt_id.starts_with("ctl-")
+            && !prompts.contains(&r.prompt_id)
+        {
             prompts.push(r.prompt_id.clone());
         }
     }
@@ -453,6 +460,7 @@ pub fn build(rows: &[Row], source: &str, options: Options, config: Option<&RunCo
         empty_masks_differ,
         threshold_study: None,
         comparisons: Vec::new(),
+        controls: Vec::new(),
     }
 }
 
@@ -646,6 +654,7 @@ pub fn markdown(report: &Report, prompt: Option<&str>) -> String {
     }
     empty::markdown(report, &mut md);
     thresholds::markdown(report, &mut md);
+    compare::controls_markdown(report, &mut md);
     compare::markdown(report, &mut md);
     if !report.errors.is_empty() {
         let _ = writeln!(md, "\n## Errors\n");
