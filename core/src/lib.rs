@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod dataset;
+#[cfg(feature = "clinical")]
+pub mod dicom;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
@@ -28,6 +30,7 @@ pub mod tokenize;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod weights;
+pub mod window;
 
 pub use burn;
 pub use config::{ClipSegConfig, PreprocessConfig};

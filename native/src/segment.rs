@@ -11,8 +11,9 @@ use crate::timing::Timings;
 
 #[derive(clap::Args)]
 pub struct SegmentArgs {
-    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP), or folders: searched recursively for
-    /// images (or for files matching --glob).
+    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP, DICOM), or folders: searched
+    /// recursively for images (or for files matching --glob). A DICOM file's frames are
+    /// segmented one by one, their outputs named by SOP Instance UID.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// In folders, segment the files whose path below the folder matches this pattern
@@ -50,15 +51,22 @@ pub struct SegmentArgs {
     /// Print wall and CPU seconds per phase, and peak memory, to stderr.
     #[arg(long)]
     timings: bool,
+    /// How DICOM greyscale values become the model's 8-bit input: `file` (the file's
+    /// window, else the frame's min–max), `minmax`, CENTER,WIDTH (e.g. `40,400` in HU), or a
+    /// CT preset: lung, mediastinum, bone, brain, abdomen.
+    #[arg(long, default_value = "file")]
+    window: vlsm::window::Window,
 }
 
 /// File extensions a folder is searched for when no --glob is given.
-const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
+const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "dcm"];
 
 /// An image to segment and the name of its output folder.
 struct Input {
     path: PathBuf,
     name: String,
+    /// The frame of a DICOM file.
+    frame: Option<u32>,
 }
 
 /// The files named on the command line, folders expanded (sorted, so runs are repeatable).
@@ -104,13 +112,52 @@ fn collect_inputs(paths: &[PathBuf], glob: Option<&str>) -> Result<Vec<Input>> {
                 path.display(),
                 match glob {
                     Some(g) => format!("file matches --glob `{g}`"),
-                    None => "image files (png, jpg, bmp, tif, webp)".into(),
+                    None => "image files (png, jpg, bmp, tif, webp, dcm)".into(),
                 }
             );
         }
         files.extend(found);
     }
-    Ok(unique_names(files))
+    Ok(unique_names(dicom_frames(files)))
+}
+
+/// DICOM files become one input per frame, named by SOP Instance UID (with `_fNNN` for
+/// multi-frame files); other files pass through. A DICOM file that cannot be parsed
+/// stays one input, so its error is reported where images are read.
+fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Option<u32>)> {
+    let mut out = Vec::new();
+    for (path, stem) in files {
+        let is_dicom = std::fs::File::open(&path).is_ok_and(|mut f| {
+            let mut head = [0u8; 132];
+            std::io::Read::read_exact(&mut f, &mut head).is_ok() && vlsm::dicom::is_dicom(&head)
+        });
+        if !is_dicom {
+            out.push((path, stem, None));
+            continue;
+        }
+        match std::fs::read(&path)
+            .ok()
+            .and_then(|b| vlsm::dicom::DicomFile::read(&b).ok())
+        {
+            Some(file) => {
+                let uid = if file.sop_instance_uid.is_empty() {
+                    stem.clone()
+                } else {
+                    file.sop_instance_uid.clone()
+                };
+                for frame in 0..file.frames {
+                    let name = if file.frames == 1 {
+                        uid.clone()
+                    } else {
+                        format!("{uid}_f{frame:03}")
+                    };
+                    out.push((path.clone(), name, Some(frame)));
+                }
+            }
+            None => out.push((path, stem, Some(0))),
+        }
+    }
+    out
 }
 
 pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
@@ -135,14 +182,14 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     };
     let (mut first, checked): (Option<image::RgbImage>, Vec<&Input>) = match inputs.as_slice() {
         [only] => {
-            let image = timings.measure("read images", || read_rgb(&only.path))?;
+            let image = timings.measure("read images", || read_rgb(only, args.window))?;
             (Some(image), vec![only])
         }
         several => {
             let checked = timings.measure("read images", || {
                 several
                     .iter()
-                    .filter(|input| match check_header(&input.path) {
+                    .filter(|input| match check_header(input) {
                         Ok(()) => true,
                         Err(e) => {
                             skip(e);
@@ -198,7 +245,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         {
             let image = match first.take() {
                 Some(image) => image,
-                None => match timings.measure("read images", || read_rgb(&input.path)) {
+                None => match timings.measure("read images", || read_rgb(input, args.window)) {
                     Ok(image) => image,
                     Err(e) => {
                         skip(e);
@@ -302,15 +349,28 @@ pub fn with_precision(segmenter: Segmenter, precision: Precision) -> Result<Segm
     Ok(segmenter.with_precision(precision)?)
 }
 
-/// Reads and decodes an image file (errors name the file).
-fn read_rgb(path: &Path) -> Result<image::RgbImage> {
+/// Reads and decodes an image file, or a DICOM frame through `window` (errors name the
+/// file).
+fn read_rgb(input: &Input, window: vlsm::window::Window) -> Result<image::RgbImage> {
+    let path = &input.path;
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string())
+    match input.frame {
+        Some(frame) => vlsm::dicom::DicomFile::read(&bytes)
+            .and_then(|file| file.frame_rgb(frame, window))
+            .with_context(|| path.display().to_string()),
+        None => preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string()),
+    }
 }
 
 /// Checks that a file is an image within the pixel budget, from its header.
-fn check_header(path: &Path) -> Result<()> {
+fn check_header(input: &Input) -> Result<()> {
+    let path = &input.path;
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    if input.frame.is_some() {
+        return vlsm::dicom::DicomFile::read(&bytes)
+            .map(drop)
+            .with_context(|| path.display().to_string());
+    }
     preprocess::dimensions(&bytes)
         .and_then(|(w, h)| preprocess::check_pixels(w, h))
         .with_context(|| path.display().to_string())
@@ -318,9 +378,9 @@ fn check_header(path: &Path) -> Result<()> {
 
 /// One output folder per image, named after the file (or its path below a searched
 /// folder); repeated names get a suffix.
-fn unique_names(files: Vec<(PathBuf, String)>) -> Vec<Input> {
+fn unique_names(files: Vec<(PathBuf, String, Option<u32>)>) -> Vec<Input> {
     let mut inputs: Vec<Input> = Vec::new();
-    for (i, (path, stem)) in files.into_iter().enumerate() {
+    for (i, (path, stem, frame)) in files.into_iter().enumerate() {
         let stem = if stem.is_empty() {
             format!("image{i}")
         } else {
@@ -331,7 +391,7 @@ fn unique_names(files: Vec<(PathBuf, String)>) -> Vec<Input> {
         } else {
             stem
         };
-        inputs.push(Input { path, name });
+        inputs.push(Input { path, name, frame });
     }
     inputs
 }

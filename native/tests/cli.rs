@@ -820,3 +820,88 @@ fn batched_and_bf16_segmentation() {
         "bf16 moved logits by {max_diff} of {range}"
     );
 }
+
+#[test]
+fn dicom_frames_segment_at_their_size_named_by_sop_instance_uid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dicom = fixture("dicom");
+    // A folder of DICOM files: every frame of every readable file, each its own output.
+    let folder = tmp.path().join("series");
+    std::fs::create_dir_all(&folder).unwrap();
+    for name in ["ct_explicit.dcm", "multiframe_rle.dcm", "rgb.dcm"] {
+        std::fs::copy(dicom.join(name), folder.join(name)).unwrap();
+    }
+    let out_dir = tmp.path().join("out");
+    let model = fixture("clipseg_simple");
+    let args = [
+        "segment",
+        folder.to_str().unwrap(),
+        "--weights",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lesion",
+        "--window",
+        "abdomen",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dicom.join("reference.json")).unwrap()).unwrap();
+    let uid = |name: &str| {
+        reference[name]["sop_instance_uid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut expected = vec![uid("ct_explicit"), uid("rgb")];
+    expected.extend((0..3).map(|f| format!("{}_f{f:03}", uid("multiframe_rle"))));
+    expected.sort();
+    let mut folders: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, expected);
+    for folder in &folders {
+        let mask = image::open(out_dir.join(folder).join("00_a-lesion.mask.png")).unwrap();
+        assert_eq!(
+            (mask.width(), mask.height()),
+            (40, 32),
+            "the DICOM's columns × rows"
+        );
+    }
+    // An unsupported transfer syntax and a cut file: one line each, exit non-zero.
+    let out = vlsm(
+        &[
+            "segment",
+            dicom.join("j2k_unsupported.dcm").to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lesion",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "unsupported transfer syntax JPEG 2000");
+    let out = vlsm(
+        &[
+            "segment",
+            dicom.join("truncated.dcm").to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lesion",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "DICOM");
+    let mut bad_window = args.to_vec();
+    bad_window[7] = "liver";
+    assert_clean_error(&vlsm(&bad_window, &[]), "preset");
+}

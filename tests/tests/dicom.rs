@@ -1,0 +1,164 @@
+//! DICOM input against pydicom: decoded values (after the modality LUT) equal pydicom's
+//! exactly, on the fixtures `tools/make_dicom_fixtures.py` writes (explicit and implicit VR,
+//! MONOCHROME1, RGB, multi-frame RLE, deflated); bad files give one clear error.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use vlsm::dicom::DicomFile;
+use vlsm::window::Window;
+use vlsm_tests::fixture;
+
+fn dir() -> PathBuf {
+    fixture("dicom")
+}
+
+/// A float64 `.npy` (little endian, C order): its shape and values.
+fn read_npy_f64(path: &std::path::Path) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f8'") && header.contains("'fortran_order': False"));
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let values = bytes[10 + header_len..]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, values)
+}
+
+#[test]
+fn decoded_values_equal_pydicoms() {
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir().join("reference.json")).unwrap()).unwrap();
+    let files = reference.as_object().unwrap();
+    assert_eq!(files.len(), 5);
+    for (name, r) in files {
+        let bytes = std::fs::read(dir().join(format!("{name}.dcm"))).unwrap();
+        let file = DicomFile::read(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(file.rows as u64, r["rows"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            file.columns as u64,
+            r["columns"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(file.frames as u64, r["frames"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            file.photometric,
+            r["photometric"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            file.sop_instance_uid,
+            r["sop_instance_uid"].as_str().unwrap()
+        );
+        assert_eq!(file.transfer_syntax, r["transfer_syntax"].as_str().unwrap());
+        let window = r["window"]
+            .as_array()
+            .map(|w| (w[0].as_f64().unwrap(), w[1].as_f64().unwrap()));
+        assert_eq!(file.window, window, "{name}");
+        let (shape, expected) = read_npy_f64(&dir().join(format!("{name}.values.npy")));
+        assert_eq!(shape[0] as u32, file.frames);
+        let per_frame = expected.len() / shape[0];
+        for frame in 0..file.frames {
+            let ours = file.frame_values(frame).unwrap();
+            let theirs = &expected[frame as usize * per_frame..][..per_frame];
+            assert!(
+                ours == theirs,
+                "{name} frame {frame}: values differ from pydicom's"
+            );
+        }
+        // The model's input: the size of the image, grey repeated in R, G and B.
+        let rgb = file.frame_rgb(0, Window::File).unwrap();
+        assert_eq!(rgb.dimensions(), (file.columns, file.rows));
+        if file.samples_per_pixel == 1 {
+            assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+        }
+    }
+}
+
+#[test]
+fn windows_and_monochrome1_shape_the_models_input() {
+    let ct = DicomFile::read(&std::fs::read(dir().join("ct_explicit.dcm")).unwrap()).unwrap();
+    let hu = ct.frame_values(0).unwrap();
+    // The file's window is 40/400: -160 HU and below black, 240 and above white.
+    let rgb = ct.frame_rgb(0, Window::File).unwrap();
+    for (v, p) in hu.iter().zip(rgb.pixels()) {
+        if *v <= -160.0 {
+            assert_eq!(p[0], 0);
+        } else if *v >= 240.0 {
+            assert_eq!(p[0], 255);
+        }
+    }
+    let lung = ct.frame_rgb(0, "lung".parse().unwrap()).unwrap();
+    assert_ne!(lung, rgb);
+    // MONOCHROME1: low values bright, so its grey is the inverse of the min–max window.
+    let m1 = DicomFile::read(&std::fs::read(dir().join("mono1_implicit.dcm")).unwrap()).unwrap();
+    let values = m1.frame_values(0).unwrap();
+    let rgb = m1.frame_rgb(0, Window::File).unwrap();
+    let (lo, hi) = values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    for (v, p) in values.iter().zip(rgb.pixels()) {
+        if *v == lo {
+            assert_eq!(p[0], 255);
+        }
+        if *v == hi {
+            assert_eq!(p[0], 0);
+        }
+    }
+}
+
+#[test]
+fn bad_dicom_files_are_one_clear_error() {
+    let read = |name: &str| DicomFile::read(&std::fs::read(dir().join(name)).unwrap());
+    let truncated = read("truncated.dcm").err().map(|e| e.to_string());
+    // A cut file may parse up to the pixel data and fail there, or fail parsing.
+    let message = match truncated {
+        Some(m) => m,
+        None => read("truncated.dcm")
+            .unwrap()
+            .frame_values(0)
+            .unwrap_err()
+            .to_string(),
+    };
+    assert!(message.starts_with("image: DICOM: "), "{message}");
+    let j2k = read("j2k_unsupported.dcm").unwrap();
+    let message = j2k.frame_values(0).unwrap_err().to_string();
+    assert!(message.contains("JPEG 2000"), "{message}");
+    assert!(!message.contains('\n'));
+    let not_dicom = DicomFile::read(b"plain text, not a DICOM file")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(not_dicom.contains("not a DICOM file"), "{not_dicom}");
+    // A header declaring more pixels than allowed is refused before decoding.
+    let mut ct = std::fs::read(dir().join("ct_explicit.dcm")).unwrap();
+    // Rows (0028,0010) US 2 bytes, explicit VR: patch the value to 65535.
+    let at = ct
+        .windows(6)
+        .position(|w| w == [0x28, 0x00, 0x10, 0x00, b'U', b'S'])
+        .unwrap();
+    ct[at + 8] = 0xff;
+    ct[at + 9] = 0xff;
+    let cols = ct
+        .windows(6)
+        .position(|w| w == [0x28, 0x00, 0x11, 0x00, b'U', b'S'])
+        .unwrap();
+    ct[cols + 8] = 0xff;
+    ct[cols + 9] = 0xff;
+    let huge = DicomFile::read(&ct).err().unwrap().to_string();
+    assert!(huge.contains("pixels"), "{huge}");
+}
