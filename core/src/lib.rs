@@ -17,6 +17,8 @@ pub mod limits;
 pub mod mask_check;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "clinical")]
+pub mod nifti;
 #[cfg(feature = "pytorch")]
 pub mod pickle_guard;
 pub mod preprocess;
