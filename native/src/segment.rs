@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use vlsm::nifti::Plane;
+use vlsm::window::Window;
 use vlsm::{Precision, Segmenter, preprocess, render};
 
 use crate::backend::{self, Backend};
@@ -11,9 +13,10 @@ use crate::timing::Timings;
 
 #[derive(clap::Args)]
 pub struct SegmentArgs {
-    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP, DICOM), or folders: searched
+    /// Images to segment (PNG, JPEG, BMP, TIFF, WebP, DICOM, NIfTI), or folders: searched
     /// recursively for images (or for files matching --glob). A DICOM file's frames are
-    /// segmented one by one, their outputs named by SOP Instance UID.
+    /// segmented one by one, their outputs named by SOP Instance UID; a NIfTI volume's
+    /// slices (--slices) likewise, and each prompt's masks also make a label volume.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// In folders, segment the files whose path below the folder matches this pattern
@@ -55,33 +58,95 @@ pub struct SegmentArgs {
     /// window, else the frame's min–max), `minmax`, CENTER,WIDTH (e.g. `40,400` in HU), or a
     /// CT preset: lung, mediastinum, bone, brain, abdomen.
     #[arg(long, default_value = "file")]
-    window: vlsm::window::Window,
+    window: Window,
+    /// NIfTI volumes: the plane and slices to segment, PLANE or PLANE:FROM-TO (0-based,
+    /// inclusive; axial counts from the feet, coronal from the back, sagittal from the
+    /// patient's right), e.g. `axial:40-60`.
+    #[arg(long, default_value = "axial", value_parser = parse_slices)]
+    slices: Slices,
+}
+
+/// `--slices`.
+#[derive(Clone, Copy, Debug)]
+pub struct Slices {
+    plane: Plane,
+    range: Option<(usize, usize)>,
+}
+
+fn parse_slices(s: &str) -> std::result::Result<Slices, String> {
+    let (plane, range) = match s.split_once(':') {
+        Some((p, r)) => (p, Some(r)),
+        None => (s, None),
+    };
+    let plane: Plane = plane.parse()?;
+    let range = match range {
+        None => None,
+        Some(r) => {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) else {
+                return Err(format!("`{r}`: slices are FROM-TO, e.g. 40-60"));
+            };
+            if a > b {
+                return Err(format!("`{r}`: FROM is after TO"));
+            }
+            Some((a, b))
+        }
+    };
+    Ok(Slices { plane, range })
 }
 
 /// File extensions a folder is searched for when no --glob is given.
-const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "dcm"];
+const IMAGE_EXTENSIONS: [&str; 10] = [
+    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "dcm", "nii", "nii.gz",
+];
 
 /// An image to segment and the name of its output folder.
 struct Input {
     path: PathBuf,
     name: String,
-    /// The frame of a DICOM file.
-    frame: Option<u32>,
+    part: Part,
+}
+
+/// What of its file an input is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    Image,
+    DicomFrame(u32),
+    /// A slice of a NIfTI volume.
+    Slice(Plane, usize),
+}
+
+/// `x.nii.gz` and `x.nii`.
+fn is_nifti(path: &Path) -> bool {
+    let name = path.to_string_lossy().to_lowercase();
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// The file name without `.nii.gz`, `.nii` or its extension.
+fn stem_of(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    for suffix in [".nii.gz", ".nii"] {
+        if name.to_lowercase().ends_with(suffix) {
+            return name[..name.len() - suffix.len()].to_string();
+        }
+    }
+    path.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
 }
 
 /// The files named on the command line, folders expanded (sorted, so runs are repeatable).
-fn collect_inputs(paths: &[PathBuf], glob: Option<&str>) -> Result<Vec<Input>> {
+fn collect_inputs(paths: &[PathBuf], glob: Option<&str>, slices: Slices) -> Result<Vec<Input>> {
     let pattern = glob
         .map(|g| glob::Pattern::new(g).with_context(|| format!("--glob `{g}`")))
         .transpose()?;
     let mut files: Vec<(PathBuf, String)> = Vec::new();
     for path in paths {
         if !path.is_dir() {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default();
-            files.push((path.clone(), stem));
+            files.push((path.clone(), stem_of(path)));
             continue;
         }
         let mut found = Vec::new();
@@ -96,13 +161,21 @@ fn collect_inputs(paths: &[PathBuf], glob: Option<&str>) -> Result<Vec<Input>> {
             let rel = entry.path().strip_prefix(path).unwrap_or(entry.path());
             let wanted = match &pattern {
                 Some(p) => p.matches_path(rel),
-                None => rel
-                    .extension()
-                    .map(|e| e.to_string_lossy().to_lowercase())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())),
+                None => {
+                    is_nifti(rel)
+                        || rel
+                            .extension()
+                            .map(|e| e.to_string_lossy().to_lowercase())
+                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+                }
             };
             if wanted {
-                let name = rel.with_extension("").to_string_lossy().to_string();
+                let name = rel
+                    .parent()
+                    .map(|p| p.join(stem_of(rel)))
+                    .unwrap_or_else(|| PathBuf::from(stem_of(rel)))
+                    .to_string_lossy()
+                    .to_string();
                 found.push((entry.path().to_path_buf(), name));
             }
         }
@@ -112,19 +185,61 @@ fn collect_inputs(paths: &[PathBuf], glob: Option<&str>) -> Result<Vec<Input>> {
                 path.display(),
                 match glob {
                     Some(g) => format!("file matches --glob `{g}`"),
-                    None => "image files (png, jpg, bmp, tif, webp, dcm)".into(),
+                    None => "image files (png, jpg, bmp, tif, webp, dcm, nii)".into(),
                 }
             );
         }
         files.extend(found);
     }
-    Ok(unique_names(dicom_frames(files)))
+    Ok(unique_names(volume_slices(dicom_frames(files), slices)?))
+}
+
+/// NIfTI volumes become one input per slice of `slices` (named `<stem>_<plane>_NNN`);
+/// other inputs pass through. A volume that cannot be read stays one input, so its error
+/// is reported where images are read.
+fn volume_slices(
+    files: Vec<(PathBuf, String, Part)>,
+    slices: Slices,
+) -> Result<Vec<(PathBuf, String, Part)>> {
+    let mut out = Vec::new();
+    for (path, stem, part) in files {
+        if part != Part::Image || !is_nifti(&path) {
+            out.push((path, stem, part));
+            continue;
+        }
+        let Ok(volume) = std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(vlsm::nifti::read(&b)?))
+        else {
+            out.push((path, stem, Part::Slice(slices.plane, 0)));
+            continue;
+        };
+        let count = volume.slices(slices.plane);
+        let (from, to) = slices.range.unwrap_or((0, count - 1));
+        if to >= count {
+            bail!(
+                "{}: --slices {}:{from}-{to}, but the volume has {count} {} slices (0-{})",
+                path.display(),
+                slices.plane.name(),
+                slices.plane.name(),
+                count - 1
+            );
+        }
+        for k in from..=to {
+            out.push((
+                path.clone(),
+                format!("{stem}_{}_{k:03}", slices.plane.name()),
+                Part::Slice(slices.plane, k),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// DICOM files become one input per frame, named by SOP Instance UID (with `_fNNN` for
 /// multi-frame files); other files pass through. A DICOM file that cannot be parsed
 /// stays one input, so its error is reported where images are read.
-fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Option<u32>)> {
+fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Part)> {
     let mut out = Vec::new();
     for (path, stem) in files {
         let is_dicom = std::fs::File::open(&path).is_ok_and(|mut f| {
@@ -132,7 +247,7 @@ fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Option<u
             std::io::Read::read_exact(&mut f, &mut head).is_ok() && vlsm::dicom::is_dicom(&head)
         });
         if !is_dicom {
-            out.push((path, stem, None));
+            out.push((path, stem, Part::Image));
             continue;
         }
         match std::fs::read(&path)
@@ -151,10 +266,10 @@ fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Option<u
                     } else {
                         format!("{uid}_f{frame:03}")
                     };
-                    out.push((path.clone(), name, Some(frame)));
+                    out.push((path.clone(), name, Part::DicomFrame(frame)));
                 }
             }
-            None => out.push((path, stem, Some(0))),
+            None => out.push((path, stem, Part::DicomFrame(0))),
         }
     }
     out
@@ -170,7 +285,8 @@ pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
 
 pub fn run(args: SegmentArgs) -> Result<()> {
     let mut timings = Timings::new(args.timings);
-    let inputs = collect_inputs(&args.images, args.glob.as_deref())?;
+    let inputs = collect_inputs(&args.images, args.glob.as_deref(), args.slices)?;
+    let mut volumes = VolumeCache::default();
     // Bad input fails before the (slow) model load. One image: it is decoded now, and its
     // problem is the error. Several: every header is checked now, a bad image is reported
     // and skipped, the others are decoded one at a time (so memory holds one), and the
@@ -182,14 +298,15 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     };
     let (mut first, checked): (Option<image::RgbImage>, Vec<&Input>) = match inputs.as_slice() {
         [only] => {
-            let image = timings.measure("read images", || read_rgb(only, args.window))?;
+            let image =
+                timings.measure("read images", || read_rgb(only, args.window, &mut volumes))?;
             (Some(image), vec![only])
         }
         several => {
             let checked = timings.measure("read images", || {
                 several
                     .iter()
-                    .filter(|input| match check_header(input) {
+                    .filter(|input| match check_header(input, &mut volumes) {
                         Ok(()) => true,
                         Err(e) => {
                             skip(e);
@@ -236,6 +353,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let size = segmenter.input_size();
     let mut all_logits = Vec::new();
     let mut segmented = 0usize;
+    let mut labels = LabelVolumes::default();
     // Images are read and encoded `--batch-size` at a time.
     let mut pending = checked.into_iter().peekable();
     while pending.peek().is_some() {
@@ -245,7 +363,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         {
             let image = match first.take() {
                 Some(image) => image,
-                None => match timings.measure("read images", || read_rgb(input, args.window)) {
+                None => match timings
+                    .measure("read images", || read_rgb(input, args.window, &mut volumes))
+                {
                     Ok(image) => image,
                     Err(e) => {
                         skip(e);
@@ -271,6 +391,10 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                     .with_context(|| format!("creating {}", dir.display()))?;
                 for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
                     let mask = l.mask_at(threshold, image.width(), image.height());
+                    if let Part::Slice(plane, k) = input.part {
+                        let volume = volumes.get(&input.path)?;
+                        labels.add(&input.path, &volume, prompts.len(), i, (plane, k), &mask);
+                    }
                     let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
                     let mask_path = dir.join(format!("{stem}.mask.png"));
                     write_atomic(
@@ -295,6 +419,28 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             if args.save_logits.is_some() {
                 all_logits.extend(logits.into_iter().flat_map(|l| l.values));
             }
+        }
+    }
+    // Each prompt's masks of a volume's slices, as label volumes over the volume's grid.
+    for VolumeLabels {
+        path,
+        volume,
+        per_prompt,
+    } in &labels.0
+    {
+        let dir = args.out.join(stem_of(path));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, (prompt, voxels)) in prompts.iter().zip(per_prompt).enumerate() {
+            let file = dir.join(format!(
+                "{i:02}_{}.mask.nii.gz",
+                vlsm::prompts::slug(prompt)
+            ));
+            write_atomic(&file, &volume.label_file(voxels, true)?)?;
+            println!(
+                "{}\t{prompt:?}\tlabel volume\t{}",
+                path.display(),
+                file.display()
+            );
         }
     }
     if let Some(path) = &args.save_logits
@@ -349,28 +495,122 @@ pub fn with_precision(segmenter: Segmenter, precision: Precision) -> Result<Segm
     Ok(segmenter.with_precision(precision)?)
 }
 
-/// Reads and decodes an image file, or a DICOM frame through `window` (errors name the
-/// file).
-fn read_rgb(input: &Input, window: vlsm::window::Window) -> Result<image::RgbImage> {
+/// For each NIfTI volume segmented: the volume and, per prompt, its voxels' labels (1 where
+/// a segmented slice's mask is foreground).
+#[derive(Default)]
+struct LabelVolumes(Vec<VolumeLabels>);
+
+struct VolumeLabels {
+    path: PathBuf,
+    volume: std::rc::Rc<vlsm::nifti::Volume>,
+    /// Per prompt, a byte per voxel.
+    per_prompt: Vec<Vec<u8>>,
+}
+
+impl LabelVolumes {
+    fn add(
+        &mut self,
+        path: &Path,
+        volume: &std::rc::Rc<vlsm::nifti::Volume>,
+        prompts: usize,
+        prompt: usize,
+        (plane, k): (Plane, usize),
+        mask: &[u8],
+    ) {
+        let index = match self.0.iter().position(|v| v.path == path) {
+            Some(i) => i,
+            None => {
+                self.0.push(VolumeLabels {
+                    path: path.to_path_buf(),
+                    volume: volume.clone(),
+                    per_prompt: vec![vec![0u8; volume.values.len()]; prompts],
+                });
+                self.0.len() - 1
+            }
+        };
+        let voxels = &mut self.0[index].per_prompt[prompt];
+        let (w, _) = volume.slice_size(plane);
+        for (at, &m) in mask.iter().enumerate() {
+            voxels[volume.voxel(plane, k, at / w, at % w)] = u8::from(m != 0);
+        }
+    }
+}
+
+/// The NIfTI volume last read (a volume's slices are consecutive inputs).
+#[derive(Default)]
+struct VolumeCache(Option<(PathBuf, std::rc::Rc<vlsm::nifti::Volume>)>);
+
+impl VolumeCache {
+    fn get(&mut self, path: &Path) -> Result<std::rc::Rc<vlsm::nifti::Volume>> {
+        if let Some((p, v)) = &self.0
+            && p == path
+        {
+            return Ok(v.clone());
+        }
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let volume = std::rc::Rc::new(
+            vlsm::nifti::read(&bytes).with_context(|| path.display().to_string())?,
+        );
+        self.0 = Some((path.to_path_buf(), volume.clone()));
+        Ok(volume)
+    }
+}
+
+/// Reads and decodes an image file, a DICOM frame or a NIfTI slice (greyscale through
+/// `window`; errors name the file).
+fn read_rgb(input: &Input, window: Window, volumes: &mut VolumeCache) -> Result<image::RgbImage> {
     let path = &input.path;
+    if let Part::Slice(plane, k) = input.part {
+        let volume = volumes.get(path)?;
+        // File or min–max: the volume's range, so every slice is windowed alike.
+        let window = match window {
+            Window::File | Window::MinMax => {
+                let (lo, hi) = volume
+                    .values
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                        (a.min(v), b.max(v))
+                    });
+                if !lo.is_finite() {
+                    bail!("{}: the volume has no finite values", path.display());
+                }
+                Window::Explicit {
+                    center: (lo + hi + 1.0) / 2.0,
+                    width: hi - lo + 1.0,
+                }
+            }
+            w => w,
+        };
+        let (w, h) = volume.slice_size(plane);
+        vlsm::preprocess::check_pixels(w as u32, h as u32)?;
+        let grey = vlsm::window::to_grey(&volume.slice_values(plane, k), window, None, false)?;
+        let rgb = grey.into_iter().flat_map(|g| [g, g, g]).collect();
+        return image::RgbImage::from_raw(w as u32, h as u32, rgb).context("slice size");
+    }
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    match input.frame {
-        Some(frame) => vlsm::dicom::DicomFile::read(&bytes)
+    match input.part {
+        Part::DicomFrame(frame) => vlsm::dicom::DicomFile::read(&bytes)
             .and_then(|file| file.frame_rgb(frame, window))
             .with_context(|| path.display().to_string()),
-        None => preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string()),
+        _ => preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string()),
     }
 }
 
 /// Checks that a file is an image within the pixel budget, from its header.
-fn check_header(input: &Input) -> Result<()> {
+fn check_header(input: &Input, volumes: &mut VolumeCache) -> Result<()> {
     let path = &input.path;
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    if input.frame.is_some() {
-        return vlsm::dicom::DicomFile::read(&bytes)
-            .map(drop)
-            .with_context(|| path.display().to_string());
+    match input.part {
+        Part::Slice(..) => return volumes.get(path).map(drop),
+        Part::DicomFrame(_) => {
+            let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+            return vlsm::dicom::DicomFile::read(&bytes)
+                .map(drop)
+                .with_context(|| path.display().to_string());
+        }
+        Part::Image => {}
     }
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
     preprocess::dimensions(&bytes)
         .and_then(|(w, h)| preprocess::check_pixels(w, h))
         .with_context(|| path.display().to_string())
@@ -378,9 +618,9 @@ fn check_header(input: &Input) -> Result<()> {
 
 /// One output folder per image, named after the file (or its path below a searched
 /// folder); repeated names get a suffix.
-fn unique_names(files: Vec<(PathBuf, String, Option<u32>)>) -> Vec<Input> {
+fn unique_names(files: Vec<(PathBuf, String, Part)>) -> Vec<Input> {
     let mut inputs: Vec<Input> = Vec::new();
-    for (i, (path, stem, frame)) in files.into_iter().enumerate() {
+    for (i, (path, stem, part)) in files.into_iter().enumerate() {
         let stem = if stem.is_empty() {
             format!("image{i}")
         } else {
@@ -391,7 +631,7 @@ fn unique_names(files: Vec<(PathBuf, String, Option<u32>)>) -> Vec<Input> {
         } else {
             stem
         };
-        inputs.push(Input { path, name, frame });
+        inputs.push(Input { path, name, part });
     }
     inputs
 }
@@ -419,6 +659,7 @@ mod tests {
         let inputs = collect_inputs(
             &[PathBuf::from("a/img.png"), PathBuf::from("b/img.png")],
             None,
+            parse_slices("axial").unwrap(),
         )
         .unwrap();
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();

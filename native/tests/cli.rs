@@ -905,3 +905,55 @@ fn dicom_frames_segment_at_their_size_named_by_sop_instance_uid() {
     bad_window[7] = "liver";
     assert_clean_error(&vlsm(&bad_window, &[]), "preset");
 }
+
+#[test]
+fn nifti_slices_segment_and_make_label_volumes_over_the_input_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let volume_path = fixture("nifti").join("volume.nii.gz");
+    let out_dir = tmp.path().join("out");
+    let model = fixture("clipseg_simple");
+    let args = [
+        "segment",
+        volume_path.to_str().unwrap(),
+        "--weights",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lesion",
+        "--slices",
+        "axial:2-4",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let input = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
+    let labels =
+        vlsm::nifti::read(&std::fs::read(out_dir.join("volume/00_a-lesion.mask.nii.gz")).unwrap())
+            .unwrap();
+    assert_eq!((labels.dims, labels.affine), (input.dims, input.affine));
+    let plane = vlsm::nifti::Plane::Axial;
+    let (w, h) = input.slice_size(plane);
+    for k in 0..input.slices(plane) {
+        let slice = labels.slice_values(plane, k);
+        let labelled = slice.iter().filter(|&&v| v == 1.0).count();
+        if !(2..=4).contains(&k) {
+            assert_eq!(labelled, 0, "slice {k} was not segmented");
+            continue;
+        }
+        // The slice's PNG mask is the label volume's slice, pixel for pixel.
+        let mask = image::open(out_dir.join(format!("volume_axial_{k:03}/00_a-lesion.mask.png")))
+            .unwrap()
+            .to_luma8();
+        assert_eq!((mask.width() as usize, mask.height() as usize), (w, h));
+        let from_png: Vec<f64> = mask
+            .pixels()
+            .map(|p| f64::from(u8::from(p[0] > 0)))
+            .collect();
+        assert_eq!(from_png, slice, "slice {k}");
+    }
+    let mut bad = args.to_vec();
+    bad[7] = "axial:2-99";
+    assert_clean_error(&vlsm(&bad, &[]), "16 axial slices");
+    bad[7] = "oblique";
+    assert_clean_error(&vlsm(&bad, &[]), "axial, coronal or sagittal");
+}
