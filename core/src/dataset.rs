@@ -255,10 +255,8 @@ pub fn read_sample(
         .map_err(|e| Error::Input(format!("mask: {e}")))?;
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(p, e));
     let named = |p: &std::path::Path, e: Error| Error::Input(format!("{}: {e}", p.display()));
-    let image =
-        crate::preprocess::decode_rgb(&read(&image_path)?).map_err(|e| named(&image_path, e))?;
-    let (w, h, mask) =
-        crate::preprocess::decode_mask(&read(&mask_path)?).map_err(|e| named(&mask_path, e))?;
+    let image = decode_image(&read(&image_path)?).map_err(|e| named(&image_path, e))?;
+    let (w, h, mask) = decode_mask(&read(&mask_path)?).map_err(|e| named(&mask_path, e))?;
     if (w, h) != image.dimensions() {
         return Err(Error::Input(format!(
             "mask {} is {w}×{h} but image {} is {}×{}",
@@ -269,6 +267,35 @@ pub fn read_sample(
         )));
     }
     Ok((image, mask))
+}
+
+/// An image file, or (with DICOM support) a DICOM file's first frame through its own
+/// window.
+fn decode_image(bytes: &[u8]) -> Result<image::RgbImage> {
+    #[cfg(feature = "clinical")]
+    if crate::dicom::is_dicom(bytes) {
+        return crate::dicom::DicomFile::read(bytes)?.frame_rgb(0, crate::window::Window::File);
+    }
+    crate::preprocess::decode_rgb(bytes)
+}
+
+/// A mask image (foreground where grey > 127), or a DICOM file's first frame (foreground
+/// where its value is above 0, as label images store it).
+fn decode_mask(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+    #[cfg(feature = "clinical")]
+    if crate::dicom::is_dicom(bytes) {
+        let file = crate::dicom::DicomFile::read(bytes)?;
+        if file.samples_per_pixel != 1 {
+            return Err(Error::Image("a DICOM mask must be greyscale".into()));
+        }
+        let mask = file
+            .frame_values(0)?
+            .iter()
+            .map(|&v| u8::from(v > 0.0))
+            .collect();
+        return Ok((file.columns, file.rows, mask));
+    }
+    crate::preprocess::decode_mask(bytes)
 }
 
 #[cfg(test)]

@@ -162,3 +162,29 @@ fn bad_dicom_files_are_one_clear_error() {
     let huge = DicomFile::read(&ct).err().unwrap().to_string();
     assert!(huge.contains("pixels"), "{huge}");
 }
+
+#[test]
+fn datasets_may_list_dicom_images_and_masks() {
+    // A medvlsm-layout dataset whose image and mask are DICOM files (the mask: foreground
+    // where the value is above 0).
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ct");
+    for sub in ["images", "masks", "anns"] {
+        std::fs::create_dir_all(ds.join(sub)).unwrap();
+    }
+    std::fs::copy(dir().join("ct_explicit.dcm"), ds.join("images/a.dcm")).unwrap();
+    std::fs::copy(dir().join("mono1_implicit.dcm"), ds.join("masks/a.dcm")).unwrap();
+    let json = br#"[{"img_name": "a.dcm", "mask_name": "a.dcm", "prompts": {"p1": "x"}}]"#;
+    let (entries, _) = vlsm::dataset::parse_annotations(json, "test.json").unwrap();
+    let (image, mask) = vlsm::dataset::read_sample(&ds, "test", &entries[0]).unwrap();
+    let ct = DicomFile::read(&std::fs::read(dir().join("ct_explicit.dcm")).unwrap()).unwrap();
+    assert_eq!(image, ct.frame_rgb(0, Window::File).unwrap());
+    let m = DicomFile::read(&std::fs::read(dir().join("mono1_implicit.dcm")).unwrap()).unwrap();
+    let expected: Vec<u8> = m
+        .frame_values(0)
+        .unwrap()
+        .iter()
+        .map(|&v| u8::from(v > 0.0))
+        .collect();
+    assert_eq!(mask, expected);
+}
