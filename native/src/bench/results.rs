@@ -559,6 +559,15 @@ mod tests {
             hd95_model: Some(0.0),
             nsd_model: Some(1.0),
             foreground: Some(0.1),
+            // 4 × 3 pixels whose counts give that Dice.
+            tp: Some(if dice == 0.75 { 3 } else { 1 }),
+            fp: Some(if dice == 0.25 { 3 } else { 1 }),
+            fn_: Some(if dice == 0.25 { 3 } else { 1 }),
+            tn: Some(match dice {
+                0.25 => 5,
+                0.75 => 7,
+                _ => 9,
+            }),
             ..Row::empty()
         }
     }
