@@ -9,11 +9,13 @@ Files: ct_explicit.dcm (CT, int16, slope 1 intercept -1024, window 40/400, expli
 mono1_implicit.dcm (MONOCHROME1, uint8, implicit VR LE, no window), rgb.dcm (RGB, uint8),
 multiframe_rle.dcm (3 frames, uint16, slope 0.5 intercept 10, RLE lossless),
 deflated.dcm (deflated explicit VR LE, uint16), j2k_unsupported.dcm (a JPEG 2000 transfer
-syntax), truncated.dcm (ct_explicit.dcm cut in half). reference.json: for each readable
+syntax), truncated.dcm (ct_explicit.dcm cut in half), ybr_full.dcm (YBR_FULL, uncompressed),
+jpeg_baseline.dcm (greyscale JPEG baseline, encoded by Pillow). reference.json: for each readable
 file its rows, columns, frames, photometric interpretation, window and SOP Instance UID;
 <name>.values.npy: the decoded values as float64, [frames, rows, columns(, 3)].
 """
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,11 +24,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import apply_modality_lut
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, convert_color_space
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEG2000Lossless,
     RLELossless,
     generate_uid,
@@ -103,6 +107,28 @@ files["multiframe_rle"] = multi
 deflated = base("5", DeflatedExplicitVRLittleEndian)
 grey(deflated, rng.integers(0, 65536, (ROWS, COLS)).astype(np.uint16), 16, False)
 files["deflated"] = deflated
+
+# YBR_FULL, uncompressed (pydicom reads it back as RGB).
+ybr = base("7", ExplicitVRLittleEndian)
+ybr.SamplesPerPixel = 3
+ybr.PhotometricInterpretation = "YBR_FULL"
+ybr.PlanarConfiguration = 0
+ybr.BitsAllocated = ybr.BitsStored = 8
+ybr.HighBit = 7
+ybr.PixelRepresentation = 0
+colours = rng.integers(0, 256, (ROWS, COLS, 3)).astype(np.uint8)
+ybr.PixelData = convert_color_space(colours, "RGB", "YBR_FULL").tobytes()
+files["ybr_full"] = ybr
+
+# JPEG baseline, greyscale (encoded by Pillow, decoded by pydicom through Pillow).
+jpeg = base("8", JPEGBaseline8Bit)
+gradient = (np.add.outer(np.arange(ROWS) * 6, np.arange(COLS) * 4) % 256).astype(np.uint8)
+grey(jpeg, gradient, 8, False)
+encoded = io.BytesIO()
+Image.fromarray(gradient).save(encoded, format="JPEG", quality=90)
+jpeg.PixelData = encapsulate([encoded.getvalue()])
+jpeg["PixelData"].VR = "OB"
+files["jpeg_baseline"] = jpeg
 
 reference = {}
 for name, ds in files.items():

@@ -44,7 +44,7 @@ fn decoded_values_equal_pydicoms() {
     let reference: Value =
         serde_json::from_slice(&std::fs::read(dir().join("reference.json")).unwrap()).unwrap();
     let files = reference.as_object().unwrap();
-    assert_eq!(files.len(), 5);
+    assert_eq!(files.len(), 7);
     for (name, r) in files {
         let bytes = std::fs::read(dir().join(format!("{name}.dcm"))).unwrap();
         let file = DicomFile::read(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -75,6 +75,22 @@ fn decoded_values_equal_pydicoms() {
         for frame in 0..file.frames {
             let ours = file.frame_values(frame).unwrap();
             let theirs = &expected[frame as usize * per_frame..][..per_frame];
+            if name == "jpeg_baseline" {
+                // Lossy JPEG: the standard lets decoders round the inverse DCT differently
+                // (dicom-rs uses jpeg-decoder, pydicom Pillow's libjpeg-turbo).
+                let diffs: Vec<f64> = ours
+                    .iter()
+                    .zip(theirs)
+                    .map(|(a, b)| (a - b).abs())
+                    .collect();
+                let most = diffs.iter().copied().fold(0.0, f64::max);
+                let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+                assert!(
+                    most <= 1.0 && mean < 0.2,
+                    "{name}: max |Δ| {most}, mean {mean}"
+                );
+                continue;
+            }
             assert!(
                 ours == theirs,
                 "{name} frame {frame}: values differ from pydicom's"
