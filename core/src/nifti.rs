@@ -13,8 +13,8 @@ use std::io::{Read, Write};
 
 use crate::error::{Error, Result};
 
-/// The most voxels a volume may have (its f64 values then take 4 GiB).
-pub const MAX_VOXELS: usize = 512 << 20;
+/// The most voxels a volume may have (a 512 × 512 × 1024 CT; its f64 values take 2 GiB).
+pub const MAX_VOXELS: usize = 256 << 20;
 
 fn bad(what: impl std::fmt::Display) -> Error {
     Error::Image(format!("NIfTI: {what}"))
@@ -65,20 +65,22 @@ pub struct Volume {
     orientation: [(usize, i8); 3],
 }
 
-/// Reads a `.nii` or `.nii.gz` (gzip is detected from its magic bytes).
+/// Reads a `.nii` or `.nii.gz` (gzip is detected from its magic bytes). A compressed file is
+/// inflated only as far as its header says the volume reaches, so a small file claiming a
+/// huge or endless volume costs no more than the header allows.
 pub fn read(bytes: &[u8]) -> Result<Volume> {
     let raw;
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        // The header and a volume within MAX_VOXELS of 8-byte values, and no more.
-        let limit = (MAX_VOXELS as u64) * 8 + 1024;
-        flate2::read::MultiGzDecoder::new(bytes)
-            .take(limit + 1)
+        let mut decoder = flate2::read::MultiGzDecoder::new(bytes);
+        let mut out = vec![0u8; 348];
+        decoder
+            .read_exact(&mut out)
+            .map_err(|e| bad(format!("decompressing the header: {e}")))?;
+        let declared = declared_size(&out)?;
+        decoder
+            .take((declared - 348) as u64)
             .read_to_end(&mut out)
             .map_err(|e| bad(format!("decompressing: {e}")))?;
-        if out.len() as u64 > limit {
-            return Err(bad("the volume is larger than vlsm accepts uncompressed"));
-        }
         raw = out;
         &raw[..]
     } else {
@@ -288,6 +290,33 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
         [0.0, pix[1], 0.0, 0.0],
         [0.0, 0.0, pix[2], 0.0],
     ]
+}
+
+/// The bytes a file's header says it holds (header, extensions and voxels), once its
+/// dimensions are checked against [`MAX_VOXELS`]; the header's own errors are left to
+/// [`read`], which reports them.
+fn declared_size(header: &[u8]) -> Result<usize> {
+    let big_endian = i32::from_be_bytes(header[0..4].try_into().expect("4 bytes")) == 348;
+    let h = Header {
+        bytes: header,
+        big_endian,
+    };
+    let dims: Vec<usize> = (1..8)
+        .map(|i| usize::try_from(h.i16(40 + 2 * i)).unwrap_or(0).max(1))
+        .collect();
+    let voxels = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_VOXELS)
+        .ok_or_else(|| bad(format!("more than {MAX_VOXELS} voxels")))?;
+    let size = (usize::try_from(h.i16(72)).unwrap_or(0) / 8).clamp(1, 16);
+    let offset = h.f32(108);
+    let offset = if (348.0..=1e6).contains(&offset) {
+        offset as usize
+    } else {
+        352
+    };
+    Ok(offset + voxels * size)
 }
 
 /// Each voxel axis's nearest patient axis and direction (distinct axes, largest first).

@@ -107,6 +107,23 @@ fn label_volumes_keep_the_grid_and_bad_files_are_one_clear_error() {
         huge[at + 1] = 0x7f;
     }
     assert!(error(&huge).contains("voxels"), "{}", error(&huge));
+    // The same header compressed: refused from the header, before inflating any voxel.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &huge).unwrap();
+    let message = error(&gz.finish().unwrap());
+    assert!(message.contains("more than"), "{message}");
+    // A small volume followed by 32 MiB of zeros in the gzip stream reads as the small
+    // volume: only what the header declares is inflated.
+    let mut small = plain.clone();
+    for (at, d) in [(42, 2u16), (44, 2), (46, 1)] {
+        small[at..at + 2].copy_from_slice(&d.to_le_bytes());
+    }
+    small.truncate(352 + 4 * 2);
+    small.extend(std::iter::repeat_n(0u8, 32 << 20));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &small).unwrap();
+    let volume = read(&gz.finish().unwrap()).unwrap();
+    assert_eq!(volume.dims, [2, 2, 1]);
     let mut two = plain;
     two[0..4].copy_from_slice(&540i32.to_le_bytes());
     assert!(error(&two).contains("NIfTI-2"));
