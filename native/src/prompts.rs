@@ -60,7 +60,9 @@ struct Sentence {
     sent: String,
 }
 
-const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif"];
+const IMAGE_EXTENSIONS: [&str; 9] = [
+    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm",
+];
 
 pub fn run(args: PromptsArgs) -> Result<()> {
     let class = args.class.trim();
@@ -169,13 +171,15 @@ fn entry(
     args: &PromptsArgs,
 ) -> Result<(EntryOut, vlsm::prompts::MaskAttributes)> {
     let bytes = std::fs::read(mask).with_context(|| mask.display().to_string())?;
-    let grey = preprocess::decode_image(&bytes)
-        .with_context(|| mask.display().to_string())?
-        .to_luma8();
+    let grey = grey_mask(&bytes).with_context(|| mask.display().to_string())?;
     let (w, h) = grey.dimensions();
-    let (iw, ih) =
-        preprocess::dimensions(&std::fs::read(image).with_context(|| image.display().to_string())?)
-            .with_context(|| image.display().to_string())?;
+    let image_bytes = std::fs::read(image).with_context(|| image.display().to_string())?;
+    let (iw, ih) = if vlsm::dicom::is_dicom(&image_bytes) {
+        vlsm::dicom::DicomFile::read(&image_bytes).map(|f| (f.columns, f.rows))
+    } else {
+        preprocess::dimensions(&image_bytes)
+    }
+    .with_context(|| image.display().to_string())?;
     if (iw, ih) != (w, h) {
         bail!(
             "mask {} is {w}×{h} but image {} is {iw}×{ih}",
@@ -244,6 +248,26 @@ fn foreground_box(grey: &[u8], w: u32, h: u32) -> [u32; 4] {
         }
     }
     if x2 == 0 { [0; 4] } else { [x1, y1, x2, y2] }
+}
+
+/// A mask as 8-bit grey: an image's luma, or a DICOM label image's first frame as 255
+/// where its value is above 0 (so medvlsm's rules, which count exactly-255 pixels, see it
+/// as a binary mask).
+fn grey_mask(bytes: &[u8]) -> Result<image::GrayImage> {
+    if vlsm::dicom::is_dicom(bytes) {
+        let file = vlsm::dicom::DicomFile::read(bytes)?;
+        if file.samples_per_pixel != 1 {
+            bail!("a DICOM mask must be greyscale");
+        }
+        let grey = file
+            .frame_values(0)?
+            .iter()
+            .map(|&v| if v > 0.0 { 255 } else { 0 })
+            .collect();
+        return image::GrayImage::from_raw(file.columns, file.rows, grey)
+            .context("DICOM mask size");
+    }
+    Ok(preprocess::decode_image(bytes)?.to_luma8())
 }
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -1112,3 +1112,53 @@ fn prompt_controls_are_scored_and_compared_with_the_entrys_own_prompt() {
         .collect();
     assert_clean_error(&vlsm(&args, &[]), "prompt controls");
 }
+
+#[test]
+fn prompts_read_dicom_images_and_label_masks_as_their_png_equivalents() {
+    // A DICOM image and a DICOM label mask (foreground where the value is above 0) give the
+    // same annotations as the same pixels in PNG files.
+    let tmp = tempfile::tempdir().unwrap();
+    let dicom = fixture("dicom");
+    let (dcm_dir, png_dir) = (tmp.path().join("dcm"), tmp.path().join("png"));
+    for d in [&dcm_dir, &png_dir] {
+        std::fs::create_dir_all(d.join("images")).unwrap();
+        std::fs::create_dir_all(d.join("masks")).unwrap();
+    }
+    std::fs::copy(dicom.join("ct_explicit.dcm"), dcm_dir.join("images/a.dcm")).unwrap();
+    std::fs::copy(dicom.join("ct_explicit.dcm"), dcm_dir.join("masks/a.dcm")).unwrap();
+    // The PNG twins: the image as the model sees it, the mask as 255 where the CT value
+    // (Hounsfield units) is above 0.
+    let ct = vlsm::dicom::DicomFile::read(&std::fs::read(dicom.join("ct_explicit.dcm")).unwrap())
+        .unwrap();
+    ct.frame_rgb(0, vlsm::window::Window::File)
+        .unwrap()
+        .save(png_dir.join("images/a.png"))
+        .unwrap();
+    let grey: Vec<u8> = ct
+        .frame_values(0)
+        .unwrap()
+        .iter()
+        .map(|&v| if v > 0.0 { 255 } else { 0 })
+        .collect();
+    image::GrayImage::from_raw(ct.columns, ct.rows, grey)
+        .unwrap()
+        .save(png_dir.join("masks/a.png"))
+        .unwrap();
+    let anns = |dir: &Path| -> Value {
+        let out = vlsm(
+            &["prompts", dir.to_str().unwrap(), "--class", "lesion"],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut v: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("anns/test.json")).unwrap()).unwrap();
+        for e in v.as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().remove("img_name");
+            e.as_object_mut().unwrap().remove("mask_name");
+        }
+        v
+    };
+    let (from_dicom, from_png) = (anns(&dcm_dir), anns(&png_dir));
+    assert_eq!(from_dicom, from_png);
+    assert_ne!(from_dicom[0]["prompts"]["p1"], "no lesion");
+}
