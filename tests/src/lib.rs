@@ -150,3 +150,31 @@ pub fn bf16_agreement(
         mask_agreement: agree as f64 / total as f64,
     })
 }
+
+/// A float64 `.npy` (little endian, C order), as numpy saves it: its shape and values.
+pub fn read_npy_f64(path: &Path) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).expect("an ASCII header");
+    assert!(
+        header.contains("'descr': '<f8'") && header.contains("'fortran_order': False"),
+        "{}: not little-endian float64 in C order",
+        path.display()
+    );
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .expect("a shape");
+    let shape = shape_text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("a dimension"))
+        .collect();
+    let values = bytes[10 + header_len..]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    (shape, values)
+}

@@ -7,36 +7,10 @@ use std::path::PathBuf;
 use serde_json::Value;
 use vlsm::dicom::DicomFile;
 use vlsm::window::Window;
-use vlsm_tests::fixture;
+use vlsm_tests::{fixture, read_npy_f64};
 
 fn dir() -> PathBuf {
     fixture("dicom")
-}
-
-/// A float64 `.npy` (little endian, C order): its shape and values.
-fn read_npy_f64(path: &std::path::Path) -> (Vec<usize>, Vec<f64>) {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..6], b"\x93NUMPY");
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f8'") && header.contains("'fortran_order': False"));
-    let shape_text = header
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    let shape: Vec<usize> = shape_text
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let values = bytes[10 + header_len..]
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape, values)
 }
 
 #[test]

@@ -5,21 +5,7 @@
 
 use serde_json::Value;
 use vlsm::nifti::{Plane, read};
-use vlsm_tests::fixture;
-
-fn npy_f64(path: &std::path::Path) -> Vec<f64> {
-    let bytes = std::fs::read(path).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    assert!(
-        std::str::from_utf8(&bytes[10..10 + header_len])
-            .unwrap()
-            .contains("'<f8'")
-    );
-    bytes[10 + header_len..]
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
+use vlsm_tests::{fixture, read_npy_f64};
 
 #[test]
 fn voxels_orientation_and_slices_equal_nibabels() {
@@ -35,7 +21,7 @@ fn voxels_orientation_and_slices_equal_nibabels() {
         .collect();
     assert_eq!(volume.dims.to_vec(), shape);
     assert!(
-        volume.values == npy_f64(&dir.join("values.npy")),
+        volume.values == read_npy_f64(&dir.join("values.npy")).1,
         "values differ from nibabel's"
     );
     for r in 0..3 {

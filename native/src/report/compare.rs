@@ -59,18 +59,30 @@ fn side(
     per_image(&cell, |r| metric(r, options)[0])
 }
 
-/// `a − b` over the images both scored: (mean of a, mean of b, the paired statistics).
+/// Cell `a` (model, dataset, prompt id) against cell `b` over the images both scored,
+/// labelled `(a, b, within)`; `None` when they share no image.
 fn compare(
-    a: std::collections::BTreeMap<(String, Option<usize>), f64>,
-    b: &std::collections::BTreeMap<(String, Option<usize>), f64>,
-) -> Option<(f64, f64, Paired)> {
-    let (x, y): (Vec<f64>, Vec<f64>) = a
+    (rows, report, options): (&[Row], &Report, Options),
+    a: (&str, &str, &str),
+    b: (&str, &str, &str),
+    (a_name, b_name, within): (&str, &str, &str),
+) -> Option<Comparison> {
+    let right = side(rows, report, options, b);
+    let (x, y): (Vec<f64>, Vec<f64>) = side(rows, report, options, a)
         .into_iter()
-        .filter_map(|(k, v)| b.get(&k).map(|w| (v, *w)))
+        .filter_map(|(k, v)| right.get(&k).map(|w| (v, *w)))
         .filter(|(v, w)| !v.is_nan() && !w.is_nan())
         .unzip();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    (!x.is_empty()).then(|| (mean(&x), mean(&y), Paired::of(&x, &y)))
+    (!x.is_empty()).then(|| Comparison {
+        a: a_name.into(),
+        b: b_name.into(),
+        within: within.into(),
+        dataset: a.1.into(),
+        a_dice: mean(&x),
+        b_dice: mean(&y),
+        dice: Paired::of(&x, &y),
+    })
 }
 
 /// Model `a` against model `b`, per dataset and prompt id.
@@ -81,22 +93,12 @@ pub fn models(
     a: &str,
     b: &str,
 ) -> Vec<Comparison> {
+    let data = (rows, report, options);
     let mut out = Vec::new();
     for dataset in &report.datasets {
         for prompt in &report.prompts {
-            let left = side(rows, report, options, (a, dataset, prompt));
-            let right = side(rows, report, options, (b, dataset, prompt));
-            if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
-                out.push(Comparison {
-                    a: a.into(),
-                    b: b.into(),
-                    within: prompt.clone(),
-                    dataset: dataset.clone(),
-                    a_dice,
-                    b_dice,
-                    dice,
-                });
-            }
+            let (x, y) = ((a, &**dataset, &**prompt), (b, &**dataset, &**prompt));
+            out.extend(compare(data, x, y, (a, b, prompt)));
         }
     }
     out
@@ -110,22 +112,12 @@ pub fn prompts(
     p: &str,
     q: &str,
 ) -> Vec<Comparison> {
+    let data = (rows, report, options);
     let mut out = Vec::new();
     for model in &report.models {
         for dataset in &report.datasets {
-            let left = side(rows, report, options, (model, dataset, p));
-            let right = side(rows, report, options, (model, dataset, q));
-            if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
-                out.push(Comparison {
-                    a: p.into(),
-                    b: q.into(),
-                    within: model.clone(),
-                    dataset: dataset.clone(),
-                    a_dice,
-                    b_dice,
-                    dice,
-                });
-            }
+            let (x, y) = ((&**model, &**dataset, p), (&**model, &**dataset, q));
+            out.extend(compare(data, x, y, (p, q, model)));
         }
     }
     out
@@ -144,20 +136,17 @@ pub fn controls(rows: &[Row], report: &Report, options: Options) -> Vec<Comparis
     let mut out = Vec::new();
     for model in &report.models {
         for dataset in &report.datasets {
-            let right = side(rows, report, options, (model, dataset, reference));
             for &id in &ids {
-                let left = side(rows, report, options, (model, dataset, id));
-                if let Some((a_dice, b_dice, dice)) = compare(left, &right) {
-                    out.push(Comparison {
-                        a: id.into(),
-                        b: reference.into(),
-                        within: model.clone(),
-                        dataset: dataset.clone(),
-                        a_dice,
-                        b_dice,
-                        dice,
-                    });
-                }
+                let (x, y) = (
+                    (&**model, &**dataset, id),
+                    (&**model, &**dataset, reference),
+                );
+                out.extend(compare(
+                    (rows, report, options),
+                    x,
+                    y,
+                    (id, reference, model),
+                ));
             }
         }
     }
