@@ -54,6 +54,22 @@ impl std::str::FromStr for Window {
     }
 }
 
+/// The window spanning the finite values exactly (the minimum at 0, the maximum at 255), or
+/// `None` when there is none.
+pub fn spanning(values: &[f64]) -> Option<Window> {
+    let (lo, hi) = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    // A width of hi − lo + 1 puts lo at 0 and hi at 255.
+    lo.is_finite().then(|| Window::Explicit {
+        center: (lo + hi + 1.0) / 2.0,
+        width: hi - lo + 1.0,
+    })
+}
+
 /// The 8-bit grey of each value: DICOM's linear VOI function with `center`/`width`
 /// (`≤ c − 0.5 − (w − 1)/2` → 0, `> c − 0.5 + (w − 1)/2` → 255, else
 /// `((x − (c − 0.5)) / (w − 1) + 0.5) · 255`), rounded to the nearest integer; `invert`
@@ -67,20 +83,10 @@ pub fn to_grey(
     let (center, width) = match (window, file_window) {
         (Window::Explicit { center, width }, _) => (center, width),
         (Window::File, Some((c, w))) if w >= 1.0 && c.is_finite() && w.is_finite() => (c, w),
-        _ => {
-            // Min–max: the window spanning the values exactly.
-            let (lo, hi) = values
-                .iter()
-                .filter(|v| v.is_finite())
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-                    (lo.min(v), hi.max(v))
-                });
-            if !lo.is_finite() {
-                return Err(Error::Image("the image has no finite values".into()));
-            }
-            // A width of hi − lo + 1 puts lo at 0 and hi at 255.
-            ((lo + hi + 1.0) / 2.0, hi - lo + 1.0)
-        }
+        _ => match spanning(values) {
+            Some(Window::Explicit { center, width }) => (center, width),
+            _ => return Err(Error::Image("the image has no finite values".into())),
+        },
     };
     let low = center - 0.5 - (width - 1.0) / 2.0;
     let high = center - 0.5 + (width - 1.0) / 2.0;

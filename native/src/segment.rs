@@ -1,6 +1,7 @@
 //! `vlsm segment IMAGE... --prompt TEXT...`
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
 use vlsm::nifti::Plane;
@@ -286,7 +287,7 @@ pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
 pub fn run(args: SegmentArgs) -> Result<()> {
     let mut timings = Timings::new(args.timings);
     let inputs = collect_inputs(&args.images, args.glob.as_deref(), args.slices)?;
-    let mut volumes = VolumeCache::default();
+    let mut files = ClinicalFiles::default();
     // Bad input fails before the (slow) model load. One image: it is decoded now, and its
     // problem is the error. Several: every header is checked now, a bad image is reported
     // and skipped, the others are decoded one at a time (so memory holds one), and the
@@ -299,14 +300,14 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let (mut first, checked): (Option<image::RgbImage>, Vec<&Input>) = match inputs.as_slice() {
         [only] => {
             let image =
-                timings.measure("read images", || read_rgb(only, args.window, &mut volumes))?;
+                timings.measure("read images", || read_rgb(only, args.window, &mut files))?;
             (Some(image), vec![only])
         }
         several => {
             let checked = timings.measure("read images", || {
                 several
                     .iter()
-                    .filter(|input| match check_header(input, &mut volumes) {
+                    .filter(|input| match check_header(input, &mut files) {
                         Ok(()) => true,
                         Err(e) => {
                             skip(e);
@@ -364,7 +365,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             let image = match first.take() {
                 Some(image) => image,
                 None => match timings
-                    .measure("read images", || read_rgb(input, args.window, &mut volumes))
+                    .measure("read images", || read_rgb(input, args.window, &mut files))
                 {
                     Ok(image) => image,
                     Err(e) => {
@@ -392,7 +393,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                 for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
                     let mask = l.mask_at(threshold, image.width(), image.height());
                     if let Part::Slice(plane, k) = input.part {
-                        let volume = volumes.get(&input.path)?;
+                        let volume = files.volume(&input.path)?;
                         labels.add(&input.path, &volume, prompts.len(), i, (plane, k), &mask);
                     }
                     let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
@@ -435,7 +436,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                 "{i:02}_{}.mask.nii.gz",
                 vlsm::prompts::slug(prompt)
             ));
-            write_atomic(&file, &volume.label_file(voxels, true)?)?;
+            write_atomic(&file, &volume.nifti.label_file(voxels, true)?)?;
             println!(
                 "{}\t{prompt:?}\tlabel volume\t{}",
                 path.display(),
@@ -502,7 +503,7 @@ struct LabelVolumes(Vec<VolumeLabels>);
 
 struct VolumeLabels {
     path: PathBuf,
-    volume: std::rc::Rc<vlsm::nifti::Volume>,
+    volume: Rc<Volume>,
     /// Per prompt, a byte per voxel.
     per_prompt: Vec<Vec<u8>>,
 }
@@ -511,7 +512,7 @@ impl LabelVolumes {
     fn add(
         &mut self,
         path: &Path,
-        volume: &std::rc::Rc<vlsm::nifti::Volume>,
+        volume: &Rc<Volume>,
         prompts: usize,
         prompt: usize,
         (plane, k): (Plane, usize),
@@ -523,97 +524,111 @@ impl LabelVolumes {
                 self.0.push(VolumeLabels {
                     path: path.to_path_buf(),
                     volume: volume.clone(),
-                    per_prompt: vec![vec![0u8; volume.values.len()]; prompts],
+                    per_prompt: vec![vec![0u8; volume.nifti.values.len()]; prompts],
                 });
                 self.0.len() - 1
             }
         };
         let voxels = &mut self.0[index].per_prompt[prompt];
-        let (w, _) = volume.slice_size(plane);
+        let nifti = &volume.nifti;
+        let (w, _) = nifti.slice_size(plane);
         for (at, &m) in mask.iter().enumerate() {
-            voxels[volume.voxel(plane, k, at / w, at % w)] = u8::from(m != 0);
+            voxels[nifti.voxel(plane, k, at / w, at % w)] = u8::from(m != 0);
         }
     }
 }
 
-/// The NIfTI volume last read (a volume's slices are consecutive inputs).
+/// The DICOM file and NIfTI volume last read: a file's frames and a volume's slices are
+/// consecutive inputs, so each file is read and parsed once (not once per frame or slice).
 #[derive(Default)]
-struct VolumeCache(Option<(PathBuf, std::rc::Rc<vlsm::nifti::Volume>)>);
+struct ClinicalFiles {
+    dicom: Option<(PathBuf, Rc<vlsm::dicom::DicomFile>)>,
+    volume: Option<(PathBuf, Rc<Volume>)>,
+}
 
-impl VolumeCache {
-    fn get(&mut self, path: &Path) -> Result<std::rc::Rc<vlsm::nifti::Volume>> {
-        if let Some((p, v)) = &self.0
+/// A NIfTI volume and the window spanning its values (computed once).
+struct Volume {
+    nifti: vlsm::nifti::Volume,
+    spanning: Option<Window>,
+}
+
+impl ClinicalFiles {
+    fn dicom(&mut self, path: &Path) -> Result<Rc<vlsm::dicom::DicomFile>> {
+        if let Some((p, file)) = &self.dicom
+            && p == path
+        {
+            return Ok(file.clone());
+        }
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let file = Rc::new(
+            vlsm::dicom::DicomFile::read(&bytes).with_context(|| path.display().to_string())?,
+        );
+        self.dicom = Some((path.to_path_buf(), file.clone()));
+        Ok(file)
+    }
+
+    fn volume(&mut self, path: &Path) -> Result<Rc<Volume>> {
+        if let Some((p, v)) = &self.volume
             && p == path
         {
             return Ok(v.clone());
         }
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-        let volume = std::rc::Rc::new(
-            vlsm::nifti::read(&bytes).with_context(|| path.display().to_string())?,
-        );
-        self.0 = Some((path.to_path_buf(), volume.clone()));
+        let nifti = vlsm::nifti::read(&bytes).with_context(|| path.display().to_string())?;
+        let volume = Rc::new(Volume {
+            spanning: vlsm::window::spanning(&nifti.values),
+            nifti,
+        });
+        self.volume = Some((path.to_path_buf(), volume.clone()));
         Ok(volume)
     }
 }
 
 /// Reads and decodes an image file, a DICOM frame or a NIfTI slice (greyscale through
 /// `window`; errors name the file).
-fn read_rgb(input: &Input, window: Window, volumes: &mut VolumeCache) -> Result<image::RgbImage> {
+fn read_rgb(input: &Input, window: Window, files: &mut ClinicalFiles) -> Result<image::RgbImage> {
     let path = &input.path;
-    if let Part::Slice(plane, k) = input.part {
-        let volume = volumes.get(path)?;
-        // File or min–max: the volume's range, so every slice is windowed alike.
-        let window = match window {
-            Window::File | Window::MinMax => {
-                let (lo, hi) = volume
-                    .values
-                    .iter()
-                    .filter(|v| v.is_finite())
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                        (a.min(v), b.max(v))
-                    });
-                if !lo.is_finite() {
-                    bail!("{}: the volume has no finite values", path.display());
-                }
-                Window::Explicit {
-                    center: (lo + hi + 1.0) / 2.0,
-                    width: hi - lo + 1.0,
-                }
-            }
-            w => w,
-        };
-        let (w, h) = volume.slice_size(plane);
-        vlsm::preprocess::check_pixels(w as u32, h as u32)?;
-        let grey = vlsm::window::to_grey(&volume.slice_values(plane, k), window, None, false)?;
-        let rgb = grey.into_iter().flat_map(|g| [g, g, g]).collect();
-        return image::RgbImage::from_raw(w as u32, h as u32, rgb).context("slice size");
-    }
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
     match input.part {
-        Part::DicomFrame(frame) => vlsm::dicom::DicomFile::read(&bytes)
-            .and_then(|file| file.frame_rgb(frame, window))
+        Part::Slice(plane, k) => {
+            let volume = files.volume(path)?;
+            // File or min–max: the volume's range, so every slice is windowed alike.
+            let window = match window {
+                Window::File | Window::MinMax => volume.spanning.with_context(|| {
+                    format!("{}: the volume has no finite values", path.display())
+                })?,
+                w => w,
+            };
+            let volume = &volume.nifti;
+            let (w, h) = volume.slice_size(plane);
+            vlsm::preprocess::check_pixels(w as u32, h as u32)?;
+            let grey = vlsm::window::to_grey(&volume.slice_values(plane, k), window, None, false)?;
+            let rgb = grey.into_iter().flat_map(|g| [g, g, g]).collect();
+            image::RgbImage::from_raw(w as u32, h as u32, rgb).context("slice size")
+        }
+        Part::DicomFrame(frame) => files
+            .dicom(path)?
+            .frame_rgb(frame, window)
             .with_context(|| path.display().to_string()),
-        _ => preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string()),
+        Part::Image => {
+            let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+            preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string())
+        }
     }
 }
 
 /// Checks that a file is an image within the pixel budget, from its header.
-fn check_header(input: &Input, volumes: &mut VolumeCache) -> Result<()> {
+fn check_header(input: &Input, files: &mut ClinicalFiles) -> Result<()> {
     let path = &input.path;
     match input.part {
-        Part::Slice(..) => return volumes.get(path).map(drop),
-        Part::DicomFrame(_) => {
+        Part::Slice(..) => files.volume(path).map(drop),
+        Part::DicomFrame(_) => files.dicom(path).map(drop),
+        Part::Image => {
             let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-            return vlsm::dicom::DicomFile::read(&bytes)
-                .map(drop)
-                .with_context(|| path.display().to_string());
+            preprocess::dimensions(&bytes)
+                .and_then(|(w, h)| preprocess::check_pixels(w, h))
+                .with_context(|| path.display().to_string())
         }
-        Part::Image => {}
     }
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    preprocess::dimensions(&bytes)
-        .and_then(|(w, h)| preprocess::check_pixels(w, h))
-        .with_context(|| path.display().to_string())
 }
 
 /// One output folder per image, named after the file (or its path below a searched

@@ -66,8 +66,8 @@ pub struct Study {
     pub tuned: Vec<Tuned>,
 }
 
-/// Curves of every (model, dataset) scored at more than one threshold.
-fn curves(rows: &[Row], options: Options) -> Vec<Curve> {
+/// Curves of every (model, dataset) scored at `least` thresholds or more.
+fn curves(rows: &[Row], options: Options, least: usize) -> Vec<Curve> {
     // (model, dataset) → threshold bits → prompt id → rows.
     type Cells<'a> = BTreeMap<u32, BTreeMap<&'a str, Vec<&'a Row>>>;
     let mut groups: Vec<((&str, &str), Cells)> = Vec::new();
@@ -90,7 +90,7 @@ fn curves(rows: &[Row], options: Options) -> Vec<Curve> {
     }
     let mut out = Vec::new();
     for ((model, dataset), by_threshold) in groups {
-        if by_threshold.len() < 2 {
+        if by_threshold.len() < least {
             continue;
         }
         let mut points: Vec<(f32, f64, usize)> = by_threshold
@@ -124,7 +124,7 @@ pub fn study(
     report: &Report,
     options: Options,
 ) -> Result<Option<Study>> {
-    let scored = curves(rows, options);
+    let scored = curves(rows, options, 2);
     let mut splits: Vec<String> = rows.iter().map(|r| r.split.clone()).collect();
     splits.sort();
     splits.dedup();
@@ -135,13 +135,14 @@ pub fn study(
                 "--tune-on {path}: these are test-split results; thresholds must be chosen on validation results (vlsm bench --split val --thresholds …)"
             );
         }
-        let val_curves = curves(val_rows, options);
+        let val_curves = curves(val_rows, options, 2);
         if val_curves.is_empty() {
             bail!(
                 "--tune-on {path}: no model was scored at more than one threshold there (vlsm bench --split val --thresholds …)"
             );
         }
-        let here = curves_at_any(rows, options);
+        // Here, pairs scored at a single threshold count too (a one-point curve).
+        let here = curves(rows, options, 1);
         for val in &val_curves {
             let Some((chosen, val_dice)) = val.best() else {
                 continue;
@@ -177,44 +178,6 @@ pub fn study(
         tuned_on: tuning.map(|(p, _)| p.to_string()),
         tuned,
     }))
-}
-
-/// As [`curves`], including (model, dataset) pairs scored at one threshold.
-fn curves_at_any(rows: &[Row], options: Options) -> Vec<Curve> {
-    let mut all = curves(rows, options);
-    // Pairs with one threshold: a one-point curve.
-    let mut seen: Vec<(String, String)> = all
-        .iter()
-        .map(|c| (c.model.clone(), c.dataset.clone()))
-        .collect();
-    for r in rows.iter().filter(|r| r.error.is_empty()) {
-        let key = (r.model.clone(), r.dataset.clone());
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key.clone());
-        let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
-        for x in rows
-            .iter()
-            .filter(|x| x.error.is_empty() && x.model == key.0 && x.dataset == key.1)
-        {
-            by_prompt.entry(&x.prompt_id).or_default().push(x);
-        }
-        let n = by_prompt.len();
-        let dice = mean_of(
-            by_prompt
-                .into_values()
-                .map(|cell| mean_of(per_image(&cell, |r| metric(r, options)[0]).into_values())),
-        );
-        all.push(Curve {
-            model: key.0,
-            dataset: key.1,
-            thresholds: vec![r.threshold],
-            dice: vec![dice],
-            prompts: n,
-        });
-    }
-    all
 }
 
 fn pct(v: Option<f64>) -> String {
