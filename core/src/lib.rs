@@ -4,6 +4,8 @@
 //! per-prompt decoder → logits → masks. Models are burn modules; the backend is the
 //! [`burn::tensor::Device`] the caller picks.
 
+#[cfg(feature = "clinical")]
+pub mod clinical;
 pub mod config;
 pub mod dataset;
 #[cfg(feature = "clinical")]
@@ -26,6 +28,7 @@ pub mod prompts;
 pub mod render;
 pub mod segmenter;
 pub mod share;
+pub mod slice;
 pub mod stats;
 pub mod synthetic;
 pub mod tokenize;

@@ -20,35 +20,7 @@ fn bad(what: impl std::fmt::Display) -> Error {
     Error::Image(format!("NIfTI: {what}"))
 }
 
-/// The three viewing planes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plane {
-    Axial,
-    Coronal,
-    Sagittal,
-}
-
-impl Plane {
-    pub fn name(self) -> &'static str {
-        match self {
-            Plane::Axial => "axial",
-            Plane::Coronal => "coronal",
-            Plane::Sagittal => "sagittal",
-        }
-    }
-}
-
-impl std::str::FromStr for Plane {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "axial" => Ok(Plane::Axial),
-            "coronal" => Ok(Plane::Coronal),
-            "sagittal" => Ok(Plane::Sagittal),
-            _ => Err(format!("`{s}`: the plane is axial, coronal or sagittal")),
-        }
-    }
-}
+pub use crate::slice::Plane;
 
 /// A NIfTI-1 volume in memory.
 pub struct Volume {
@@ -69,6 +41,12 @@ pub struct Volume {
 /// inflated only as far as its header says the volume reaches, so a small file claiming a
 /// huge or endless volume costs no more than the header allows.
 pub fn read(bytes: &[u8]) -> Result<Volume> {
+    read_within(bytes, MAX_VOXELS)
+}
+
+/// [`read`] with a lower cap on the voxels (the page's memory is tighter than the CLI's).
+pub fn read_within(bytes: &[u8], max_voxels: usize) -> Result<Volume> {
+    let max_voxels = max_voxels.min(MAX_VOXELS);
     let raw;
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut decoder = flate2::read::MultiGzDecoder::new(bytes);
@@ -76,7 +54,7 @@ pub fn read(bytes: &[u8]) -> Result<Volume> {
         decoder
             .read_exact(&mut out)
             .map_err(|e| bad(format!("decompressing the header: {e}")))?;
-        let declared = declared_size(&out)?;
+        let declared = declared_size(&out, max_voxels)?;
         decoder
             .take((declared - 348) as u64)
             .read_to_end(&mut out)
@@ -129,8 +107,8 @@ pub fn read(bytes: &[u8]) -> Result<Volume> {
         ));
     }
     let voxels = dims[0] * dims[1] * dims[2];
-    if voxels > MAX_VOXELS {
-        return Err(bad(format!("{voxels} voxels (at most {MAX_VOXELS})")));
+    if voxels > max_voxels {
+        return Err(bad(format!("{voxels} voxels (at most {max_voxels})")));
     }
     let (size, kind) = match h.i16(70) {
         2 => (1, Kind::U8),
@@ -295,7 +273,7 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
 /// The bytes a file's header says it holds (header, extensions and voxels), once its
 /// dimensions are checked against [`MAX_VOXELS`]; the header's own errors are left to
 /// [`read`], which reports them.
-fn declared_size(header: &[u8]) -> Result<usize> {
+fn declared_size(header: &[u8], max_voxels: usize) -> Result<usize> {
     let big_endian = i32::from_be_bytes(header[0..4].try_into().expect("4 bytes")) == 348;
     let h = Header {
         bytes: header,
@@ -307,8 +285,8 @@ fn declared_size(header: &[u8]) -> Result<usize> {
     let voxels = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= MAX_VOXELS)
-        .ok_or_else(|| bad(format!("more than {MAX_VOXELS} voxels")))?;
+        .filter(|&n| n <= max_voxels)
+        .ok_or_else(|| bad(format!("more than {max_voxels} voxels")))?;
     let size = (usize::try_from(h.i16(72)).unwrap_or(0) / 8).clamp(1, 16);
     let offset = h.f32(108);
     let offset = if (348.0..=1e6).contains(&offset) {

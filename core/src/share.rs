@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::mask_check::{BORDERLINE_MARGIN, MAX_MODEL_SIZE, MaskCheck};
+use crate::slice::Slice;
+use crate::window::Window;
 
 /// The fragment key and the only link format version this code reads and writes.
 pub const FRAGMENT_PREFIX: &str = "vlsm=1.";
@@ -96,7 +98,22 @@ pub struct ShareState {
     /// How far from the threshold (in logits) a differing pixel may lie to count as
     /// borderline ([`BORDERLINE_MARGIN`] unless the link says otherwise).
     pub margin: f32,
+    /// When the image is one picture of a DICOM file or NIfTI volume: which, and through
+    /// which window.
+    pub clinical: Option<ClinicalView>,
 }
+
+/// Which picture of a DICOM file or NIfTI volume an image is, and its window. The file
+/// never travels in a link: the image (embedded or omitted) is the rendered picture, named
+/// after the file; whoever holds the file gets the same picture from these two.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClinicalView {
+    pub slice: Slice,
+    pub window: Window,
+}
+
+/// The largest frame or slice number a link may name (files are checked when read).
+const MAX_SLICE_INDEX: usize = 1 << 20;
 
 /// The JSON part of the payload.
 #[derive(Serialize, Deserialize)]
@@ -113,6 +130,32 @@ struct Wire {
     masks: Vec<WireMask>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     margin: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clinical: Option<WireClinical>,
+}
+
+/// A [`ClinicalView`] as text: `axial:42` or a frame number; `file`, `minmax` or
+/// `CENTER,WIDTH`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireClinical {
+    slice: String,
+    window: String,
+}
+
+impl WireClinical {
+    fn check(self) -> Result<ClinicalView> {
+        let bad = |what: &str, e: String| Err(Error::Link(format!("its {what}: {e}")));
+        let slice = match self.slice.parse::<Slice>() {
+            Ok(s) if s.index <= MAX_SLICE_INDEX => s,
+            Ok(s) => return bad("slice", format!("{} is too large", s.index)),
+            Err(e) => return bad("slice", truncate(&e, 80)),
+        };
+        match self.window.parse::<Window>() {
+            Ok(window) => Ok(ClinicalView { slice, window }),
+            Err(e) => bad("window", truncate(&e, 80)),
+        }
+    }
 }
 
 /// A [`MaskCheck`] on the wire (hex strings for the 64-bit values: JSON numbers are doubles
@@ -346,6 +389,10 @@ impl ShareState {
             },
             masks: self.masks.iter().map(WireMask::from).collect(),
             margin: (!self.masks.is_empty()).then_some(self.margin),
+            clinical: self.clinical.map(|c| WireClinical {
+                slice: c.slice.to_string(),
+                window: c.window.to_string(),
+            }),
         };
         let mut payload = serde_json::to_vec(&wire)
             .map_err(|e| Error::Link(format!("cannot serialise the state: {e}")))?;
@@ -448,6 +495,7 @@ impl ShareState {
                 .map(WireMask::check)
                 .collect::<Result<_>>()?,
             margin: wire.margin.unwrap_or(BORDERLINE_MARGIN),
+            clinical: wire.clinical.map(WireClinical::check).transpose()?,
         };
         state.validate()?;
         Ok(state)
@@ -561,6 +609,10 @@ mod tests {
                 })
                 .collect(),
             margin: BORDERLINE_MARGIN,
+            clinical: Some(ClinicalView {
+                slice: "axial:42".parse().unwrap(),
+                window: "40,400".parse().unwrap(),
+            }),
         }
     }
 
@@ -674,6 +726,7 @@ mod tests {
         // A link without records (made without running) reads back with none.
         let mut bare = state.clone();
         bare.masks.clear();
+        bare.clinical = None;
         let back = ShareState::from_link(&bare.to_fragment().unwrap()).unwrap();
         assert_eq!(back, bare);
         // Records edited by hand: each refused with a line naming the field.
@@ -708,6 +761,9 @@ mod tests {
                 "pixel count",
             ),
             ("\"margin\":0.01", "\"margin\":-1", "margin"),
+            ("axial:42", "oblique:42", "slice"),
+            ("axial:42", "axial:99999999", "too large"),
+            ("\"window\":\"40,400\"", "\"window\":\"40,0\"", "window"),
             (
                 "\"borderline\":0",
                 "\"borderline\":0,\"extra\":1",

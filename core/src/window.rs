@@ -54,6 +54,18 @@ impl std::str::FromStr for Window {
     }
 }
 
+impl std::fmt::Display for Window {
+    /// What [`Window::from_str`] reads back: `file`, `minmax` or `CENTER,WIDTH` (shortest
+    /// round-tripping decimals).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Window::File => f.write_str("file"),
+            Window::MinMax => f.write_str("minmax"),
+            Window::Explicit { center, width } => write!(f, "{center},{width}"),
+        }
+    }
+}
+
 /// The window spanning the finite values exactly (the minimum at 0, the maximum at 255), or
 /// `None` when there is none.
 pub fn spanning(values: &[f64]) -> Option<Window> {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
+use vlsm::clinical::{ClinicalImage, Slice};
 use vlsm::nifti::Plane;
 use vlsm::window::Window;
 use vlsm::{Precision, Segmenter, preprocess, render};
@@ -112,9 +113,8 @@ struct Input {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Part {
     Image,
-    DicomFrame(u32),
-    /// A slice of a NIfTI volume.
-    Slice(Plane, usize),
+    /// A DICOM frame or a NIfTI slice.
+    Clinical(Slice),
 }
 
 /// `x.nii.gz` and `x.nii`.
@@ -212,7 +212,7 @@ fn volume_slices(
             .map_err(anyhow::Error::from)
             .and_then(|b| Ok(vlsm::nifti::read(&b)?))
         else {
-            out.push((path, stem, Part::Slice(slices.plane, 0)));
+            out.push((path, stem, Part::Clinical(slice(Some(slices.plane), 0))));
             continue;
         };
         let count = volume.slices(slices.plane);
@@ -230,7 +230,7 @@ fn volume_slices(
             out.push((
                 path.clone(),
                 format!("{stem}_{}_{k:03}", slices.plane.name()),
-                Part::Slice(slices.plane, k),
+                Part::Clinical(slice(Some(slices.plane), k)),
             ));
         }
     }
@@ -267,10 +267,14 @@ fn dicom_frames(files: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String, Part)> {
                     } else {
                         format!("{uid}_f{frame:03}")
                     };
-                    out.push((path.clone(), name, Part::DicomFrame(frame)));
+                    out.push((
+                        path.clone(),
+                        name,
+                        Part::Clinical(slice(None, frame as usize)),
+                    ));
                 }
             }
-            None => out.push((path, stem, Part::DicomFrame(0))),
+            None => out.push((path, stem, Part::Clinical(slice(None, 0)))),
         }
     }
     out
@@ -392,9 +396,20 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                     .with_context(|| format!("creating {}", dir.display()))?;
                 for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
                     let mask = l.mask_at(threshold, image.width(), image.height());
-                    if let Part::Slice(plane, k) = input.part {
-                        let volume = files.volume(&input.path)?;
-                        labels.add(&input.path, &volume, prompts.len(), i, (plane, k), &mask);
+                    if let Part::Clinical(Slice {
+                        plane: Some(plane),
+                        index,
+                    }) = input.part
+                    {
+                        let volume = files.read(&input.path)?;
+                        labels.add(
+                            &input.path,
+                            &volume,
+                            prompts.len(),
+                            i,
+                            (plane, index),
+                            &mask,
+                        );
                     }
                     let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
                     let mask_path = dir.join(format!("{stem}.mask.png"));
@@ -436,7 +451,8 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                 "{i:02}_{}.mask.nii.gz",
                 vlsm::prompts::slug(prompt)
             ));
-            write_atomic(&file, &volume.nifti.label_file(voxels, true)?)?;
+            let nifti = volume.nifti().context("a label volume of a DICOM file")?;
+            write_atomic(&file, &nifti.label_file(voxels, true)?)?;
             println!(
                 "{}\t{prompt:?}\tlabel volume\t{}",
                 path.display(),
@@ -503,7 +519,7 @@ struct LabelVolumes(Vec<VolumeLabels>);
 
 struct VolumeLabels {
     path: PathBuf,
-    volume: Rc<Volume>,
+    volume: Rc<ClinicalImage>,
     /// Per prompt, a byte per voxel.
     per_prompt: Vec<Vec<u8>>,
 }
@@ -512,25 +528,27 @@ impl LabelVolumes {
     fn add(
         &mut self,
         path: &Path,
-        volume: &Rc<Volume>,
+        volume: &Rc<ClinicalImage>,
         prompts: usize,
         prompt: usize,
         (plane, k): (Plane, usize),
         mask: &[u8],
     ) {
+        let Some(nifti) = volume.nifti() else {
+            return;
+        };
         let index = match self.0.iter().position(|v| v.path == path) {
             Some(i) => i,
             None => {
                 self.0.push(VolumeLabels {
                     path: path.to_path_buf(),
                     volume: volume.clone(),
-                    per_prompt: vec![vec![0u8; volume.nifti.values.len()]; prompts],
+                    per_prompt: vec![vec![0u8; nifti.values.len()]; prompts],
                 });
                 self.0.len() - 1
             }
         };
         let voxels = &mut self.0[index].per_prompt[prompt];
-        let nifti = &volume.nifti;
         let (w, _) = nifti.slice_size(plane);
         for (at, &m) in mask.iter().enumerate() {
             voxels[nifti.voxel(plane, k, at / w, at % w)] = u8::from(m != 0);
@@ -538,50 +556,30 @@ impl LabelVolumes {
     }
 }
 
-/// The DICOM file and NIfTI volume last read: a file's frames and a volume's slices are
+/// The DICOM file or NIfTI volume last read: a file's frames and a volume's slices are
 /// consecutive inputs, so each file is read and parsed once (not once per frame or slice).
 #[derive(Default)]
-struct ClinicalFiles {
-    dicom: Option<(PathBuf, Rc<vlsm::dicom::DicomFile>)>,
-    volume: Option<(PathBuf, Rc<Volume>)>,
-}
-
-/// A NIfTI volume and the window spanning its values (computed once).
-struct Volume {
-    nifti: vlsm::nifti::Volume,
-    spanning: Option<Window>,
-}
+struct ClinicalFiles(Option<(PathBuf, Rc<ClinicalImage>)>);
 
 impl ClinicalFiles {
-    fn dicom(&mut self, path: &Path) -> Result<Rc<vlsm::dicom::DicomFile>> {
-        if let Some((p, file)) = &self.dicom
+    fn read(&mut self, path: &Path) -> Result<Rc<ClinicalImage>> {
+        if let Some((p, file)) = &self.0
             && p == path
         {
             return Ok(file.clone());
         }
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
         let file = Rc::new(
-            vlsm::dicom::DicomFile::read(&bytes).with_context(|| path.display().to_string())?,
+            ClinicalImage::read(&bytes, vlsm::nifti::MAX_VOXELS)
+                .with_context(|| path.display().to_string())?,
         );
-        self.dicom = Some((path.to_path_buf(), file.clone()));
+        self.0 = Some((path.to_path_buf(), file.clone()));
         Ok(file)
     }
+}
 
-    fn volume(&mut self, path: &Path) -> Result<Rc<Volume>> {
-        if let Some((p, v)) = &self.volume
-            && p == path
-        {
-            return Ok(v.clone());
-        }
-        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-        let nifti = vlsm::nifti::read(&bytes).with_context(|| path.display().to_string())?;
-        let volume = Rc::new(Volume {
-            spanning: vlsm::window::spanning(&nifti.values),
-            nifti,
-        });
-        self.volume = Some((path.to_path_buf(), volume.clone()));
-        Ok(volume)
-    }
+fn slice(plane: Option<Plane>, index: usize) -> Slice {
+    Slice { plane, index }
 }
 
 /// Reads and decodes an image file, a DICOM frame or a NIfTI slice (greyscale through
@@ -589,25 +587,9 @@ impl ClinicalFiles {
 fn read_rgb(input: &Input, window: Window, files: &mut ClinicalFiles) -> Result<image::RgbImage> {
     let path = &input.path;
     match input.part {
-        Part::Slice(plane, k) => {
-            let volume = files.volume(path)?;
-            // File or min–max: the volume's range, so every slice is windowed alike.
-            let window = match window {
-                Window::File | Window::MinMax => volume.spanning.with_context(|| {
-                    format!("{}: the volume has no finite values", path.display())
-                })?,
-                w => w,
-            };
-            let volume = &volume.nifti;
-            let (w, h) = volume.slice_size(plane);
-            vlsm::preprocess::check_pixels(w as u32, h as u32)?;
-            let grey = vlsm::window::to_grey(&volume.slice_values(plane, k), window, None, false)?;
-            let rgb = grey.into_iter().flat_map(|g| [g, g, g]).collect();
-            image::RgbImage::from_raw(w as u32, h as u32, rgb).context("slice size")
-        }
-        Part::DicomFrame(frame) => files
-            .dicom(path)?
-            .frame_rgb(frame, window)
+        Part::Clinical(slice) => files
+            .read(path)?
+            .render(slice, window)
             .with_context(|| path.display().to_string()),
         Part::Image => {
             let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
@@ -620,8 +602,7 @@ fn read_rgb(input: &Input, window: Window, files: &mut ClinicalFiles) -> Result<
 fn check_header(input: &Input, files: &mut ClinicalFiles) -> Result<()> {
     let path = &input.path;
     match input.part {
-        Part::Slice(..) => files.volume(path).map(drop),
-        Part::DicomFrame(_) => files.dicom(path).map(drop),
+        Part::Clinical(_) => files.read(path).map(drop),
         Part::Image => {
             let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
             preprocess::dimensions(&bytes)

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
+use vlsm::clinical::{self, ClinicalImage, Slice};
 use vlsm::mask_check::{Agreement, BORDERLINE_MARGIN, MaskCheck};
 use vlsm::share::{
-    ImageSource, ShareState, ViewSettings, embeddable_png, file_url, hex, mask_fingerprint,
-    normalize_weights_url, pixels_sha256,
+    ClinicalView, ImageSource, ShareState, ViewSettings, embeddable_png, file_url, hex,
+    mask_fingerprint, normalize_weights_url, pixels_sha256,
 };
+use vlsm::window::Window;
 use vlsm::{Segmenter, preprocess, render};
 
 use crate::backend::{self, Backend};
@@ -22,8 +24,18 @@ const DEFAULT_PAGE: &str = "http://127.0.0.1:8080/";
 
 #[derive(clap::Args)]
 pub struct ShareArgs {
-    /// The image (embedded in the link as a lossless PNG when small enough).
+    /// The image (embedded in the link as a lossless PNG when small enough), or a DICOM
+    /// file or NIfTI volume (the picture --slice and --window give is embedded; the link
+    /// records both, so whoever holds the file gets the same picture).
     image: PathBuf,
+    /// For a DICOM file, the frame (`K`, default 0); for a NIfTI volume, `PLANE:K`
+    /// (default: the middle axial slice).
+    #[arg(long, value_name = "SLICE")]
+    slice: Option<Slice>,
+    /// For greyscale DICOM and NIfTI: file, minmax, CENTER,WIDTH or a preset (lung,
+    /// mediastinum, bone, brain, abdomen).
+    #[arg(long, default_value = "file")]
+    window: Window,
     /// A text prompt; repeat for several (at most 10).
     #[arg(long = "prompt", short = 'p', required = true)]
     prompts: Vec<String>,
@@ -75,7 +87,8 @@ pub struct ReproduceArgs {
 
 pub fn share(args: ShareArgs) -> Result<()> {
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
-    let rgb = preprocess::decode_rgb(&bytes).with_context(|| args.image.display().to_string())?;
+    let (rgb, clinical) = read_image(&bytes, args.slice, args.window)
+        .with_context(|| args.image.display().to_string())?;
     let name = args
         .image
         .file_name()
@@ -146,6 +159,7 @@ pub fn share(args: ShareArgs) -> Result<()> {
         image_sha256: pixels_sha256(&rgb),
         masks: Vec::new(),
         margin: BORDERLINE_MARGIN,
+        clinical,
     };
     // Checked before the model runs, so a bad prompt list costs nothing.
     state.validate()?;
@@ -179,6 +193,16 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         l => l.to_string(),
     };
     let state = ShareState::from_link(&link)?;
+    // A DICOM file or NIfTI volume (fetched or given) shows the link's slice and window.
+    let view = state.clinical;
+    let picture = |bytes: &[u8]| -> Result<image::RgbImage> {
+        Ok(read_image(
+            bytes,
+            view.map(|v| v.slice),
+            view.map_or(Window::File, |v| v.window),
+        )?
+        .0)
+    };
     let (name, rgb) = match &state.image {
         ImageSource::Embedded { name, png } => (
             name.clone(),
@@ -187,10 +211,7 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         ImageSource::Url { name, url } => {
             let bytes = download::get_bytes(url, vlsm::limits::MAX_IMAGE_BYTES)?
                 .with_context(|| format!("{url}: not found"))?;
-            (
-                name.clone(),
-                preprocess::decode_rgb(&bytes).with_context(|| url.clone())?,
-            )
+            (name.clone(), picture(&bytes).with_context(|| url.clone())?)
         }
         ImageSource::Omitted { name } => {
             let Some(path) = &args.image else {
@@ -201,10 +222,18 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
             let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
             (
                 name.clone(),
-                preprocess::decode_rgb(&bytes).with_context(|| path.display().to_string())?,
+                picture(&bytes).with_context(|| path.display().to_string())?,
             )
         }
     };
+    if let Some(view) = view {
+        eprintln!(
+            "{}: slice {}, window {}",
+            state.image.name(),
+            view.slice,
+            view.window
+        );
+    }
     let image_sha = pixels_sha256(&rgb);
     let mut mismatches = Vec::new();
     if image_sha != state.image_sha256 {
@@ -310,6 +339,25 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An image file as RGB, or a DICOM file's or NIfTI volume's picture `slice` (its default
+/// when `None`) through `window`, with the view a link records for it.
+fn read_image(
+    bytes: &[u8],
+    slice: Option<Slice>,
+    window: Window,
+) -> Result<(image::RgbImage, Option<ClinicalView>)> {
+    if clinical::sniff(bytes).is_none() {
+        if slice.is_some() {
+            bail!("--slice is for DICOM files and NIfTI volumes; this is an image");
+        }
+        return Ok((preprocess::decode_rgb(bytes)?, None));
+    }
+    let file = ClinicalImage::read(bytes, vlsm::nifti::MAX_VOXELS)?;
+    let slice = slice.unwrap_or_else(|| file.default_slice());
+    let rgb = file.render(slice, window)?;
+    Ok((rgb, Some(ClinicalView { slice, window })))
 }
 
 /// The sha256 of a file's bytes, lowercase hex, read in chunks.

@@ -957,3 +957,129 @@ fn nifti_slices_segment_and_make_label_volumes_over_the_input_grid() {
     bad[7] = "oblique";
     assert_clean_error(&vlsm(&bad, &[]), "axial, coronal or sagittal");
 }
+
+/// `vlsm share` of a NIfTI slice or DICOM frame records which picture and window; the link
+/// reproduces the masks `vlsm segment` makes of that picture, from the embedded picture or
+/// (omitted) from the file itself, and a link naming a slice the file lacks is one line.
+#[test]
+fn links_of_clinical_pictures_reproduce_the_segment_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("clipseg_simple");
+    let model = model.to_str().unwrap();
+    let cases = [
+        (
+            fixture("nifti").join("volume.nii.gz"),
+            "axial:3",
+            "axial:3-3",
+            "volume_axial_003",
+        ),
+        (fixture("dicom").join("multiframe_rle.dcm"), "1", "", ""),
+    ];
+    for (file, slice, slices, segment_name) in cases {
+        let path = file.to_str().unwrap();
+        let out = vlsm(
+            &[
+                "share",
+                path,
+                "--slice",
+                slice,
+                "--window",
+                "40,400",
+                "--prompt",
+                "a lesion",
+                "--weights-url",
+                "http://127.0.0.1:9/m",
+                "--weights",
+                model,
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let link = stdout(&out).trim().to_string();
+        let state = vlsm::share::ShareState::from_link(&link).unwrap();
+        let view = state.clinical.expect("the link names the picture");
+        assert_eq!(view.slice.to_string(), slice);
+        assert_eq!(view.window.to_string(), "40,400");
+        let fingerprints =
+            reproduced_fingerprints(&vlsm(&["reproduce", &link, "--weights", model], &[]));
+        // The same picture from `vlsm segment`.
+        let out_dir = tmp.path().join(format!("seg-{}", slice.replace(':', "-")));
+        let mut args = vec![
+            "segment",
+            path,
+            "--weights",
+            model,
+            "--prompt",
+            "a lesion",
+            "--window",
+            "40,400",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        if !slices.is_empty() {
+            args.extend(["--slices", slices]);
+        }
+        let out = vlsm(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let folder = if segment_name.is_empty() {
+            let file = vlsm::dicom::DicomFile::read(&std::fs::read(&file).unwrap()).unwrap();
+            format!("{}_f001", file.sop_instance_uid)
+        } else {
+            segment_name.to_string()
+        };
+        let png = std::fs::read(out_dir.join(folder).join("00_a-lesion.mask.png")).unwrap();
+        let (_, _, mask) = vlsm::preprocess::decode_mask(&png).unwrap();
+        assert_eq!(
+            fingerprints,
+            [vlsm::share::mask_fingerprint(&mask)],
+            "{slice}"
+        );
+
+        // Omitted from the link: the reader gives the file, and gets the same picture.
+        let mut omitted = state.clone();
+        omitted.image = vlsm::share::ImageSource::Omitted {
+            name: state.image.name().to_string(),
+        };
+        let link_file = tmp.path().join("omitted.txt");
+        std::fs::write(&link_file, omitted.to_link("http://x/").unwrap()).unwrap();
+        let at = format!("@{}", link_file.display());
+        let again = reproduced_fingerprints(&vlsm(
+            &["reproduce", &at, "--weights", model, "--image", path],
+            &[],
+        ));
+        assert_eq!(again, fingerprints);
+        // A slice the file does not have.
+        let mut beyond = omitted.clone();
+        beyond.clinical = Some(vlsm::share::ClinicalView {
+            slice: vlsm::slice::Slice {
+                plane: view.slice.plane,
+                index: 999,
+            },
+            ..view
+        });
+        std::fs::write(&link_file, beyond.to_link("http://x/").unwrap()).unwrap();
+        let out = vlsm(
+            &["reproduce", &at, "--weights", model, "--image", path],
+            &[],
+        );
+        assert_clean_error(&out, "slice");
+    }
+    // --slice on a plain image is refused.
+    let image = fixture("images/rgb_150x100.png");
+    let out = vlsm(
+        &[
+            "share",
+            image.to_str().unwrap(),
+            "--slice",
+            "2",
+            "--prompt",
+            "x",
+            "--weights-url",
+            "http://127.0.0.1:9/m",
+            "--weights",
+            model,
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "--slice");
+}

@@ -195,6 +195,7 @@ fn link(image: vlsm::share::ImageSource, image_sha256: String, weights_url: &str
         image_sha256,
         masks: Vec::new(),
         margin: vlsm::mask_check::BORDERLINE_MARGIN,
+        clinical: None,
     }
     .to_link("http://127.0.0.1:8080/")
     .unwrap()

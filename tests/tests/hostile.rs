@@ -333,6 +333,7 @@ fn mutated_share_links_never_panic() {
             })
             .collect(),
         margin: vlsm::mask_check::BORDERLINE_MARGIN,
+        clinical: None,
     };
     let link = state.to_link("http://127.0.0.1:8080/").unwrap();
     assert!(vlsm::share::ShareState::from_link(&link).is_ok());
