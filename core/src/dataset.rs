@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::slice::Slice;
+use crate::window::Window;
 
 /// A prompt value: one string, or a list (p7–p9, and the radiology pairs) of which medvlsm
 /// picks one at random per sample.
@@ -35,6 +37,38 @@ pub struct Entry {
     pub mask_name: String,
     /// `p0`…`p9` → value.
     pub prompts: BTreeMap<String, PromptValue>,
+    /// vlsm's addition for DICOM files and NIfTI volumes: which picture of the image and
+    /// mask files the entry is (`"axial:42"`, or a frame number; a DICOM file's first
+    /// frame when absent). An entry of a NIfTI volume must name its slice; `vlsm prompts`
+    /// writes one entry per slice, so a volume is evaluated slice by slice.
+    #[serde(default, deserialize_with = "parsed")]
+    pub slice: Option<Slice>,
+    /// The window for a greyscale picture (`"40,400"`, `"lung"`, `"file"`, `"minmax"`;
+    /// `file` when absent: the DICOM file's own, or a volume's full range).
+    #[serde(default, deserialize_with = "parsed")]
+    pub window: Option<Window>,
+}
+
+impl Entry {
+    /// The image's name as results show it: with the slice, if any (`ct.nii.gz#axial:42`).
+    pub fn image_label(&self) -> String {
+        match self.slice {
+            Some(slice) => format!("{}#{slice}", self.img_name),
+            None => self.img_name.clone(),
+        }
+    }
+}
+
+/// An optional field given as text ([`Slice`], [`Window`]).
+fn parsed<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 /// An entry that could not be read, with its position in the file.
@@ -253,10 +287,13 @@ pub fn read_sample(
         .map_err(|e| Error::Input(format!("image: {e}")))?;
     let mask_path = locate(&dataset_dir.join("masks"), split, &entry.mask_name)
         .map_err(|e| Error::Input(format!("mask: {e}")))?;
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(p, e));
-    let named = |p: &std::path::Path, e: Error| Error::Input(format!("{}: {e}", p.display()));
-    let image = decode_image(&read(&image_path)?).map_err(|e| named(&image_path, e))?;
-    let (w, h, mask) = decode_mask(&read(&mask_path)?).map_err(|e| named(&mask_path, e))?;
+    // Errors name the file (read errors already do).
+    let named = |p: &std::path::Path, e: Error| match e {
+        Error::Io { .. } => e,
+        e => Error::Input(format!("{}: {e}", p.display())),
+    };
+    let image = decode_image(&image_path, entry).map_err(|e| named(&image_path, e))?;
+    let (w, h, mask) = decode_mask(&mask_path, entry).map_err(|e| named(&mask_path, e))?;
     if (w, h) != image.dimensions() {
         return Err(Error::Input(format!(
             "mask {} is {w}×{h} but image {} is {}×{}",
@@ -269,33 +306,100 @@ pub fn read_sample(
     Ok((image, mask))
 }
 
-/// An image file, or (with DICOM support) a DICOM file's first frame through its own
-/// window.
-fn decode_image(bytes: &[u8]) -> Result<image::RgbImage> {
+/// An image file, or (with clinical support) the entry's picture of a DICOM file or NIfTI
+/// volume through its window.
+#[cfg(feature = "std")]
+fn decode_image(path: &std::path::Path, entry: &Entry) -> Result<image::RgbImage> {
     #[cfg(feature = "clinical")]
-    if crate::dicom::is_dicom(bytes) {
-        return crate::dicom::DicomFile::read(bytes)?.frame_rgb(0, crate::window::Window::File);
+    if let Some((file, slice)) = clinical_picture(path, entry)? {
+        return file.render(slice, entry.window.unwrap_or(Window::File));
     }
-    crate::preprocess::decode_rgb(bytes)
+    if entry.slice.is_some() {
+        return Err(Error::Input(format!(
+            "the entry names slice {:?} of an image that is not a DICOM file or NIfTI volume",
+            entry.slice.map(|s| s.to_string())
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    crate::preprocess::decode_rgb(&bytes)
 }
 
-/// A mask image (foreground where grey > 127), or a DICOM file's first frame (foreground
-/// where its value is above 0, as label images store it).
-fn decode_mask(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+/// A mask image (foreground where grey > 127), or (with clinical support) the entry's
+/// picture of a DICOM or NIfTI label file (foreground where its value is above 0, as label
+/// images store it).
+#[cfg(feature = "std")]
+fn decode_mask(path: &std::path::Path, entry: &Entry) -> Result<(u32, u32, Vec<u8>)> {
     #[cfg(feature = "clinical")]
-    if crate::dicom::is_dicom(bytes) {
-        let file = crate::dicom::DicomFile::read(bytes)?;
-        if file.samples_per_pixel != 1 {
-            return Err(Error::Image("a DICOM mask must be greyscale".into()));
-        }
-        let mask = file
-            .frame_values(0)?
-            .iter()
-            .map(|&v| u8::from(v > 0.0))
-            .collect();
-        return Ok((file.columns, file.rows, mask));
+    if let Some((file, slice)) = clinical_picture(path, entry)? {
+        return file.label_mask(slice);
     }
-    crate::preprocess::decode_mask(bytes)
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    crate::preprocess::decode_mask(&bytes)
+}
+
+/// For a DICOM file or NIfTI volume: the parsed file (the last one read is kept per
+/// thread, as a volume's slices are consecutive entries) and the entry's picture.
+#[cfg(feature = "clinical")]
+fn clinical_picture(
+    path: &std::path::Path,
+    entry: &Entry,
+) -> Result<Option<(std::rc::Rc<crate::clinical::ClinicalImage>, Slice)>> {
+    use std::cell::RefCell;
+    use std::io::Read;
+    use std::rc::Rc;
+
+    use crate::clinical::{ClinicalImage, Kind};
+
+    type Cached = (std::path::PathBuf, std::time::SystemTime, Rc<ClinicalImage>);
+    thread_local! {
+        // Two: an entry's image and its mask.
+        static RECENT: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+    }
+    let mut head = [0u8; 352];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    let Some(kind) = crate::clinical::sniff(&head[..n]) else {
+        return Ok(None);
+    };
+    let slice = match (entry.slice, kind) {
+        (Some(slice), _) => slice,
+        (None, Kind::Dicom) => Slice {
+            plane: None,
+            index: 0,
+        },
+        (None, Kind::Nifti) => {
+            return Err(Error::Input(
+                "a NIfTI volume: the entry must name its slice (\"slice\": \"axial:42\"; \
+                 `vlsm prompts` writes one entry per slice)"
+                    .into(),
+            ));
+        }
+    };
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(|e| Error::io(path, e))?;
+    let cached = RECENT.with(|r| {
+        r.borrow()
+            .iter()
+            .find(|c| c.0 == path && c.1 == modified)
+            .map(|c| c.2.clone())
+    });
+    let file = match cached {
+        Some(file) => file,
+        None => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let file = Rc::new(ClinicalImage::read(&bytes, crate::nifti::MAX_VOXELS)?);
+            RECENT.with(|r| {
+                let mut r = r.borrow_mut();
+                r.retain(|c| c.0 != path);
+                r.insert(0, (path.to_path_buf(), modified, file.clone()));
+                r.truncate(2);
+            });
+            file
+        }
+    };
+    Ok(Some((file, slice)))
 }
 
 #[cfg(test)]

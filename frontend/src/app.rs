@@ -10,9 +10,12 @@ use js_sys::{Array, ArrayBuffer, Float32Array, Uint8Array};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use vlsm::Logits;
+use vlsm::clinical::{ClinicalImage, Slice};
 use vlsm::mask_check::{BORDERLINE_MARGIN, MaskCheck};
+use vlsm::nifti::Plane;
 use vlsm::prompts::PromptAttributes;
-use vlsm::share::{ImageSource, ShareState, ViewSettings};
+use vlsm::share::{ClinicalView, ImageSource, ShareState, ViewSettings};
+use vlsm::window::{PRESETS, Window};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{Clamped, JsCast};
 use wasm_bindgen_futures::JsFuture;
@@ -43,6 +46,14 @@ pub struct ImageState {
     pub sha256: String,
     /// Where it came from, when that was a URL (examples, links).
     pub url: Option<String>,
+    /// When it is a picture of a DICOM file or NIfTI volume: which, and its window.
+    pub clinical: Option<ClinicalView>,
+}
+
+/// A dropped DICOM file or NIfTI volume, kept (in this tab only) to browse its pictures.
+pub struct ClinicalSource {
+    pub name: String,
+    pub file: ClinicalImage,
 }
 
 pub struct Truth {
@@ -50,6 +61,8 @@ pub struct Truth {
     pub width: u32,
     pub height: u32,
     pub mask: Vec<u8>,
+    /// A label file (DICOM or NIfTI): the mask follows the image's slice.
+    pub source: Option<Arc<ClinicalSource>>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -107,6 +120,9 @@ pub enum RunState {
 struct Pending {
     weights_sha256: Option<String>,
     image_sha256: String,
+    /// The picture of a DICOM file or NIfTI volume the link shows, applied when the user
+    /// drops that file.
+    clinical: Option<ClinicalView>,
     run: bool,
 }
 
@@ -119,6 +135,9 @@ pub struct Page {
     progress: RwSignal<Option<Progress>>,
     worker_status: RwSignal<String>,
     image: RwSignal<Option<Arc<ImageState>>>,
+    /// The DICOM file or NIfTI volume the image is a picture of, and which picture.
+    clinical: RwSignal<Option<Arc<ClinicalSource>>>,
+    view: RwSignal<Option<ClinicalView>>,
     truth: RwSignal<Option<Arc<Truth>>>,
     prompts: RwSignal<Vec<String>>,
     attrs: RwSignal<PromptAttributes>,
@@ -155,6 +174,8 @@ fn App() -> impl IntoView {
         progress: RwSignal::new(None),
         worker_status: RwSignal::new("starting the model worker".into()),
         image: RwSignal::new(None),
+        clinical: RwSignal::new(None),
+        view: RwSignal::new(None),
         truth: RwSignal::new(None),
         prompts: RwSignal::new(vec!["polyp".into()]),
         attrs: RwSignal::new(PromptAttributes {
@@ -475,11 +496,18 @@ impl Page {
 
     /// Reads a dropped, pasted or picked image file.
     fn read_image_file(self, file: web_sys::File) {
+        if let Err(e) = logic::check_clinical_file_size(file.size()) {
+            return self.fail(format!("{}: {e}", file.name()));
+        }
         spawn_local(async move {
             match JsFuture::from(file.array_buffer()).await {
                 Ok(buffer) => {
                     let bytes = Uint8Array::new(&buffer).to_vec();
-                    self.set_image(file.name(), bytes, None);
+                    if vlsm::clinical::sniff(&bytes).is_some() {
+                        self.set_clinical(file.name(), &bytes);
+                    } else {
+                        self.set_image(file.name(), bytes, None, None);
+                    }
                 }
                 Err(e) => self.fail(format!("cannot read {}: {}", file.name(), describe(&e))),
             }
@@ -487,6 +515,9 @@ impl Page {
     }
 
     fn read_truth_file(self, file: web_sys::File) {
+        if let Err(e) = logic::check_clinical_file_size(file.size()) {
+            return self.fail(format!("{}: {e}", file.name()));
+        }
         spawn_local(async move {
             let bytes = match JsFuture::from(file.array_buffer()).await {
                 Ok(buffer) => Uint8Array::new(&buffer).to_vec(),
@@ -494,6 +525,15 @@ impl Page {
                     return self.fail(format!("cannot read {}: {}", file.name(), describe(&e)));
                 }
             };
+            if vlsm::clinical::sniff(&bytes).is_some() {
+                return match logic::read_clinical(&bytes) {
+                    Ok(label) => self.set_truth_source(Arc::new(ClinicalSource {
+                        name: file.name(),
+                        file: label,
+                    })),
+                    Err(e) => self.fail(format!("{}: {e}", file.name())),
+                };
+            }
             match logic::check_image_size(&bytes)
                 .and_then(|_| vlsm::preprocess::decode_mask(&bytes))
             {
@@ -514,6 +554,7 @@ impl Page {
                         width,
                         height,
                         mask,
+                        source: None,
                     })));
                 }
                 Err(e) => self.fail(format!("{}: {e}", file.name())),
@@ -521,14 +562,155 @@ impl Page {
         });
     }
 
-    /// Decodes and shows an image; results of the previous image are cleared.
-    fn set_image(self, name: String, bytes: Vec<u8>, url: Option<String>) {
+    /// Decodes and shows an image (`clinical`: the picture of a DICOM file or NIfTI volume a
+    /// link says it is); results of the previous image are cleared.
+    fn set_image(
+        self,
+        name: String,
+        bytes: Vec<u8>,
+        url: Option<String>,
+        clinical: Option<ClinicalView>,
+    ) {
         let decoded =
             logic::check_image_size(&bytes).and_then(|_| vlsm::preprocess::decode_rgb(&bytes));
         let rgb = match decoded {
             Ok(rgb) => rgb,
             Err(e) => return self.fail(format!("{name}: {e}")),
         };
+        self.clinical.set(None);
+        self.view.set(None);
+        self.show_image(name, bytes, rgb, url, clinical);
+    }
+
+    /// Parses a dropped DICOM file or NIfTI volume and shows its first picture (or the one
+    /// an opened link names).
+    fn set_clinical(self, name: String, bytes: &[u8]) {
+        let file = match logic::read_clinical(bytes) {
+            Ok(file) => file,
+            Err(e) => return self.fail(format!("{name}: {e}")),
+        };
+        // An opened link still to be reproduced names the picture.
+        let from_link = self
+            .pending
+            .get_untracked()
+            .filter(|p| p.run)
+            .and_then(|p| p.clinical);
+        let view = match from_link {
+            Some(view) => match file.check(view.slice) {
+                Ok(()) => view,
+                Err(e) => {
+                    self.fail(format!("{name}: the link's {e}"));
+                    return;
+                }
+            },
+            None => ClinicalView {
+                slice: file.default_slice(),
+                window: Window::File,
+            },
+        };
+        self.clinical
+            .set(Some(Arc::new(ClinicalSource { name, file })));
+        self.view.set(Some(view));
+        self.render_view();
+    }
+
+    /// Shows the current picture of the dropped DICOM file or NIfTI volume (after the
+    /// slice, plane or window changed).
+    fn render_view(self) {
+        let (Some(source), Some(view)) = (self.clinical.get_untracked(), self.view.get_untracked())
+        else {
+            return;
+        };
+        let view = ClinicalView {
+            window: logic::effective_window(&source.file, view.window),
+            ..view
+        };
+        let rendered = source
+            .file
+            .render(view.slice, view.window)
+            .and_then(|rgb| Ok((vlsm::render::encode_png(&rgb)?, rgb)));
+        match rendered {
+            Ok((png, rgb)) => {
+                self.show_image(source.name.clone(), png, rgb, None, Some(view));
+                self.refresh_truth();
+            }
+            Err(e) => self.fail(format!("{}: {e}", source.name)),
+        }
+    }
+
+    fn set_view(self, view: ClinicalView) {
+        self.view.set(Some(view));
+        self.render_view();
+    }
+
+    /// A label file as the ground truth: its picture at the image's slice.
+    fn set_truth_source(self, source: Arc<ClinicalSource>) {
+        let slice = self
+            .image
+            .get_untracked()
+            .and_then(|i| i.clinical)
+            .map(|v| v.slice)
+            .filter(|s| source.file.check(*s).is_ok())
+            .unwrap_or_else(|| source.file.default_slice());
+        match self.truth_at(&source, slice) {
+            Ok(truth) => {
+                self.error.set(None);
+                self.truth.set(Some(Arc::new(truth)));
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// After the image's slice changed: a label file's mask follows it.
+    fn refresh_truth(self) {
+        let Some(source) = self.truth.get_untracked().and_then(|t| t.source.clone()) else {
+            return;
+        };
+        let Some(view) = self.image.get_untracked().and_then(|i| i.clinical) else {
+            return;
+        };
+        match self.truth_at(&source, view.slice) {
+            Ok(truth) => self.truth.set(Some(Arc::new(truth))),
+            Err(e) => {
+                self.truth.set(None);
+                self.fail(e);
+            }
+        }
+    }
+
+    fn truth_at(self, source: &Arc<ClinicalSource>, slice: Slice) -> Result<Truth, String> {
+        let (width, height, mask) = source
+            .file
+            .label_mask(slice)
+            .map_err(|e| format!("{}: {e}", source.name))?;
+        if let Some(img) = self.image.get_untracked()
+            && (img.rgb.width(), img.rgb.height()) != (width, height)
+        {
+            return Err(format!(
+                "the mask {} is {width}×{height} but the image is {}×{}",
+                source.name,
+                img.rgb.width(),
+                img.rgb.height()
+            ));
+        }
+        Ok(Truth {
+            name: format!("{} ({slice})", source.name),
+            width,
+            height,
+            mask,
+            source: Some(source.clone()),
+        })
+    }
+
+    /// Shows a decoded image; results of the previous image are cleared.
+    fn show_image(
+        self,
+        name: String,
+        bytes: Vec<u8>,
+        rgb: RgbImage,
+        url: Option<String>,
+        clinical: Option<ClinicalView>,
+    ) {
         let (vw, vh) = logic::fit(rgb.width(), rgb.height(), logic::VIEW_SIDE);
         let view = vlsm::preprocess::resize_bilinear_pil(&rgb, vw, vh);
         let sha256 = vlsm::share::pixels_sha256(&rgb);
@@ -557,6 +739,7 @@ impl Page {
             view,
             sha256,
             url,
+            clinical,
         })));
         self.maybe_run_pending();
     }
@@ -564,7 +747,7 @@ impl Page {
     fn load_image_url(self, url: String, name: String) {
         spawn_local(async move {
             match fetch_bytes(&url).await {
-                Ok(bytes) => self.set_image(name, bytes, Some(url)),
+                Ok(bytes) => self.set_image(name, bytes, Some(url), None),
                 Err(e) => self.fail(format!("cannot load the image {url}: {e}")),
             }
         });
@@ -585,12 +768,38 @@ impl Page {
         self.pending.set(Some(Pending {
             weights_sha256: state.weights_sha256.clone(),
             image_sha256: state.image_sha256.clone(),
+            clinical: state.clinical,
             run: true,
         }));
-        match state.image {
-            ImageSource::Embedded { name, png } => self.set_image(name, png, None),
-            ImageSource::Url { name, url } => self.load_image_url(url, name),
-            ImageSource::Omitted { name } => self.info.set(Some(format!(
+        let picture = state.clinical.map(|c| {
+            format!(
+                "{} {} with window {}",
+                if c.slice.plane.is_some() {
+                    "slice"
+                } else {
+                    "frame"
+                },
+                c.slice,
+                c.window
+            )
+        });
+        match (state.image, picture) {
+            (ImageSource::Embedded { name, png }, picture) => {
+                self.set_image(name.clone(), png, None, state.clinical);
+                if let Some(picture) = picture {
+                    self.info.set(Some(format!(
+                        "This image is {picture} of {name}; drop that file here to browse its \
+                         other slices."
+                    )));
+                }
+            }
+            (ImageSource::Url { name, url }, _) => self.load_image_url(url, name),
+            (ImageSource::Omitted { name }, Some(picture)) => self.info.set(Some(format!(
+                "This link shows {picture} of {name}, which does not travel in links: drop \
+                 that file here to reproduce the result (the picture is checked against the \
+                 link's hash)."
+            ))),
+            (ImageSource::Omitted { name }, None) => self.info.set(Some(format!(
                 "This link's image ({name}) was too large to travel in it: drop the original \
                  image here to reproduce the result (it is checked against the link's hash)."
             ))),
@@ -686,6 +895,7 @@ impl Page {
             image_sha256: image.sha256.clone(),
             masks,
             margin: BORDERLINE_MARGIN,
+            clinical: image.clinical,
         };
         let page_url = window().location().href().unwrap_or_default();
         match state.to_link(&page_url) {
@@ -912,9 +1122,9 @@ fn ImagePanel(page: Page) -> impl IntoView {
         <section class="panel" id="image">
             <h2>"2 · Image"</h2>
             <div class="drop" on:dragover=|ev: web_sys::DragEvent| ev.prevent_default() on:drop=on_drop>
-                "Drop an image here, paste one, or "
+                "Drop an image, a DICOM file or a NIfTI volume here, paste one, or "
                 <label class="pick">"pick a file"
-                    <input id="image-file" type="file" accept="image/png,image/jpeg,image/webp,image/bmp,image/tiff"
+                    <input id="image-file" type="file" accept="image/png,image/jpeg,image/webp,image/bmp,image/tiff,application/dicom,.dcm,.nii,.nii.gz,.gz"
                         on:change=move |ev| { if let Some(f) = first_file(&ev) { page.read_image_file(f) } } />
                 </label>
                 "."
@@ -932,10 +1142,12 @@ fn ImagePanel(page: Page) -> impl IntoView {
             {move || page.image.get().map(|img| view! {
                 <p class="status" id="image-status" data-sha256=img.sha256.clone()>
                     {format!("{} · {}×{}", img.name, img.rgb.width(), img.rgb.height())}
+                    {img.clinical.map(|c| format!(" · {} · window {}", c.slice, c.window))}
                 </p>
             })}
-            <label>"Ground-truth mask (optional, for live Dice/IoU) "
-                <input id="truth-file" type="file" accept="image/*"
+            {move || page.clinical.get().map(|source| view! { <ClinicalControls page=page source=source /> })}
+            <label>"Ground-truth mask (optional, for live Dice/IoU; a label volume follows the slice) "
+                <input id="truth-file" type="file" accept="image/*,application/dicom,.dcm,.nii,.nii.gz,.gz"
                     on:change=move |ev| { if let Some(f) = first_file(&ev) { page.read_truth_file(f) } } />
             </label>
             {move || page.truth.get().map(|t| view! {
@@ -944,6 +1156,127 @@ fn ImagePanel(page: Page) -> impl IntoView {
                 </p>
             })}
         </section>
+    }
+}
+
+/// Slice (or frame), plane and window of a dropped DICOM file or NIfTI volume. Disabled
+/// while the model runs, so results always belong to the picture shown.
+#[component]
+fn ClinicalControls(page: Page, source: Arc<ClinicalSource>) -> impl IntoView {
+    let running = move || page.run.get() == RunState::Running;
+    let current = move || page.view.get();
+    let file = &source.file;
+    let is_volume = file.nifti().is_some();
+    let greyscale = file.is_greyscale();
+    let file_window = file.file_window();
+    // Pictures per plane (an array, so the closures below stay `Copy`).
+    let counts: [(Option<Plane>, usize); 3] = if is_volume {
+        [Plane::Axial, Plane::Coronal, Plane::Sagittal].map(|p| (Some(p), file.count(Some(p))))
+    } else {
+        [(None, file.count(None)); 3]
+    };
+    let count_of =
+        move |plane: Option<Plane>| counts.iter().find(|c| c.0 == plane).map_or(1, |c| c.1);
+    let multi = is_volume || file.count(None) > 1;
+    let describe = {
+        let source = source.clone();
+        move || current().map(|v| logic::describe_slice(&source.file, v.slice))
+    };
+    let set_index = move |ev: web_sys::Event| {
+        if let (Ok(k), Some(v)) = (event_target_value(&ev).parse::<usize>(), current()) {
+            let k = k.min(count_of(v.slice.plane).saturating_sub(1));
+            if k != v.slice.index {
+                page.set_view(ClinicalView {
+                    slice: Slice {
+                        index: k,
+                        ..v.slice
+                    },
+                    ..v
+                });
+            }
+        }
+    };
+    let set_plane = move |ev: web_sys::Event| {
+        if let (Ok(plane), Some(v)) = (event_target_value(&ev).parse::<Plane>(), current()) {
+            page.set_view(ClinicalView {
+                slice: Slice {
+                    plane: Some(plane),
+                    index: count_of(Some(plane)) / 2,
+                },
+                ..v
+            });
+        }
+    };
+    let set_window = move |text: String| match text.parse::<Window>() {
+        Ok(window) => {
+            if let Some(v) = current() {
+                page.set_view(ClinicalView { window, ..v });
+            }
+        }
+        Err(e) => page.fail(format!("window {e}")),
+    };
+    // The preset a window is, for the menu ("custom" when none).
+    let preset = move || {
+        current().map_or("file".to_string(), |v| match v.window {
+            Window::File => "file".into(),
+            Window::MinMax => "minmax".into(),
+            Window::Explicit { center, width } => PRESETS
+                .iter()
+                .find(|p| p.1 == center && p.2 == width)
+                .map_or("custom".into(), |p| p.0.to_string()),
+        })
+    };
+    view! {
+        <div class="clinical" id="clinical"
+            data-slice=move || current().map(|v| v.slice.to_string())
+            data-window=move || current().map(|v| v.window.to_string())>
+            <p class="status" id="slice-status">{describe}</p>
+            {is_volume.then(|| view! {
+                <label>"plane "
+                    <select id="plane" disabled=running on:change=set_plane
+                        prop:value=move || current().and_then(|v| v.slice.plane).map_or("axial", Plane::name)>
+                        <option value="axial">"axial"</option>
+                        <option value="coronal">"coronal"</option>
+                        <option value="sagittal">"sagittal"</option>
+                    </select>
+                </label>
+            })}
+            {multi.then(|| view! {
+                <label>{if is_volume { "slice " } else { "frame " }}
+                    <input id="slice" type="range" min="0" disabled=running
+                        max=move || current().map_or(0, |v| count_of(v.slice.plane).saturating_sub(1))
+                        prop:value=move || current().map_or(0, |v| v.slice.index).to_string()
+                        on:input=set_index />
+                </label>
+            })}
+            {greyscale.then(|| view! {
+                <label>"window "
+                    <select id="window-preset" disabled=running prop:value=preset
+                        on:change=move |ev| {
+                            let v = event_target_value(&ev);
+                            if v != "custom" { set_window(v) }
+                        }>
+                        {if is_volume {
+                            view! { <option value="file">"full range"</option> }.into_any()
+                        } else {
+                            view! { <option value="file">{match file_window {
+                                Some((c, w)) => format!("the file's ({c}, {w})"),
+                                None => "the file's (none: full range)".to_string(),
+                            }}</option> }.into_any()
+                        }}
+                        <option value="minmax">"this picture's range"</option>
+                        {PRESETS.iter().map(|&(name, c, w)| view! {
+                            <option value=name>{format!("{name} ({c}, {w})")}</option>
+                        }).collect_view()}
+                        <option value="custom">"custom"</option>
+                    </select>
+                    <input id="window" type="text" spellcheck="false" disabled=running
+                        title="CENTER,WIDTH (e.g. 40,400), file, minmax or a preset"
+                        prop:value=move || current().map(|v| v.window.to_string()).unwrap_or_default()
+                        on:change=move |ev| set_window(event_target_value(&ev)) />
+                </label>
+            })}
+        </div>
     }
 }
 

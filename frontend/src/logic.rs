@@ -3,9 +3,11 @@
 
 use image::RgbImage;
 use vlsm::Logits;
+use vlsm::clinical::{ClinicalImage, Slice};
 use vlsm::mask_check::{Agreement, MaskCheck};
 use vlsm::metrics::Overlap;
 use vlsm::share::{MAX_PROMPT_CHARS, MAX_PROMPTS, ShareState, mask_fingerprint};
+use vlsm::window::Window;
 
 pub use vlsm::share::{DEFAULT_WEIGHTS_URL, normalize_weights_url};
 
@@ -28,6 +30,50 @@ pub fn check_image_size(bytes: &[u8]) -> vlsm::Result<(u32, u32)> {
         )));
     }
     Ok((w, h))
+}
+
+/// The largest DICOM file or NIfTI volume the page opens (the file is held while it is
+/// parsed), and the most voxels a volume may have: their f64 values take 768 MiB of the
+/// wasm heap's 4 GiB (a 512 × 512 × 384 CT fits). The CLI takes up to
+/// [`vlsm::nifti::MAX_VOXELS`].
+pub const MAX_CLINICAL_FILE_BYTES: f64 = 768.0 * 1024.0 * 1024.0;
+pub const MAX_CLINICAL_VOXELS: usize = 96 << 20;
+
+/// Whether a file is refused for its size before it is read.
+pub fn check_clinical_file_size(bytes: f64) -> Result<(), String> {
+    if bytes > MAX_CLINICAL_FILE_BYTES {
+        return Err(format!(
+            "{} is too large for the browser (at most {}); use the CLI (vlsm segment)",
+            human_bytes(bytes),
+            human_bytes(MAX_CLINICAL_FILE_BYTES)
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a DICOM file or NIfTI volume within the page's limits.
+pub fn read_clinical(bytes: &[u8]) -> vlsm::Result<ClinicalImage> {
+    ClinicalImage::read(bytes, MAX_CLINICAL_VOXELS)
+}
+
+/// "axial slice 42 (0–119)", "frame 3 (0–4)": numbered from 0, as `--slices`, `--slice`
+/// and share links number them.
+pub fn describe_slice(file: &ClinicalImage, slice: Slice) -> String {
+    let last = file.count(slice.plane).saturating_sub(1);
+    match slice.plane {
+        Some(plane) => format!("{} slice {} (0–{last})", plane.name(), slice.index),
+        None => format!("frame {} (0–{last})", slice.index),
+    }
+}
+
+/// The window a link or the user asked for, kept where it applies; a window on a colour
+/// DICOM is meaningless and shown as `file`.
+pub fn effective_window(file: &ClinicalImage, window: Window) -> Window {
+    if file.is_greyscale() {
+        window
+    } else {
+        Window::File
+    }
 }
 
 /// Checks a prompt list before running it.
@@ -251,6 +297,41 @@ mod tests {
         let err = check_image_size(&png(9000, 9000)).unwrap_err().to_string();
         assert!(err.contains("9000×9000 is too large"), "{err}");
         assert!(check_image_size(b"not an image").is_err());
+    }
+
+    #[test]
+    fn clinical_files_within_the_pages_limits() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let volume =
+            read_clinical(&std::fs::read(fixtures.join("nifti/volume.nii.gz")).unwrap()).unwrap();
+        let slice = volume.default_slice();
+        assert_eq!(
+            describe_slice(&volume, slice),
+            format!(
+                "axial slice {} (0–{})",
+                slice.index,
+                volume.count(slice.plane) - 1
+            )
+        );
+        let dicom =
+            read_clinical(&std::fs::read(fixtures.join("dicom/multiframe_rle.dcm")).unwrap())
+                .unwrap();
+        assert!(describe_slice(&dicom, dicom.default_slice()).starts_with("frame 0 (0–"));
+        let rgb = read_clinical(&std::fs::read(fixtures.join("dicom/rgb.dcm")).unwrap()).unwrap();
+        assert_eq!(
+            effective_window(&rgb, "lung".parse().unwrap()),
+            Window::File
+        );
+        assert!(
+            check_clinical_file_size(2e9)
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(check_clinical_file_size(1e6).is_ok());
+        assert!(matches!(
+            read_clinical(b"not a volume at all"),
+            Err(e) if e.to_string().contains("neither")
+        ));
     }
 
     #[test]

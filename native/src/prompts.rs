@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use vlsm::clinical::{self, ClinicalImage, Kind, Slice};
 use vlsm::dataset::PromptValue;
+use vlsm::window::Window;
+
+use crate::segment::{Slices, stem_of};
 use vlsm::preprocess;
 use vlsm::prompts::{PromptAttributes, mask_attributes, number_words, study_prompts};
 
@@ -38,6 +42,15 @@ pub struct PromptsArgs {
     /// Replace an existing annotation file.
     #[arg(long)]
     force: bool,
+    /// For NIfTI volumes with label volumes: the plane and slices written, one entry each
+    /// (`axial`, `coronal:10-50`; default every axial slice). Slices without the target
+    /// get "no {class}" prompts, as BKAI's empty images do.
+    #[arg(long, value_parser = crate::segment::parse_slices, default_value = "axial")]
+    slices: crate::segment::Slices,
+    /// For greyscale DICOM and NIfTI images: the window written into each entry (file,
+    /// minmax, CENTER,WIDTH or a preset); entries without one use `file`.
+    #[arg(long)]
+    window: Option<Window>,
 }
 
 /// An entry in medvlsm's format (with the keys its loaders expect).
@@ -51,6 +64,11 @@ struct EntryOut {
     sentences: [Sentence; 1],
     prompts: BTreeMap<String, PromptValue>,
     sentences_num: u32,
+    /// vlsm's: which picture of a DICOM file or NIfTI volume (see `vlsm::dataset::Entry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slice: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -60,8 +78,8 @@ struct Sentence {
     sent: String,
 }
 
-const IMAGE_EXTENSIONS: [&str; 9] = [
-    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm",
+const IMAGE_EXTENSIONS: [&str; 11] = [
+    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "dcm", "nii", "gz",
 ];
 
 pub fn run(args: PromptsArgs) -> Result<()> {
@@ -97,15 +115,9 @@ pub fn run(args: PromptsArgs) -> Result<()> {
     let mut problems = Vec::new();
     println!("image\tcount\tsize\tlocation");
     for image in &images {
-        let stem = image
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let stem = stem_of(image);
         let wanted = format!("{stem}{}", args.mask_suffix);
-        let Some(mask) = masks
-            .iter()
-            .find(|m| m.file_stem().is_some_and(|s| s.to_string_lossy() == wanted))
-        else {
+        let Some(mask) = masks.iter().find(|m| stem_of(m) == wanted) else {
             problems.push(format!(
                 "{}: no mask named {wanted}.* in {}",
                 image.display(),
@@ -113,13 +125,20 @@ pub fn run(args: PromptsArgs) -> Result<()> {
             ));
             continue;
         };
-        match entry(image, mask, class, &args) {
-            Ok((e, measured)) => {
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    e.img_name, measured.count, measured.size, measured.location
-                );
-                entries.push(e);
+        match image_entries(image, mask, class, &args) {
+            Ok(annotated) => {
+                for (e, measured) in annotated {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        e.slice
+                            .as_ref()
+                            .map_or(e.img_name.clone(), |s| format!("{}#{s}", e.img_name)),
+                        measured.count,
+                        measured.size,
+                        measured.location
+                    );
+                    entries.push(e);
+                }
             }
             Err(err) => problems.push(format!("{err:#}")),
         }
@@ -164,22 +183,84 @@ pub fn run(args: PromptsArgs) -> Result<()> {
     Ok(())
 }
 
-fn entry(
+/// The entries of one image and its mask: one, or for a NIfTI volume with a label volume
+/// one per slice of `--slices`, and for multi-frame DICOM files one per frame.
+fn image_entries(
     image: &Path,
     mask: &Path,
     class: &str,
     args: &PromptsArgs,
-) -> Result<(EntryOut, vlsm::prompts::MaskAttributes)> {
+) -> Result<Vec<(EntryOut, vlsm::prompts::MaskAttributes)>> {
     let bytes = std::fs::read(mask).with_context(|| mask.display().to_string())?;
-    let grey = grey_mask(&bytes).with_context(|| mask.display().to_string())?;
-    let (w, h) = grey.dimensions();
     let image_bytes = std::fs::read(image).with_context(|| image.display().to_string())?;
-    let (iw, ih) = if vlsm::dicom::is_dicom(&image_bytes) {
+    let names = Names::of(image, mask);
+    let image_kind = clinical::sniff(&image_bytes);
+    if clinical::sniff(&bytes).is_some() && image_kind.is_some() {
+        let read = |b: &[u8], p: &Path| {
+            ClinicalImage::read(b, vlsm::nifti::MAX_VOXELS).with_context(|| p.display().to_string())
+        };
+        let image_file = read(&image_bytes, image)?;
+        let mask_file = read(&bytes, mask)?;
+        drop((bytes, image_bytes));
+        let pictures: Vec<Slice> = match image_file.kind() {
+            Kind::Nifti => {
+                let Slices { plane, range } = args.slices;
+                let count = image_file.count(Some(plane));
+                let (from, to) = range.unwrap_or((0, count - 1));
+                if to >= count {
+                    bail!(
+                        "{}: --slices {}:{from}-{to}, but the volume has {count} {} slices",
+                        image.display(),
+                        plane.name(),
+                        plane.name()
+                    );
+                }
+                (from..=to)
+                    .map(|index| Slice {
+                        plane: Some(plane),
+                        index,
+                    })
+                    .collect()
+            }
+            Kind::Dicom => (0..image_file.count(None))
+                .map(|index| Slice { plane: None, index })
+                .collect(),
+        };
+        let single = pictures.len() == 1 && image_file.kind() == Kind::Dicom;
+        let mut out = Vec::new();
+        for slice in pictures {
+            let (w, h, labels) = mask_file
+                .label_mask(slice)
+                .with_context(|| format!("{} ({slice})", mask.display()))?;
+            let (iw, ih) = image_file.size(slice);
+            check_sizes(image, mask, (iw, ih), (w, h))?;
+            let grey: Vec<u8> = labels.iter().map(|&m| m * 255).collect();
+            let grey = image::GrayImage::from_raw(w, h, grey).context("mask size")?;
+            // A single-frame file's entry is as its PNG equivalent's.
+            let picture = (!single).then_some(slice);
+            out.push(entry_of(&names, &grey, class, args, picture));
+        }
+        return Ok(out);
+    }
+    if image_kind == Some(Kind::Nifti) {
+        bail!(
+            "{}: a NIfTI volume needs a NIfTI label volume as its mask, not {}",
+            image.display(),
+            mask.display()
+        );
+    }
+    let grey = grey_mask(&bytes).with_context(|| mask.display().to_string())?;
+    let (iw, ih) = if image_kind == Some(Kind::Dicom) {
         vlsm::dicom::DicomFile::read(&image_bytes).map(|f| (f.columns, f.rows))
     } else {
         preprocess::dimensions(&image_bytes)
     }
     .with_context(|| image.display().to_string())?;
+    check_sizes(image, mask, (iw, ih), grey.dimensions())?;
+    Ok(vec![entry_of(&names, &grey, class, args, None)])
+}
+
+fn check_sizes(image: &Path, mask: &Path, (iw, ih): (u32, u32), (w, h): (u32, u32)) -> Result<()> {
     if (iw, ih) != (w, h) {
         bail!(
             "mask {} is {w}×{h} but image {} is {iw}×{ih}",
@@ -187,6 +268,40 @@ fn entry(
             image.display()
         );
     }
+    Ok(())
+}
+
+/// An entry's file names and id stem.
+struct Names {
+    image: String,
+    mask: String,
+    stem: String,
+}
+
+impl Names {
+    fn of(image: &Path, mask: &Path) -> Self {
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default()
+        };
+        Names {
+            image: name(image),
+            mask: name(mask),
+            stem: stem_of(image),
+        }
+    }
+}
+
+/// One entry from its (binary, 0/255) mask; `slice` names the picture of a clinical file.
+fn entry_of(
+    names: &Names,
+    grey: &image::GrayImage,
+    class: &str,
+    args: &PromptsArgs,
+    slice: Option<Slice>,
+) -> (EntryOut, vlsm::prompts::MaskAttributes) {
+    let (w, h) = grey.dimensions();
     let measured = mask_attributes(grey.as_raw(), w as usize, h as usize);
     let prompts = if measured.count == 0 {
         // An image without the target: every prompt says so (as BKAI's "no polyp").
@@ -209,20 +324,20 @@ fn entry(
         };
         study_prompts(&attributes, &args.descriptions)
     };
-    let name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default()
+    let segment_id = match slice {
+        Some(Slice {
+            plane: Some(plane),
+            index,
+        }) => format!("{}_{}_{index:03}", names.stem, plane.name()),
+        Some(Slice { index, .. }) => format!("{}_f{index:03}", names.stem),
+        None => names.stem.clone(),
     };
     let entry = EntryOut {
         bbox: foreground_box(grey.as_raw(), w, h),
         cat: 0,
-        segment_id: image
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        img_name: name(image),
-        mask_name: name(mask),
+        segment_id,
+        img_name: names.image.clone(),
+        mask_name: names.mask.clone(),
         sentences: [Sentence {
             idx: 0,
             sent_id: 0,
@@ -230,8 +345,10 @@ fn entry(
         }],
         prompts,
         sentences_num: 1,
+        slice: slice.map(|s| s.to_string()),
+        window: args.window.map(|w| w.to_string()),
     };
-    Ok((entry, measured))
+    (entry, measured)
 }
 
 /// [x1, y1, x2, y2] (x2, y2 exclusive) of the foreground (> 127); zeros when empty.
@@ -275,10 +392,12 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
+            let name = p.to_string_lossy().to_lowercase();
             p.is_file()
                 && p.extension().is_some_and(|e| {
                     IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
                 })
+                && (!name.ends_with(".gz") || name.ends_with(".nii.gz"))
         })
         .collect();
     files.sort();

@@ -71,11 +71,11 @@ pub struct SegmentArgs {
 /// `--slices`.
 #[derive(Clone, Copy, Debug)]
 pub struct Slices {
-    plane: Plane,
-    range: Option<(usize, usize)>,
+    pub plane: Plane,
+    pub range: Option<(usize, usize)>,
 }
 
-fn parse_slices(s: &str) -> std::result::Result<Slices, String> {
+pub fn parse_slices(s: &str) -> std::result::Result<Slices, String> {
     let (plane, range) = match s.split_once(':') {
         Some((p, r)) => (p, Some(r)),
         None => (s, None),
@@ -124,7 +124,7 @@ fn is_nifti(path: &Path) -> bool {
 }
 
 /// The file name without `.nii.gz`, `.nii` or its extension.
-fn stem_of(path: &Path) -> String {
+pub fn stem_of(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|s| s.to_string_lossy().to_string())

@@ -1162,3 +1162,128 @@ fn prompts_read_dicom_images_and_label_masks_as_their_png_equivalents() {
     assert_eq!(from_dicom, from_png);
     assert_ne!(from_dicom[0]["prompts"]["p1"], "no lesion");
 }
+
+#[test]
+fn nifti_volumes_are_annotated_and_evaluated_slice_by_slice() {
+    // A volume and its label volume: `vlsm prompts` writes an entry per slice (attributes
+    // measured on the label slice), and `vlsm bench` scores each slice as `vlsm segment`'s
+    // mask of that slice against the label slice.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let dir = root.join("ctvol");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    let volume_path = fixture("nifti").join("volume.nii.gz");
+    std::fs::copy(&volume_path, dir.join("images/vol.nii.gz")).unwrap();
+    let volume = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
+    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
+    let label_path = dir.join("masks/vol.nii.gz");
+    std::fs::write(&label_path, volume.label_file(&labels, true).unwrap()).unwrap();
+    let args = [
+        "prompts",
+        dir.to_str().unwrap(),
+        "--class",
+        "lesion",
+        "--slices",
+        "axial:2-5",
+        "--window",
+        "40,400",
+    ];
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let anns: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("anns/test.json")).unwrap()).unwrap();
+    assert_eq!(anns.len(), 4);
+    let label_file = vlsm::clinical::ClinicalImage::read(
+        &std::fs::read(&label_path).unwrap(),
+        vlsm::nifti::MAX_VOXELS,
+    )
+    .unwrap();
+    for (k, entry) in (2..=5).zip(&anns) {
+        assert_eq!(entry["slice"], format!("axial:{k}"));
+        assert_eq!(entry["window"], "40,400");
+        assert_eq!(entry["segment_id"], format!("vol_axial_{k:03}"));
+        let (w, h, mask) = label_file
+            .label_mask(format!("axial:{k}").parse().unwrap())
+            .unwrap();
+        let grey: Vec<u8> = mask.iter().map(|&m| m * 255).collect();
+        let measured = vlsm::prompts::mask_attributes(&grey, w as usize, h as usize);
+        assert!(measured.count > 0, "slice {k} has no foreground");
+        let p4 = entry["prompts"]["p4"].as_str().unwrap();
+        assert!(p4.contains(&measured.size), "{p4} lacks {}", measured.size);
+    }
+    // One more entry, of the volume without its slice: a row error, the others scored.
+    let mut with_bad = anns.clone();
+    let mut bad = anns[0].clone();
+    bad.as_object_mut().unwrap().remove("slice");
+    with_bad.push(bad);
+    std::fs::write(
+        dir.join("anns/test.json"),
+        serde_json::to_vec(&with_bad).unwrap(),
+    )
+    .unwrap();
+    let model = fixture("clipseg_simple");
+    let out_dir = tmp.path().join("bench");
+    let out = vlsm(
+        &[
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--datasets",
+            "ctvol",
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompts",
+            "p1",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let mut reader = csv::Reader::from_path(out_dir.join("results.csv")).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    assert_eq!(rows.len(), 5, "{}", stderr(&out));
+    assert!(
+        rows[4][col("error")].contains("must name its slice"),
+        "{:?}",
+        &rows[4]
+    );
+    // Slice 3's score, from `vlsm segment`'s mask of that slice.
+    let row = &rows[1];
+    assert_eq!(&row[col("image")], "vol.nii.gz#axial:3");
+    let seg = tmp.path().join("seg");
+    let prompt = anns[1]["prompts"]["p1"].as_str().unwrap();
+    let out = vlsm(
+        &[
+            "segment",
+            dir.join("images/vol.nii.gz").to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--slices",
+            "axial:3-3",
+            "--window",
+            "40,400",
+            "--out",
+            seg.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let png = std::fs::read(
+        seg.join("vol_axial_003")
+            .join(format!("00_{}.mask.png", vlsm::prompts::slug(prompt))),
+    )
+    .unwrap();
+    let (_, _, predicted) = vlsm::preprocess::decode_mask(&png).unwrap();
+    let (_, _, truth) = label_file.label_mask("axial:3".parse().unwrap()).unwrap();
+    let dice = vlsm::metrics::dice(&predicted, &truth).unwrap();
+    let bench_dice: f64 = row[col("dice")].parse().unwrap();
+    assert!(
+        (bench_dice - dice).abs() < 1e-9,
+        "bench {bench_dice} vs segment {dice}"
+    );
+}

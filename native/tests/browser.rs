@@ -125,6 +125,73 @@ fn native_fingerprints(link: &str, weights: &Path, tmp: &Path, other_weights: bo
     reproduced_fingerprints(&vlsm(&args, &[]))
 }
 
+/// Fingerprints `vlsm reproduce` prints for a link whose image is omitted, given the file
+/// (a DICOM file or NIfTI volume: the link's slice and window are applied). Exits 1 (and
+/// fails here) if the picture's pixels differ from the link's.
+fn fingerprints_from_file(link: &str, file: &Path, weights: &Path, tmp: &Path) -> Vec<String> {
+    let link_file = tmp.join("omitted-link.txt");
+    std::fs::write(&link_file, link).unwrap();
+    reproduced_fingerprints(&vlsm(
+        &[
+            "reproduce",
+            &format!("@{}", link_file.display()),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--image",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    ))
+}
+
+/// Fingerprints of the masks `vlsm segment` writes for one picture of a clinical file,
+/// in prompt order, and the masks themselves.
+fn segment_fingerprints(
+    file: &Path,
+    extra: &[&str],
+    folder: &str,
+    weights: &Path,
+    tmp: &Path,
+) -> (Vec<String>, Vec<Vec<u8>>) {
+    let out_dir = tmp.join(format!("segment-{folder}"));
+    let mut args = vec![
+        "segment",
+        file.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    for p in PROMPTS {
+        args.extend(["--prompt", p]);
+    }
+    args.extend(extra);
+    let out = vlsm(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut pngs: Vec<PathBuf> = std::fs::read_dir(out_dir.join(folder))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".mask.png"))
+        .collect();
+    pngs.sort();
+    assert_eq!(pngs.len(), PROMPTS.len(), "{pngs:?}");
+    let masks: Vec<Vec<u8>> = pngs
+        .iter()
+        .map(|p| {
+            vlsm::preprocess::decode_mask(&std::fs::read(p).unwrap())
+                .unwrap()
+                .2
+        })
+        .collect();
+    (
+        masks
+            .iter()
+            .map(|m| vlsm::share::mask_fingerprint(m))
+            .collect(),
+        masks,
+    )
+}
+
 /// The kinds of agreement with the opened link's masks the page shows, one per card.
 fn agreements(v: &Value) -> Vec<String> {
     v["agreements"]
@@ -277,6 +344,39 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // Clinical input: a NIfTI volume with a label volume as its truth, a CLI link to one of
+    // its slices without the volume, and DICOM files.
+    let nifti = fixture("nifti/volume.nii.gz");
+    let volume = vlsm::nifti::read(&std::fs::read(&nifti).unwrap()).unwrap();
+    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
+    let nifti_truth = tmp.path().join("truth.nii.gz");
+    std::fs::write(&nifti_truth, volume.label_file(&labels, true).unwrap()).unwrap();
+    let out = vlsm(
+        &[
+            "share",
+            nifti.to_str().unwrap(),
+            "--slice",
+            "axial:5",
+            "--window",
+            "lung",
+            "--weights-url",
+            &model_url,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--prompt",
+            PROMPTS[0],
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut state = vlsm::share::ShareState::from_link(stdout(&out).trim()).unwrap();
+    state.image = vlsm::share::ImageSource::Omitted {
+        name: "volume.nii.gz".into(),
+    };
+    let nifti_link = state.to_link("http://x/").unwrap();
+    let nifti_link_native = fingerprints_from_file(&nifti_link, &nifti, &weights, tmp.path());
+    let dicom = fixture("dicom/multiframe_rle.dcm");
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -300,7 +400,18 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg("--model3")
         .arg(&cris)
         .arg("--shots")
-        .arg(&shots);
+        .arg(&shots)
+        .arg("--nifti")
+        .arg(&nifti)
+        .arg("--nifti-truth")
+        .arg(&nifti_truth)
+        .args(["--nifti-link", &nifti_link])
+        .arg("--dicom")
+        .arg(&dicom)
+        .arg("--bad-dicom")
+        .arg(fixture("dicom/truncated.dcm"))
+        .arg("--unsupported-dicom")
+        .arg(fixture("dicom/j2k_unsupported.dcm"));
     for p in PROMPTS {
         node.args(["--prompt", p]);
     }
@@ -347,6 +458,99 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
             "page Dice {dice} vs native {native}"
         );
     }
+
+    // A NIfTI slice and a DICOM frame in the page: the masks `vlsm segment` makes of the
+    // same picture with the same window, and the label volume's slice as the truth.
+    let c = &r["clinical"];
+    assert_eq!(c["default_slice"], "axial:8", "{c}");
+    assert_eq!(c["default_window"], "file", "{c}");
+    assert_eq!(c["nifti"]["run"], "done", "{c}");
+    let (expected, masks) = segment_fingerprints(
+        &nifti,
+        &["--slices", "axial:3-3", "--window", "40,400"],
+        "volume_axial_003",
+        &weights,
+        tmp.path(),
+    );
+    assert_eq!(strings(&c["nifti"]["fingerprints"]), expected);
+    let truth_file = vlsm::clinical::ClinicalImage::read(
+        &std::fs::read(&nifti_truth).unwrap(),
+        vlsm::nifti::MAX_VOXELS,
+    )
+    .unwrap();
+    let (_, _, truth_slice) = truth_file.label_mask("axial:3".parse().unwrap()).unwrap();
+    assert!(truth_slice.contains(&1) && truth_slice.contains(&0));
+    let scores = c["nifti"]["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), PROMPTS.len(), "{c}");
+    for (score, mask) in scores.iter().zip(&masks) {
+        let native = vlsm::metrics::dice(mask, &truth_slice).unwrap();
+        let dice = score["dice"].as_f64().unwrap();
+        assert!((dice - native).abs() < 1e-9, "page Dice {dice} vs {native}");
+    }
+    // The page's link names the slice and window; with the volume instead of the embedded
+    // picture, `vlsm reproduce` renders the same pixels (else it exits 1) and masks.
+    let link = c["nifti"]["link"].as_str().unwrap();
+    let mut state = vlsm::share::ShareState::from_link(link).unwrap();
+    let view = state.clinical.expect("the link names the picture");
+    assert_eq!(
+        (view.slice.to_string(), view.window.to_string()),
+        ("axial:3".into(), "40,400".into())
+    );
+    assert_eq!(state.image.name(), "volume.nii.gz");
+    assert_eq!(
+        Some(state.image_sha256.as_str()),
+        c["nifti"]["sha256"].as_str()
+    );
+    state.image = vlsm::share::ImageSource::Omitted {
+        name: "volume.nii.gz".into(),
+    };
+    let omitted = state.to_link("http://x/").unwrap();
+    assert_eq!(
+        fingerprints_from_file(&omitted, &nifti, &weights, tmp.path()),
+        expected
+    );
+    // The truth follows the slice; planes and presets.
+    assert!(
+        c["truth_after_slice"].as_str().unwrap().contains("axial:4"),
+        "{c}"
+    );
+    assert_eq!(
+        c["results_after_slice"], 0,
+        "results of another slice stayed up"
+    );
+    let coronal = format!("coronal:{}", volume.slices(vlsm::nifti::Plane::Coronal) / 2);
+    assert_eq!(c["coronal"], coronal.as_str());
+    assert!(
+        c["coronal_status"].as_str().unwrap().contains(&coronal),
+        "{c}"
+    );
+    assert_eq!(c["preset_window"], "-600,1500");
+    // The DICOM file's second frame: frames, no planes; the NIfTI truth does not fit it.
+    assert_eq!(c["dicom_has_plane"], false);
+    assert_eq!(c["truth_after_dicom"], false);
+    assert_eq!(c["dicom"]["run"], "done", "{c}");
+    let uid = vlsm::dicom::DicomFile::read(&std::fs::read(&dicom).unwrap())
+        .unwrap()
+        .sop_instance_uid;
+    let (expected, _) =
+        segment_fingerprints(&dicom, &[], &format!("{uid}_f001"), &weights, tmp.path());
+    assert_eq!(strings(&c["dicom"]["fingerprints"]), expected);
+    // The CLI's link to a slice, opened without the volume: the page asked for the file,
+    // then showed the link's slice and window and gave its masks.
+    assert!(
+        r["nifti_link_info"]
+            .as_str()
+            .unwrap()
+            .contains("volume.nii.gz"),
+        "{}",
+        r["nifti_link_info"]
+    );
+    let nl = &r["nifti_link"];
+    assert_eq!(nl["run"], "done", "{nl}");
+    assert_eq!(nl["slice"], "axial:5");
+    assert_eq!(nl["window"], "-600,1500");
+    assert_eq!(strings(&nl["fingerprints"]), nifti_link_native);
+    assert_agrees(nl, true);
 
     // A download that broke half-way: a message naming the file, nothing cached, Retry works.
     assert_eq!(r["partial_state"], "failed");
@@ -509,6 +713,17 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
             .as_str()
             .unwrap()
             .contains("more than the 1 MiB allowed"),
+        "{bad}"
+    );
+    assert!(
+        bad["bad_dicom"].as_str().unwrap().contains("DICOM"),
+        "{bad}"
+    );
+    assert!(
+        bad["unsupported_dicom"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported transfer syntax"),
         "{bad}"
     );
     assert_eq!(bad["alive"], true);

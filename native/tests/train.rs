@@ -403,3 +403,62 @@ fn full_fine_tuning_trains_the_towers_and_keeps_the_position_table() {
     ));
     assert_eq!(base.names().len(), tuned.names().len());
 }
+
+/// A NIfTI volume with its label volume trains slice by slice: `vlsm prompts` writes the
+/// train and val splits' slice entries, and `vlsm train` reads each slice's picture and
+/// label slice (one sample per entry).
+#[test]
+fn nifti_volumes_train_slice_by_slice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let dir = root.join("ctvol");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    let volume_path = fixture("nifti").join("volume.nii.gz");
+    std::fs::copy(&volume_path, dir.join("images/vol.nii.gz")).unwrap();
+    let volume = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
+    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
+    std::fs::write(
+        dir.join("masks/vol.nii.gz"),
+        volume.label_file(&labels, true).unwrap(),
+    )
+    .unwrap();
+    for (split, slices) in [("train", "axial:0-9"), ("val", "axial:10-15")] {
+        let out = vlsm(
+            &[
+                "prompts",
+                dir.to_str().unwrap(),
+                "--class",
+                "lesion",
+                "--split",
+                split,
+                "--slices",
+                slices,
+                "--window",
+                "lung",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let run = tmp.path().join("run");
+    let mut args = train_args(
+        &fixture("clipseg_refined"),
+        &root,
+        &run,
+        &["--prompt", "p1", "--epochs", "2", "--batch-size", "4"],
+    );
+    let at = args.iter().position(|a| a == "ellipses").unwrap();
+    args[at] = "ctvol".into();
+    let out = vlsm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = metrics(&run);
+    assert_eq!(log.len(), 2, "{}", stdout(&out));
+    assert!(log.iter().all(|r| r[3].is_finite()), "{log:?}");
+    assert!(
+        format!("{}{}", stdout(&out), stderr(&out)).contains("10 train"),
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}

@@ -4,6 +4,8 @@
 //   node page.mjs e2e   --dist DIR --model DIR --image FILE --prompt A --prompt B
 //                       [--port N] [--cli-link LINK] [--mismatch-link LINK] [--truth MASK]
 //                       [--huge IMAGE] [--shots DIR]
+//                       [--nifti VOL --nifti-truth LABELS --nifti-link LINK --dicom FILE
+//                        --bad-dicom FILE --unsupported-dicom FILE]
 //   node page.mjs bench --dist DIR --model DIR --image FILE   (timings, memory; by hand)
 //
 // It serves DIST at / and the model folder at /models/m/ from 127.0.0.1, logs every request
@@ -188,6 +190,55 @@ async function otherModel(browser, base, args, out, mount) {
   }
 }
 
+async function setRange(page, selector, value) {
+  await page.fill(selector, String(value));
+  await page.dispatchEvent(selector, 'input');
+}
+
+async function clinical(page, args) {
+  const r = {};
+  await page.setInputFiles('#image-file', args.nifti);
+  await waitFor(page, '#clinical');
+  r.default_slice = await page.getAttribute('#clinical', 'data-slice');
+  r.default_window = await page.getAttribute('#clinical', 'data-window');
+  await setRange(page, '#slice', 3);
+  await page.waitForSelector('#clinical[data-slice="axial:3"]', { timeout: 60_000 });
+  await page.fill('#window', '40,400');
+  await page.dispatchEvent('#window', 'change');
+  await page.waitForSelector('#clinical[data-window="40,400"]', { timeout: 60_000 });
+  await page.setInputFiles('#truth-file', args['nifti-truth']);
+  await waitFor(page, '#truth-status');
+  r.nifti = await runAndRead(page);
+  r.nifti.sha256 = await page.getAttribute('#image-status', 'data-sha256');
+  r.nifti.scores = await page.$$eval('.score', (ss) => ss.map((s) => ({ dice: Number(s.dataset.dice) })));
+  await page.click('#share');
+  await waitFor(page, '#share-link');
+  r.nifti.link = await page.inputValue('#share-link');
+  if (args.shots) await page.screenshot({ path: path.join(args.shots, 'nifti.png'), fullPage: true });
+  // The truth follows the slice; a plane change starts in that plane's middle.
+  await setRange(page, '#slice', 4);
+  await page.waitForSelector('#clinical[data-slice="axial:4"]', { timeout: 60_000 });
+  r.truth_after_slice = await page.textContent('#truth-status');
+  r.results_after_slice = await page.$$eval('.card', (cs) => cs.length);
+  await page.selectOption('#plane', 'coronal');
+  await page.waitForSelector('#clinical[data-slice^="coronal:"]', { timeout: 60_000 });
+  r.coronal = await page.getAttribute('#clinical', 'data-slice');
+  r.coronal_status = await page.textContent('#image-status');
+  await page.selectOption('#window-preset', 'lung');
+  await page.waitForSelector('#clinical[data-window="-600,1500"]', { timeout: 60_000 });
+  r.preset_window = await page.getAttribute('#clinical', 'data-window');
+
+  await page.setInputFiles('#image-file', args.dicom);
+  await page.waitForSelector('#clinical[data-slice="0"]', { timeout: 60_000 });
+  r.dicom_has_plane = await page.$('#plane') !== null;
+  r.truth_after_dicom = await page.$('#truth-status') !== null;
+  await setRange(page, '#slice', 1);
+  await page.waitForSelector('#clinical[data-slice="1"]', { timeout: 60_000 });
+  r.dicom = await runAndRead(page);
+  r.dicom.sha256 = await page.getAttribute('#image-status', 'data-sha256');
+  return r;
+}
+
 async function e2e(args) {
   const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0,
     Object.fromEntries([['m2', args.model2], ['m3', args.model3]].filter(([, d]) => d).map(([m, d]) => [m, path.resolve(d)])));
@@ -247,6 +298,10 @@ async function e2e(args) {
     }
     if (args.shots) await page.screenshot({ path: path.join(args.shots, 'cpu.png'), fullPage: true });
 
+    // 1b. A NIfTI volume: slice and window chosen on the page, a label volume as the truth
+    // (it follows the slice), run and share; then a multi-frame DICOM file's second frame.
+    if (args.nifti) out.clinical = await clinical(page, args);
+
     // 2. Second visit: the model comes from Cache Storage although the server refuses it.
     state.modelsOffline = true;
     await page.goto(`${base}/?backend=cpu`);
@@ -283,6 +338,22 @@ async function e2e(args) {
       out.cli_link_cpu = await readResults(cliPage);
     }
 
+    // 5a. A CLI link to a NIfTI slice, without the volume: the page asks for the file, then
+    // shows the link's slice and window and reruns.
+    if (args['nifti-link']) {
+      const np = await fresh.newPage();
+      watch(np, out);
+      await np.goto(args['nifti-link'].replace(/^[^#]*/, `${base}/?backend=cpu`));
+      await waitFor(np, '#info');
+      out.nifti_link_info = await np.textContent('#info');
+      await np.waitForSelector('main[data-model="loaded"]', { timeout: TIMEOUT });
+      await np.setInputFiles('#image-file', args.nifti);
+      await np.waitForSelector('main[data-run="done"], main[data-run="failed"]', { timeout: TIMEOUT });
+      out.nifti_link = await readResults(np);
+      out.nifti_link.slice = await np.getAttribute('#clinical', 'data-slice');
+      out.nifti_link.window = await np.getAttribute('#clinical', 'data-window');
+    }
+
     // 5b. A link whose weights hash differs from the weights at its URL: said, not hidden.
     if (args['mismatch-link']) {
       const mm = await fresh.newPage();
@@ -315,6 +386,14 @@ async function e2e(args) {
     out.bad.endless_weights = await errorText(bad);
     await bad.setInputFiles('#image-file', { name: 'notes.png', mimeType: 'image/png', buffer: Buffer.from('this is not an image') });
     out.bad.not_an_image = await errorText(bad);
+    if (args['bad-dicom']) {
+      await bad.setInputFiles('#image-file', args['bad-dicom']);
+      await bad.waitForFunction(() => /DICOM/.test(document.querySelector('#error')?.textContent ?? ''), null, { timeout: 60_000 });
+      out.bad.bad_dicom = await bad.textContent('#error');
+      await bad.setInputFiles('#image-file', args['unsupported-dicom']);
+      await bad.waitForFunction(() => /unsupported/.test(document.querySelector('#error')?.textContent ?? ''), null, { timeout: 60_000 });
+      out.bad.unsupported_dicom = await bad.textContent('#error');
+    }
     if (args.huge) {
       await bad.setInputFiles('#image-file', args.huge);
       await bad.waitForFunction(() => /too large/.test(document.querySelector('#error')?.textContent ?? ''), null, { timeout: 60_000 });

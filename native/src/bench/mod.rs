@@ -788,7 +788,7 @@ fn base_row(model: &str, item: &Item, row: &PlannedRow, threshold: f32) -> Row {
         image: item
             .source
             .as_ref()
-            .map(|e| e.img_name.clone())
+            .map(Entry::image_label)
             .unwrap_or_default(),
         mask: item
             .source
