@@ -3,14 +3,17 @@
 and the pixel values pydicom decodes from them (after the modality LUT: stored value ×
 RescaleSlope + RescaleIntercept), which the tests compare with vlsm's exactly.
 
-  python tools/make_dicom_fixtures.py tests/fixtures/dicom     # needs numpy, pydicom 3
+  python tools/make_dicom_fixtures.py tests/fixtures/dicom     # needs numpy, pydicom 3, imagecodecs
 
 Files: ct_explicit.dcm (CT, int16, slope 1 intercept -1024, window 40/400, explicit VR LE),
 mono1_implicit.dcm (MONOCHROME1, uint8, implicit VR LE, no window), rgb.dcm (RGB, uint8),
 multiframe_rle.dcm (3 frames, uint16, slope 0.5 intercept 10, RLE lossless),
 deflated.dcm (deflated explicit VR LE, uint16), j2k_unsupported.dcm (a JPEG 2000 transfer
 syntax), truncated.dcm (ct_explicit.dcm cut in half), ybr_full.dcm (YBR_FULL, uncompressed),
-jpeg_baseline.dcm (greyscale JPEG baseline, encoded by Pillow). reference.json: for each readable
+jpeg_baseline.dcm (greyscale JPEG baseline, encoded by Pillow), jpeg_lossless.dcm (12-bit
+CT, JPEG Lossless SV1, encoded by libjpeg-turbo through imagecodecs; pydicom 3 decodes it only
+with a plugin, so its reference values are the encoded ones, checked by decoding them back
+with imagecodecs: lossless). reference.json: for each readable
 file its rows, columns, frames, photometric interpretation, window and SOP Instance UID;
 <name>.values.npy: the decoded values as float64, [frames, rows, columns(, 3)].
 """
@@ -20,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -32,6 +36,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
     RLELossless,
     generate_uid,
 )
@@ -101,7 +106,7 @@ grey(multi, frames, 16, False)
 multi.BitsStored, multi.HighBit = 12, 11
 multi.NumberOfFrames = 3
 multi.RescaleSlope, multi.RescaleIntercept = 0.5, 10
-multi.compress(RLELossless, frames)
+multi.compress(RLELossless, frames, generate_instance_uid=False)  # repeatable UIDs
 files["multiframe_rle"] = multi
 
 deflated = base("5", DeflatedExplicitVRLittleEndian)
@@ -130,12 +135,29 @@ jpeg.PixelData = encapsulate([encoded.getvalue()])
 jpeg["PixelData"].VR = "OB"
 files["jpeg_baseline"] = jpeg
 
+# JPEG Lossless SV1 (process 14, first-order prediction), 12-bit CT with a rescale.
+lossless = base("9", JPEGLosslessSV1)
+stored = (np.add.outer(np.arange(ROWS) * 97, np.arange(COLS) * 31) % 4096).astype(np.uint16)
+grey(lossless, stored, 16, False)
+lossless.BitsStored, lossless.HighBit = 12, 11
+lossless.RescaleSlope, lossless.RescaleIntercept = 1, -1024
+encoded = imagecodecs.jpeg8_encode(stored, lossless=True, bitspersample=12, predictor=1)
+assert (imagecodecs.jpeg8_decode(encoded) == stored).all()
+lossless.PixelData = encapsulate([encoded])
+lossless["PixelData"].VR = "OB"
+files["jpeg_lossless"] = lossless
+# pydicom cannot decode it without a plugin: the stored values, through the modality LUT.
+known = {"jpeg_lossless": stored.astype(np.float64) - 1024}
+
 reference = {}
 for name, ds in files.items():
     path = out / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     back = pydicom.dcmread(path)
-    values = apply_modality_lut(back.pixel_array, back).astype(np.float64)
+    if name in known:
+        values = known[name]
+    else:
+        values = apply_modality_lut(back.pixel_array, back).astype(np.float64)
     frames_n = int(getattr(back, "NumberOfFrames", 1))
     values = values.reshape((frames_n,) + values.shape[-3 + (back.SamplesPerPixel == 1):])
     np.save(out / f"{name}.values.npy", values)
