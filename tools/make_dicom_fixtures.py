@@ -8,8 +8,11 @@ RescaleSlope + RescaleIntercept), which the tests compare with vlsm's exactly.
 Files: ct_explicit.dcm (CT, int16, slope 1 intercept -1024, window 40/400, explicit VR LE),
 mono1_implicit.dcm (MONOCHROME1, uint8, implicit VR LE, no window), rgb.dcm (RGB, uint8),
 multiframe_rle.dcm (3 frames, uint16, slope 0.5 intercept 10, RLE lossless),
-deflated.dcm (deflated explicit VR LE, uint16), j2k_unsupported.dcm (a JPEG 2000 transfer
-syntax), truncated.dcm (ct_explicit.dcm cut in half), ybr_full.dcm (YBR_FULL, uncompressed),
+deflated.dcm (deflated explicit VR LE, uint16), j2k_lossless.dcm (12-bit CT, JPEG 2000
+reversible) and j2k_lossy.dcm (8-bit, JPEG 2000 irreversible), both encoded by OpenJPEG through
+imagecodecs and decoded by pydicom through Pillow's OpenJPEG, j2k_corrupt.dcm (a JPEG 2000
+syntax with a broken codestream), jpegls_unsupported.dcm (JPEG-LS, which vlsm does not
+decode), truncated.dcm (ct_explicit.dcm cut in half), ybr_full.dcm (YBR_FULL, uncompressed),
 jpeg_baseline.dcm (greyscale JPEG baseline, encoded by Pillow), jpeg_lossless.dcm (12-bit
 CT, JPEG Lossless SV1, encoded by libjpeg-turbo through imagecodecs; pydicom 3 decodes it only
 with a plugin, so its reference values are the encoded ones, checked by decoding them back
@@ -35,8 +38,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    JPEG2000,
     JPEG2000Lossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -146,6 +151,20 @@ assert (imagecodecs.jpeg8_decode(encoded) == stored).all()
 lossless.PixelData = encapsulate([encoded])
 lossless["PixelData"].VR = "OB"
 files["jpeg_lossless"] = lossless
+# JPEG 2000: reversible 12-bit CT and irreversible 8-bit (a lossy code: pydicom decodes it
+# with OpenJPEG, as the pure-Rust port vlsm uses).
+j2k = base("10", JPEG2000Lossless)
+grey(j2k, stored, 16, False)
+j2k.BitsStored, j2k.HighBit = 12, 11
+j2k.RescaleSlope, j2k.RescaleIntercept = 1, -1024
+j2k.PixelData = encapsulate([imagecodecs.jpeg2k_encode(stored, level=0, codecformat="J2K", bitspersample=12)])
+j2k["PixelData"].VR = "OB"
+files["j2k_lossless"] = j2k
+j2k_lossy = base("11", JPEG2000)
+grey(j2k_lossy, gradient, 8, False)
+j2k_lossy.PixelData = encapsulate([imagecodecs.jpeg2k_encode(gradient, level=30, codecformat="J2K")])
+j2k_lossy["PixelData"].VR = "OB"
+files["j2k_lossy"] = j2k_lossy
 # pydicom cannot decode it without a plugin: the stored values, through the modality LUT.
 known = {"jpeg_lossless": stored.astype(np.float64) - 1024}
 
@@ -174,13 +193,18 @@ for name, ds in files.items():
         "transfer_syntax": str(back.file_meta.TransferSyntaxUID),
     }
 
-j2k = base("6", JPEG2000Lossless)
-grey(j2k, np.zeros((ROWS, COLS), np.uint16), 16, False)
-j2k.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a real codestream"])
-j2k["PixelData"].VR = "OB"
-j2k.save_as(out / "j2k_unsupported.dcm", enforce_file_format=True)
+corrupt = base("6", JPEG2000Lossless)
+grey(corrupt, np.zeros((ROWS, COLS), np.uint16), 16, False)
+corrupt.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a real codestream"])
+corrupt["PixelData"].VR = "OB"
+corrupt.save_as(out / "j2k_corrupt.dcm", enforce_file_format=True)
+jpegls = base("12", JPEGLSLossless)
+grey(jpegls, np.zeros((ROWS, COLS), np.uint16), 16, False)
+jpegls.PixelData = encapsulate([b"\xff\xd8\xff\xf7 a JPEG-LS stream"])
+jpegls["PixelData"].VR = "OB"
+jpegls.save_as(out / "jpegls_unsupported.dcm", enforce_file_format=True)
 
 whole = (out / "ct_explicit.dcm").read_bytes()
 (out / "truncated.dcm").write_bytes(whole[: len(whole) // 2])
 (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
-print(f"wrote {len(files) + 2} files to {out}")
+print(f"wrote {len(files) + 3} files to {out}")

@@ -411,7 +411,7 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg("--bad-dicom")
         .arg(fixture("dicom/truncated.dcm"))
         .arg("--unsupported-dicom")
-        .arg(fixture("dicom/j2k_unsupported.dcm"));
+        .arg(fixture("dicom/jpegls_unsupported.dcm"));
     for p in PROMPTS {
         node.args(["--prompt", p]);
     }

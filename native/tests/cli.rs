@@ -876,7 +876,7 @@ fn dicom_frames_segment_at_their_size_named_by_sop_instance_uid() {
     let out = vlsm(
         &[
             "segment",
-            dicom.join("j2k_unsupported.dcm").to_str().unwrap(),
+            dicom.join("jpegls_unsupported.dcm").to_str().unwrap(),
             "--weights",
             model.to_str().unwrap(),
             "--prompt",
@@ -886,7 +886,7 @@ fn dicom_frames_segment_at_their_size_named_by_sop_instance_uid() {
         ],
         &[],
     );
-    assert_clean_error(&out, "unsupported transfer syntax JPEG 2000");
+    assert_clean_error(&out, "unsupported transfer syntax JPEG-LS");
     let out = vlsm(
         &[
             "segment",
