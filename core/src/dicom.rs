@@ -115,6 +115,24 @@ impl DicomFile {
             (Some(c), Some(w)) => Some((c, w)),
             _ => None,
         };
+        // A JPEG 2000 codestream declares its own size, which the decoder allocates for: it
+        // must be the header's (already within the pixel budget).
+        if let Some(fragments) = object
+            .element_opt(tags::PIXEL_DATA)
+            .ok()
+            .flatten()
+            .and_then(|e| e.value().fragments())
+        {
+            for fragment in fragments {
+                if let Some((w, h)) = jpeg2000_size(fragment)
+                    && (w, h) != (u64::from(columns), u64::from(rows))
+                {
+                    return Err(bad(format!(
+                        "a JPEG 2000 frame declares {w}×{h} pixels, the header {columns}×{rows}"
+                    )));
+                }
+            }
+        }
         let transfer_syntax = match inflated {
             Some(_) => DEFLATED.to_string(),
             None => object
@@ -266,6 +284,19 @@ fn ybr_full_to_rgb(values: &[f64]) -> Vec<f64> {
 }
 
 /// A transfer syntax's name, for error messages.
+/// Width and height a JPEG 2000 codestream declares (its SIZ segment right after SOC), if
+/// the bytes start one.
+fn jpeg2000_size(bytes: &[u8]) -> Option<(u64, u64)> {
+    if bytes.len() < 24 || bytes[..4] != [0xff, 0x4f, 0xff, 0x51] {
+        return None;
+    }
+    let u32_at = |i: usize| u64::from(u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap()));
+    // SOC, SIZ marker, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz.
+    let (x, y) = (u32_at(8), u32_at(12));
+    let (x0, y0) = (u32_at(16), u32_at(20));
+    Some((x.saturating_sub(x0), y.saturating_sub(y0)))
+}
+
 fn dicom_transfer_syntax_name(uid: &str) -> &'static str {
     match uid {
         "1.2.840.10008.1.2" => "Implicit VR Little Endian",

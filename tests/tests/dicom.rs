@@ -162,6 +162,16 @@ fn bad_dicom_files_are_one_clear_error() {
     ct[cols + 9] = 0xff;
     let huge = DicomFile::read(&ct).err().unwrap().to_string();
     assert!(huge.contains("pixels"), "{huge}");
+    // A JPEG 2000 codestream declaring more pixels than the header is refused before the
+    // decoder allocates for it.
+    let mut j2k = std::fs::read(dir().join("j2k_lossless.dcm")).unwrap();
+    let soc = j2k
+        .windows(4)
+        .position(|w| w == [0xff, 0x4f, 0xff, 0x51])
+        .unwrap();
+    j2k[soc + 8..soc + 16].copy_from_slice(&[0, 0, 0xea, 0x60, 0, 0, 0xea, 0x60]);
+    let lying = DicomFile::read(&j2k).err().unwrap().to_string();
+    assert!(lying.contains("declares 60000×60000"), "{lying}");
 }
 
 #[test]
