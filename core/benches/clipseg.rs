@@ -58,6 +58,14 @@ fn bench(c: &mut Criterion) {
                 )
             })
         });
+        // The two halves of decoding: the text tower, and the decoder on its output.
+        group.bench_function(format!("text tower {n} prompt(s)"), |b| {
+            b.iter(|| model.embed_prompts(&p, &device).unwrap())
+        });
+        let conditioning = model.embed_prompts(&p, &device).unwrap();
+        group.bench_function(format!("decoder {n} prompt(s)"), |b| {
+            b.iter(|| read(model.decode(&image, conditioning.clone()).unwrap()))
+        });
         group.bench_function(format!("1 image x {n} prompt(s)"), |b| {
             b.iter(|| {
                 let image = model.encode_image(pixels()).unwrap();
