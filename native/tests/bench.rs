@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_error, fixture, stderr, stdout, vlsm};
+use common::{assert_clean_error, fixture, stderr, stdout, vlsm, volume_dataset};
 use serde_json::Value;
 
 fn kvasir() -> PathBuf {
@@ -1170,15 +1170,8 @@ fn nifti_volumes_are_annotated_and_evaluated_slice_by_slice() {
     // mask of that slice against the label slice.
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("data");
-    let dir = root.join("ctvol");
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    let volume_path = fixture("nifti").join("volume.nii.gz");
-    std::fs::copy(&volume_path, dir.join("images/vol.nii.gz")).unwrap();
-    let volume = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
-    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
+    let dir = volume_dataset(&root);
     let label_path = dir.join("masks/vol.nii.gz");
-    std::fs::write(&label_path, volume.label_file(&labels, true).unwrap()).unwrap();
     let args = [
         "prompts",
         dir.to_str().unwrap(),

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_error, fixture, stderr, stdout, synthetic, train, train_args, vlsm};
+use common::{
+    assert_clean_error, fixture, stderr, stdout, synthetic, train, train_args, vlsm, volume_dataset,
+};
 
 /// The mean Dice at model resolution of the model in `model_dir` on the validation split
 /// with prompt p1, as `vlsm bench` measures it (`extra`: more bench options).
@@ -411,18 +413,7 @@ fn full_fine_tuning_trains_the_towers_and_keeps_the_position_table() {
 fn nifti_volumes_train_slice_by_slice() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("data");
-    let dir = root.join("ctvol");
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    let volume_path = fixture("nifti").join("volume.nii.gz");
-    std::fs::copy(&volume_path, dir.join("images/vol.nii.gz")).unwrap();
-    let volume = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
-    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
-    std::fs::write(
-        dir.join("masks/vol.nii.gz"),
-        volume.label_file(&labels, true).unwrap(),
-    )
-    .unwrap();
+    let dir = volume_dataset(&root);
     for (split, slices) in [("train", "axial:0-9"), ("val", "axial:10-15")] {
         let out = vlsm(
             &[

@@ -300,3 +300,21 @@ pub fn assert_same_run(whole: &Path, resumed: &Path, files: &[&str]) {
         );
     }
 }
+
+/// A dataset `ROOT/ctvol` of the NIfTI fixture volume (`images/vol.nii.gz`) and a label
+/// volume over its grid (`masks/vol.nii.gz`: 1 where the value is above 600); its folder.
+pub fn volume_dataset(root: &Path) -> PathBuf {
+    let dir = root.join("ctvol");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    let volume_path = fixture("nifti").join("volume.nii.gz");
+    std::fs::copy(&volume_path, dir.join("images/vol.nii.gz")).unwrap();
+    let volume = vlsm::nifti::read(&std::fs::read(&volume_path).unwrap()).unwrap();
+    let labels: Vec<u8> = volume.values.iter().map(|&v| u8::from(v > 600.0)).collect();
+    std::fs::write(
+        dir.join("masks/vol.nii.gz"),
+        volume.label_file(&labels, true).unwrap(),
+    )
+    .unwrap();
+    dir
+}
