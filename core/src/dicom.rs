@@ -1,8 +1,9 @@
 //! DICOM input: single- and multi-frame files, greyscale (MONOCHROME1/2, 8–16 bits, with
 //! the rescale slope and intercept) and colour (RGB, YBR), in the transfer syntaxes
 //! dicom-rs decodes in pure Rust: implicit and explicit VR little endian, deflated, RLE
-//! lossless, JPEG baseline, extended and lossless, JPEG 2000 and HTJ2K (OpenJPEG's
-//! pure-Rust port, `openjp2`, which also builds for the browser). Others (JPEG-LS, …) are
+//! lossless, JPEG baseline, extended and lossless, and natively JPEG 2000 and HTJ2K
+//! (`openjp2`, OpenJPEG translated to Rust; it needs libc's allocator, so not in the
+//! browser). Others (JPEG-LS, …) are
 //! refused with their name.
 //!
 //! How a pixel becomes the model's input: greyscale values go through the modality LUT
