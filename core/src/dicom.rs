@@ -155,6 +155,12 @@ impl DicomFile {
         })
     }
 
+    /// The parsed data set (for writing derived objects such as a SEG, natively).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn object(&self) -> &DefaultDicomObject {
+        &self.object
+    }
+
     /// A frame's values: greyscale after the modality LUT (`rows × columns`), or colour as
     /// RGB triples 0–255 (`rows × columns × 3`).
     pub fn frame_values(&self, frame: u32) -> Result<Vec<f64>> {

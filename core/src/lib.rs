@@ -10,6 +10,9 @@ pub mod config;
 pub mod dataset;
 #[cfg(feature = "clinical")]
 pub mod dicom;
+// Writes files with the current date: native only.
+#[cfg(all(feature = "clinical", not(target_arch = "wasm32")))]
+pub mod dicom_seg;
 pub mod error;
 #[cfg(feature = "std")]
 pub mod files;

@@ -358,7 +358,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let size = segmenter.input_size();
     let mut all_logits = Vec::new();
     let mut segmented = 0usize;
-    let mut labels = LabelVolumes::default();
+    let mut written_back = ClinicalMasks::default();
     // Images are read and encoded `--batch-size` at a time.
     let mut pending = checked.into_iter().peekable();
     while pending.peek().is_some() {
@@ -396,20 +396,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                     .with_context(|| format!("creating {}", dir.display()))?;
                 for (i, (prompt, l)) in prompts.iter().zip(&logits).enumerate() {
                     let mask = l.mask_at(threshold, image.width(), image.height());
-                    if let Part::Clinical(Slice {
-                        plane: Some(plane),
-                        index,
-                    }) = input.part
-                    {
-                        let volume = files.read(&input.path)?;
-                        labels.add(
-                            &input.path,
-                            &volume,
-                            prompts.len(),
-                            i,
-                            (plane, index),
-                            &mask,
-                        );
+                    if let Part::Clinical(slice) = input.part {
+                        let file = files.read(&input.path)?;
+                        written_back.add(&input.path, &file, prompts.len(), i, slice, &mask);
                     }
                     let stem = format!("{i:02}_{}", vlsm::prompts::slug(prompt));
                     let mask_path = dir.join(format!("{stem}.mask.png"));
@@ -437,13 +426,28 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             }
         }
     }
-    // Each prompt's masks of a volume's slices, as label volumes over the volume's grid.
-    for VolumeLabels {
+    // Each prompt's masks of a volume's slices, as label volumes over the volume's grid; a
+    // DICOM file's masks as one SEG object over it.
+    for FileMasks {
         path,
-        volume,
+        file,
         per_prompt,
-    } in &labels.0
+        frames_done,
+    } in &written_back.0
     {
+        if let Some(dicom) = file.dicom() {
+            write_seg(
+                &args.out,
+                path,
+                dicom,
+                &prompts,
+                per_prompt,
+                frames_done,
+                segmenter.arch(),
+            )?;
+            continue;
+        }
+        let volume = file;
         let dir = args.out.join(stem_of(path));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (i, (prompt, voxels)) in prompts.iter().zip(per_prompt).enumerate() {
@@ -512,48 +516,108 @@ pub fn with_precision(segmenter: Segmenter, precision: Precision) -> Result<Segm
     Ok(segmenter.with_precision(precision)?)
 }
 
-/// For each NIfTI volume segmented: the volume and, per prompt, its voxels' labels (1 where
-/// a segmented slice's mask is foreground).
+/// For each NIfTI volume or DICOM file segmented: the file and, per prompt, its masks
+/// written back over it — a byte per voxel of the volume (1 where a segmented slice's mask
+/// is foreground), or a mask per frame of the DICOM file, frame after frame.
 #[derive(Default)]
-struct LabelVolumes(Vec<VolumeLabels>);
+struct ClinicalMasks(Vec<FileMasks>);
 
-struct VolumeLabels {
+struct FileMasks {
     path: PathBuf,
-    volume: Rc<ClinicalImage>,
-    /// Per prompt, a byte per voxel.
+    file: Rc<ClinicalImage>,
     per_prompt: Vec<Vec<u8>>,
+    /// DICOM: which frames got their masks (a SEG is written when all did).
+    frames_done: Vec<bool>,
 }
 
-impl LabelVolumes {
+impl ClinicalMasks {
     fn add(
         &mut self,
         path: &Path,
-        volume: &Rc<ClinicalImage>,
+        file: &Rc<ClinicalImage>,
         prompts: usize,
         prompt: usize,
-        (plane, k): (Plane, usize),
+        slice: Slice,
         mask: &[u8],
     ) {
-        let Some(nifti) = volume.nifti() else {
-            return;
-        };
         let index = match self.0.iter().position(|v| v.path == path) {
             Some(i) => i,
             None => {
-                self.0.push(VolumeLabels {
+                let (len, frames) = match (file.nifti(), file.dicom()) {
+                    (Some(nifti), _) => (nifti.values.len(), 0),
+                    (_, Some(d)) => {
+                        let frames = d.frames as usize;
+                        (frames * d.rows as usize * d.columns as usize, frames)
+                    }
+                    _ => return,
+                };
+                self.0.push(FileMasks {
                     path: path.to_path_buf(),
-                    volume: volume.clone(),
-                    per_prompt: vec![vec![0u8; nifti.values.len()]; prompts],
+                    file: file.clone(),
+                    per_prompt: vec![vec![0u8; len]; prompts],
+                    frames_done: vec![false; frames],
                 });
                 self.0.len() - 1
             }
         };
-        let voxels = &mut self.0[index].per_prompt[prompt];
-        let (w, _) = nifti.slice_size(plane);
-        for (at, &m) in mask.iter().enumerate() {
-            voxels[nifti.voxel(plane, k, at / w, at % w)] = u8::from(m != 0);
+        let entry = &mut self.0[index];
+        let out = &mut entry.per_prompt[prompt];
+        match (file.nifti(), slice.plane) {
+            (Some(nifti), Some(plane)) => {
+                let (w, _) = nifti.slice_size(plane);
+                for (at, &m) in mask.iter().enumerate() {
+                    out[nifti.voxel(plane, slice.index, at / w, at % w)] = u8::from(m != 0);
+                }
+            }
+            _ => {
+                let n = mask.len();
+                if let Some(frame) = out.get_mut(slice.index * n..(slice.index + 1) * n) {
+                    frame.copy_from_slice(mask);
+                    entry.frames_done[slice.index] = true;
+                }
+            }
         }
     }
+}
+
+/// `OUT/<SOP Instance UID>.seg.dcm`: a DICOM SEG of a DICOM file's masks, a segment per
+/// prompt, when every frame was segmented.
+fn write_seg(
+    out: &Path,
+    path: &Path,
+    dicom: &vlsm::dicom::DicomFile,
+    prompts: &[&str],
+    per_prompt: &[Vec<u8>],
+    frames_done: &[bool],
+    arch: vlsm::Arch,
+) -> Result<()> {
+    if !frames_done.iter().all(|&d| d) {
+        eprintln!(
+            "warning: {}: no DICOM SEG written, as not every frame was segmented",
+            path.display()
+        );
+        return Ok(());
+    }
+    let pixels = dicom.rows as usize * dicom.columns as usize;
+    let segments: Vec<vlsm::dicom_seg::Segment> = prompts
+        .iter()
+        .zip(per_prompt)
+        .map(|(prompt, masks)| vlsm::dicom_seg::Segment {
+            label: prompt,
+            masks: masks.chunks_exact(pixels).collect(),
+        })
+        .collect();
+    let bytes = vlsm::dicom_seg::write(dicom, &segments, arch.display_name())
+        .with_context(|| path.display().to_string())?;
+    let name = if dicom.sop_instance_uid.is_empty() {
+        stem_of(path)
+    } else {
+        dicom.sop_instance_uid.clone()
+    };
+    let file = out.join(format!("{name}.seg.dcm"));
+    write_atomic(&file, &bytes)?;
+    println!("{}	DICOM SEG	{}", path.display(), file.display());
+    Ok(())
 }
 
 /// The DICOM file or NIfTI volume last read: a file's frames and a volume's slices are

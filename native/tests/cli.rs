@@ -858,9 +858,11 @@ fn dicom_frames_segment_at_their_size_named_by_sop_instance_uid() {
     let mut expected = vec![uid("ct_explicit"), uid("rgb")];
     expected.extend((0..3).map(|f| format!("{}_f{f:03}", uid("multiframe_rle"))));
     expected.sort();
+    // Folders of masks, beside a SEG file per input (tested below).
     let mut folders: Vec<String> = std::fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|name| !name.ends_with(".seg.dcm"))
         .collect();
     folders.sort();
     assert_eq!(folders, expected);
@@ -1082,4 +1084,99 @@ fn links_of_clinical_pictures_reproduce_the_segment_masks() {
         &[],
     );
     assert_clean_error(&out, "--slice");
+}
+
+/// A DICOM input's masks also come back as one DICOM SEG over it: a segment per prompt, a
+/// frame per (segment, source frame), the same pixels as the PNG masks. (highdicom 0.28
+/// reads these files and maps each source frame to the same masks: `tools/check_dicom_seg.py`.)
+#[test]
+fn dicom_inputs_get_a_seg_object_with_the_png_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = fixture("dicom").join("multiframe_rle.dcm");
+    let out_dir = tmp.path().join("out");
+    let model = fixture("clipseg_simple");
+    let prompts = ["a lesion", "the liver"];
+    let out = vlsm(
+        &[
+            "segment",
+            source.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let input = vlsm::dicom::DicomFile::read(&std::fs::read(&source).unwrap()).unwrap();
+    let uid = &input.sop_instance_uid;
+    let bytes = std::fs::read(out_dir.join(format!("{uid}.seg.dcm"))).unwrap();
+    let seg = vlsm::dicom::DicomFile::read(&bytes).unwrap();
+    assert_eq!((seg.rows, seg.columns), (input.rows, input.columns));
+    assert_eq!(seg.frames, 2 * input.frames);
+    assert_ne!(&seg.sop_instance_uid, uid);
+    let text = String::from_utf8_lossy(&bytes);
+    for needle in [
+        vlsm::dicom_seg::SEGMENTATION_STORAGE,
+        "a lesion",
+        "the liver",
+        uid,
+    ] {
+        assert!(text.contains(needle), "the SEG lacks {needle}");
+    }
+    // The pixel data (the last element: OB, explicit length): frames packed bit by bit.
+    let at = bytes
+        .windows(8)
+        .rposition(|w| w == [0xe0, 0x7f, 0x10, 0x00, b'O', b'B', 0, 0])
+        .expect("pixel data");
+    let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+    let bits = &bytes[at + 12..at + 12 + len];
+    let pixels = (input.rows * input.columns) as usize;
+    assert_eq!(
+        len,
+        (2 * input.frames as usize * pixels)
+            .div_ceil(8)
+            .next_multiple_of(2)
+    );
+    for (s, prompt) in prompts.iter().enumerate() {
+        for f in 0..input.frames {
+            let png = std::fs::read(out_dir.join(format!(
+                "{uid}_f{f:03}/{s:02}_{}.mask.png",
+                vlsm::prompts::slug(prompt)
+            )))
+            .unwrap();
+            let (_, _, mask) = vlsm::preprocess::decode_mask(&png).unwrap();
+            let first = (s * input.frames as usize + f as usize) * pixels;
+            let frame: Vec<u8> = (first..first + pixels)
+                .map(|bit| (bits[bit / 8] >> (bit % 8)) & 1)
+                .collect();
+            assert_eq!(frame, mask, "segment {s}, frame {f}");
+        }
+    }
+    // The same result gives the same file (UIDs are derived from it), but for the dates.
+    let again = tmp.path().join("again");
+    let out = vlsm(
+        &[
+            "segment",
+            source.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--out",
+            again.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second =
+        vlsm::dicom::DicomFile::read(&std::fs::read(again.join(format!("{uid}.seg.dcm"))).unwrap())
+            .unwrap();
+    assert_eq!(second.sop_instance_uid, seg.sop_instance_uid);
 }

@@ -423,18 +423,27 @@ async function e2e(args) {
   return out;
 }
 
-/// Peak resident memory (VmHWM, kB) over Chromium's renderer processes.
-function rendererPeakKb() {
+/// The largest resident memory (kB) of Chromium's renderer processes now (`field`: VmRSS,
+/// or VmHWM, which Chromium resets from time to time, so it is sampled rather than read once).
+function rendererKb(field = 'VmRSS') {
   let peak = 0;
   for (const pid of fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
     try {
       const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
       if (!cmd.includes('--type=renderer')) continue;
-      const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/VmHWM:\s+(\d+)/);
+      const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(new RegExp(`${field}:\\s+(\\d+)`));
       if (m) peak = Math.max(peak, Number(m[1]));
     } catch { /* process ended */ }
   }
   return peak;
+}
+
+/// Samples the renderers' memory every 200 ms until stopped; `stop()` gives the peak (kB).
+function sampleRendererMemory() {
+  let peak = 0;
+  const take = () => { peak = Math.max(peak, rendererKb('VmRSS'), rendererKb('VmHWM')); };
+  const timer = setInterval(take, 200);
+  return () => { clearInterval(timer); take(); return peak; };
 }
 
 async function bench(args) {
@@ -442,6 +451,7 @@ async function bench(args) {
   const base = `http://127.0.0.1:${port}`;
   const out = { console: [], requests: [] };
   const browser = await launch();
+  const stopSampling = sampleRendererMemory();
   try {
     const page = await (await browser.newContext()).newPage();
     watch(page, out);
@@ -458,8 +468,9 @@ async function bench(args) {
     out.one_again = await runAndRead(page);
     await setPrompts(page, Array.from({ length: 10 }, (_, i) => `prompt number ${i}`).slice(0, 10));
     out.ten = await runAndRead(page);
-    out.renderer_peak_mb = rendererPeakKb() / 1024;
+    out.renderer_peak_mb = stopSampling() / 1024;
   } finally {
+    stopSampling();
     await browser.close();
     server.close();
   }
