@@ -62,14 +62,7 @@ impl DicomFile {
             .read_preamble(ReadPreamble::Never)
             .from_reader(&bytes[128..])
             .map_err(|e| bad(format!("cannot parse the file: {e}")))?;
-        let text = |tag| {
-            object
-                .element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim().trim_end_matches('\0').to_string())
-        };
+        let text = |tag| text_of(&object, tag);
         let number = |tag| {
             object
                 .element_opt(tag)
@@ -291,6 +284,16 @@ fn ybr_full_to_rgb(values: &[f64]) -> Vec<f64> {
 }
 
 /// A transfer syntax's name, for error messages.
+/// A text element's value without its padding, if the data set has it.
+pub(crate) fn text_of(object: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<String> {
+    object
+        .element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim().trim_end_matches('\0').to_string())
+}
+
 /// Width and height a JPEG 2000 codestream declares (its SIZ segment right after SOC), if
 /// the bytes start one.
 fn jpeg2000_size(bytes: &[u8]) -> Option<(u64, u64)> {

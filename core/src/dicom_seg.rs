@@ -48,14 +48,7 @@ pub fn write(source: &DicomFile, segments: &[Segment], algorithm: &str) -> Resul
         }
     }
     let object = source.object();
-    let text = |tag: Tag| {
-        object
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim().trim_end_matches('\0').to_string())
-    };
+    let text = |tag: Tag| crate::dicom::text_of(object, tag);
     // Deterministic UIDs from what the file says.
     let mut hasher = Sha256::new();
     hasher.update(source.sop_instance_uid.as_bytes());

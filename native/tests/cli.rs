@@ -1096,22 +1096,25 @@ fn dicom_inputs_get_a_seg_object_with_the_png_masks() {
     let out_dir = tmp.path().join("out");
     let model = fixture("clipseg_simple");
     let prompts = ["a lesion", "the liver"];
-    let out = vlsm(
-        &[
-            "segment",
-            source.to_str().unwrap(),
-            "--weights",
-            model.to_str().unwrap(),
-            "--prompt",
-            prompts[0],
-            "--prompt",
-            prompts[1],
-            "--out",
-            out_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let segment = |out_dir: &Path| {
+        let out = vlsm(
+            &[
+                "segment",
+                source.to_str().unwrap(),
+                "--weights",
+                model.to_str().unwrap(),
+                "--prompt",
+                prompts[0],
+                "--prompt",
+                prompts[1],
+                "--out",
+                out_dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    segment(&out_dir);
     let input = vlsm::dicom::DicomFile::read(&std::fs::read(&source).unwrap()).unwrap();
     let uid = &input.sop_instance_uid;
     let bytes = std::fs::read(out_dir.join(format!("{uid}.seg.dcm"))).unwrap();
@@ -1159,22 +1162,7 @@ fn dicom_inputs_get_a_seg_object_with_the_png_masks() {
     }
     // The same result gives the same file (UIDs are derived from it), but for the dates.
     let again = tmp.path().join("again");
-    let out = vlsm(
-        &[
-            "segment",
-            source.to_str().unwrap(),
-            "--weights",
-            model.to_str().unwrap(),
-            "--prompt",
-            prompts[0],
-            "--prompt",
-            prompts[1],
-            "--out",
-            again.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    segment(&again);
     let second =
         vlsm::dicom::DicomFile::read(&std::fs::read(again.join(format!("{uid}.seg.dcm"))).unwrap())
             .unwrap();
