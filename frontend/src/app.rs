@@ -38,8 +38,9 @@ const EXAMPLES: [(&str, &str, &str); 2] = [
 /// A decoded image and what the page needs of it.
 pub struct ImageState {
     pub name: String,
-    /// The bytes sent to the worker (the file as given, or a link's PNG).
-    pub bytes: Vec<u8>,
+    /// The file as given (or a link's PNG), sent to the worker as it is; `None` for a
+    /// picture rendered from a DICOM file or NIfTI volume, encoded when the model runs.
+    pub bytes: Option<Vec<u8>>,
     pub rgb: RgbImage,
     /// The image at view size, for the overlay canvas.
     pub view: RgbImage,
@@ -135,9 +136,9 @@ pub struct Page {
     progress: RwSignal<Option<Progress>>,
     worker_status: RwSignal<String>,
     image: RwSignal<Option<Arc<ImageState>>>,
-    /// The DICOM file or NIfTI volume the image is a picture of, and which picture.
+    /// The DICOM file or NIfTI volume the image is a picture of (which picture: the
+    /// image's `clinical`).
     clinical: RwSignal<Option<Arc<ClinicalSource>>>,
-    view: RwSignal<Option<ClinicalView>>,
     truth: RwSignal<Option<Arc<Truth>>>,
     prompts: RwSignal<Vec<String>>,
     attrs: RwSignal<PromptAttributes>,
@@ -175,7 +176,6 @@ fn App() -> impl IntoView {
         worker_status: RwSignal::new("starting the model worker".into()),
         image: RwSignal::new(None),
         clinical: RwSignal::new(None),
-        view: RwSignal::new(None),
         truth: RwSignal::new(None),
         prompts: RwSignal::new(vec!["polyp".into()]),
         attrs: RwSignal::new(PromptAttributes {
@@ -337,9 +337,16 @@ impl Page {
         if let Err(e) = logic::check_prompts(&prompts) {
             return self.fail(e);
         }
+        let bytes = match &image.bytes {
+            Some(bytes) => to_buffer(bytes),
+            None => match vlsm::render::encode_png(&image.rgb) {
+                Ok(png) => to_buffer(&png),
+                Err(e) => return self.fail(e.to_string()),
+            },
+        };
         self.running_prompts.set(prompts.clone());
         self.run.set(RunState::Running);
-        self.send(ToWorker::Segment { prompts }, vec![to_buffer(&image.bytes)]);
+        self.send(ToWorker::Segment { prompts }, vec![bytes]);
     }
 
     fn on_worker(self, message: FromWorker, buffers: Vec<ArrayBuffer>) {
@@ -578,8 +585,7 @@ impl Page {
             Err(e) => return self.fail(format!("{name}: {e}")),
         };
         self.clinical.set(None);
-        self.view.set(None);
-        self.show_image(name, bytes, rgb, url, clinical);
+        self.show_image(name, Some(bytes), rgb, url, clinical);
     }
 
     /// Parses a dropped DICOM file or NIfTI volume and shows its first picture (or the one
@@ -610,37 +616,26 @@ impl Page {
         };
         self.clinical
             .set(Some(Arc::new(ClinicalSource { name, file })));
-        self.view.set(Some(view));
-        self.render_view();
+        self.set_view(view);
     }
 
-    /// Shows the current picture of the dropped DICOM file or NIfTI volume (after the
-    /// slice, plane or window changed).
-    fn render_view(self) {
-        let (Some(source), Some(view)) = (self.clinical.get_untracked(), self.view.get_untracked())
-        else {
+    /// Shows a picture of the dropped DICOM file or NIfTI volume (a slice, plane or
+    /// window chosen); the image keeps its view.
+    fn set_view(self, view: ClinicalView) {
+        let Some(source) = self.clinical.get_untracked() else {
             return;
         };
         let view = ClinicalView {
             window: logic::effective_window(&source.file, view.window),
             ..view
         };
-        let rendered = source
-            .file
-            .render(view.slice, view.window)
-            .and_then(|rgb| Ok((vlsm::render::encode_png(&rgb)?, rgb)));
-        match rendered {
-            Ok((png, rgb)) => {
-                self.show_image(source.name.clone(), png, rgb, None, Some(view));
+        match source.file.render(view.slice, view.window) {
+            Ok(rgb) => {
+                self.show_image(source.name.clone(), None, rgb, None, Some(view));
                 self.refresh_truth();
             }
             Err(e) => self.fail(format!("{}: {e}", source.name)),
         }
-    }
-
-    fn set_view(self, view: ClinicalView) {
-        self.view.set(Some(view));
-        self.render_view();
     }
 
     /// A label file as the ground truth: its picture at the image's slice.
@@ -706,7 +701,7 @@ impl Page {
     fn show_image(
         self,
         name: String,
-        bytes: Vec<u8>,
+        bytes: Option<Vec<u8>>,
         rgb: RgbImage,
         url: Option<String>,
         clinical: Option<ClinicalView>,
@@ -1164,7 +1159,7 @@ fn ImagePanel(page: Page) -> impl IntoView {
 #[component]
 fn ClinicalControls(page: Page, source: Arc<ClinicalSource>) -> impl IntoView {
     let running = move || page.run.get() == RunState::Running;
-    let current = move || page.view.get();
+    let current = move || page.image.with(|i| i.as_ref().and_then(|i| i.clinical));
     let file = &source.file;
     let is_volume = file.nifti().is_some();
     let greyscale = file.is_greyscale();

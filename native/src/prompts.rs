@@ -229,13 +229,9 @@ fn image_entries(
         let single = pictures.len() == 1 && image_file.kind() == Kind::Dicom;
         let mut out = Vec::new();
         for slice in pictures {
-            let (w, h, labels) = mask_file
-                .label_mask(slice)
+            let grey = label_grey(&mask_file, slice)
                 .with_context(|| format!("{} ({slice})", mask.display()))?;
-            let (iw, ih) = image_file.size(slice);
-            check_sizes(image, mask, (iw, ih), (w, h))?;
-            let grey: Vec<u8> = labels.iter().map(|&m| m * 255).collect();
-            let grey = image::GrayImage::from_raw(w, h, grey).context("mask size")?;
+            check_sizes(image, mask, image_file.size(slice), grey.dimensions())?;
             // A single-frame file's entry is as its PNG equivalent's.
             let picture = (!single).then_some(slice);
             out.push(entry_of(&names, &grey, class, args, picture));
@@ -371,20 +367,18 @@ fn foreground_box(grey: &[u8], w: u32, h: u32) -> [u32; 4] {
 /// where its value is above 0 (so medvlsm's rules, which count exactly-255 pixels, see it
 /// as a binary mask).
 fn grey_mask(bytes: &[u8]) -> Result<image::GrayImage> {
-    if vlsm::dicom::is_dicom(bytes) {
-        let file = vlsm::dicom::DicomFile::read(bytes)?;
-        if file.samples_per_pixel != 1 {
-            bail!("a DICOM mask must be greyscale");
-        }
-        let grey = file
-            .frame_values(0)?
-            .iter()
-            .map(|&v| if v > 0.0 { 255 } else { 0 })
-            .collect();
-        return image::GrayImage::from_raw(file.columns, file.rows, grey)
-            .context("DICOM mask size");
+    if clinical::sniff(bytes).is_some() {
+        let file = ClinicalImage::read(bytes, vlsm::nifti::MAX_VOXELS)?;
+        return label_grey(&file, file.default_slice());
     }
     Ok(preprocess::decode_image(bytes)?.to_luma8())
+}
+
+/// A label file's picture as a 0/255 mask.
+fn label_grey(file: &ClinicalImage, slice: Slice) -> Result<image::GrayImage> {
+    let (w, h, mask) = file.label_mask(slice)?;
+    let grey = mask.iter().map(|&m| m * 255).collect();
+    image::GrayImage::from_raw(w, h, grey).context("mask size")
 }
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {

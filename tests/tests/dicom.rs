@@ -149,19 +149,14 @@ fn bad_dicom_files_are_one_clear_error() {
     assert!(not_dicom.contains("not a DICOM file"), "{not_dicom}");
     // A header declaring more pixels than allowed is refused before decoding.
     let mut ct = std::fs::read(dir().join("ct_explicit.dcm")).unwrap();
-    // Rows (0028,0010) US 2 bytes, explicit VR: patch the value to 65535.
-    let at = ct
-        .windows(6)
-        .position(|w| w == [0x28, 0x00, 0x10, 0x00, b'U', b'S'])
-        .unwrap();
-    ct[at + 8] = 0xff;
-    ct[at + 9] = 0xff;
-    let cols = ct
-        .windows(6)
-        .position(|w| w == [0x28, 0x00, 0x11, 0x00, b'U', b'S'])
-        .unwrap();
-    ct[cols + 8] = 0xff;
-    ct[cols + 9] = 0xff;
+    // Rows (0028,0010) and Columns (0028,0011), US 2 bytes, explicit VR: patched to 65535.
+    for element in [0x10, 0x11] {
+        let at = ct
+            .windows(6)
+            .position(|w| w == [0x28, 0x00, element, 0x00, b'U', b'S'])
+            .unwrap();
+        ct[at + 8..at + 10].copy_from_slice(&[0xff, 0xff]);
+    }
     let huge = DicomFile::read(&ct).err().unwrap().to_string();
     assert!(huge.contains("pixels"), "{huge}");
     // A JPEG 2000 codestream declaring more pixels than the header is refused before the
