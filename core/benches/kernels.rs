@@ -111,6 +111,50 @@ fn bench(c: &mut Criterion) {
         b.iter(|| read(norm.forward(x.clone())))
     });
     group.finish();
+
+    // The f32 linears alone at the model's shapes: vlsm's linear on the gemm crate (as burn's
+    // flex runs it) beside the fixed-order AVX-512 kernel, both single products with the bias.
+    // 10 and 100 rows: one prompt's tokens through the text tower, and ten prompts at once.
+    if vlsm::gemm_f32::available() {
+        let mut group = c.benchmark_group("gemm f32");
+        group.sample_size(20);
+        for (rows, k, n) in [
+            (TOKENS, 768, 768),
+            (TOKENS, 768, 3072),
+            (TOKENS, 3072, 768),
+            (TOKENS, 64, 2048),
+            (TOKENS, 2048, 64),
+            (197, 768, 3072),
+            (197, 3072, 768),
+            (10, 512, 2048),
+            (10, 2048, 512),
+            (100, 512, 2048),
+            (100, 2048, 512),
+        ] {
+            let x = normal([1, rows, k]);
+            let layer = LinearConfig::new(k, n).init(&device);
+            group.bench_function(format!("{rows}x{k}x{n} gemm crate"), |b| {
+                b.iter(|| read(kernels::linear(x.clone(), &layer)))
+            });
+            let xs = x.to_data().try_to_vec::<f32>().expect("f32");
+            let w = layer
+                .weight
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .expect("f32");
+            let bias = layer.bias.as_ref().expect("bias").val().into_data();
+            let bias = bias.try_to_vec::<f32>().expect("f32");
+            let mut out = vec![0f32; rows * n];
+            group.bench_function(format!("{rows}x{k}x{n} vlsm fixed order"), |b| {
+                b.iter(|| {
+                    vlsm::gemm_f32::gemm(&xs, k, rows, k, &w, n, Some(&bias), &mut out, true);
+                    out[0]
+                })
+            });
+        }
+        group.finish();
+    }
 }
 
 criterion_group!(benches, bench);

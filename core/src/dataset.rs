@@ -333,6 +333,8 @@ fn decode_mask(path: &std::path::Path, entry: &Entry) -> Result<(u32, u32, Vec<u
     if let Some((file, slice)) = clinical_picture(path, entry)? {
         return file.label_mask(slice);
     }
+    #[cfg(not(feature = "clinical"))]
+    let _ = entry;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     crate::preprocess::decode_mask(&bytes)
 }

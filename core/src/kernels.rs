@@ -203,11 +203,19 @@ impl FlexLinear {
     }
 
     /// `out[r] = bias + x[r] · W` for `rows` rows of `x` (row stride `x_rs`), into `out`
-    /// (row stride `d_out`): the bias is the GEMM's starting value, not a second pass.
+    /// (row stride `d_out`): the bias is the GEMM's starting value, not a second pass. An
+    /// f32 weight runs vlsm's fixed-order kernel with `fixed_order`, else the gemm crate.
     ///
     /// # Safety
     /// `x` points at `rows` rows of `d_in` values `x_rs` apart; `out` holds `rows · d_out`.
-    unsafe fn apply(&self, x: *const f32, x_rs: usize, rows: usize, out: &mut [f32]) {
+    unsafe fn apply(
+        &self,
+        x: *const f32,
+        x_rs: usize,
+        rows: usize,
+        out: &mut [f32],
+        fixed_order: bool,
+    ) {
         let bias = self.bias.as_ref().map(|b| b.storage::<f32>());
         if self.in_bf16() {
             if rows == 0 {
@@ -232,6 +240,18 @@ impl FlexLinear {
             );
             return;
         }
+        let weight = self.weight.storage::<f32>();
+        if fixed_order && rows > 0 {
+            // SAFETY: as documented.
+            let x = unsafe { std::slice::from_raw_parts(x, (rows - 1) * x_rs + self.d_in) };
+            let parallel = !matches!(
+                parallelism(rows, self.d_out, self.d_in),
+                gemm::Parallelism::None
+            );
+            let (k, n) = (self.d_in, self.d_out);
+            crate::gemm_f32::gemm(x, x_rs, rows, k, weight, n, bias, out, parallel);
+            return;
+        }
         if let Some(bias) = bias {
             for row in out.chunks_exact_mut(self.d_out) {
                 row.copy_from_slice(bias);
@@ -250,7 +270,7 @@ impl FlexLinear {
                 x,
                 1,
                 x_rs as isize,
-                self.weight.storage::<f32>().as_ptr(),
+                weight.as_ptr(),
                 1,
                 self.d_out as isize,
                 1.0,
@@ -264,35 +284,63 @@ impl FlexLinear {
     }
 }
 
+/// How a `[..., d]` input runs through a linear: as `samples` products of `rows` rows each,
+/// and with which f32 kernel.
+struct Products {
+    samples: usize,
+    rows: usize,
+    /// vlsm's fixed-order f32 kernel ([`crate::gemm_f32`]) rather than the gemm crate's.
+    fixed_order: bool,
+}
+
 /// Samples (the first dimension, for three or more) and rows per sample of a `[..., d]`
 /// shape. The kernels run one GEMM per sample, so a sample's result does not depend on what
-/// it is batched with (the GEMM's blocking, and so its rounding, follows the row count).
+/// it is batched with (the gemm crate's blocking, and so its rounding, follows the row
+/// count).
 ///
-/// The bf16 GEMM's sums do not depend on the row count, so with `bf16` short samples (a
-/// prompt's tokens) are run together, up to [`BF16_GROUP_ROWS`] rows a product: each weight
-/// is then streamed from memory once for all of them rather than once per prompt.
-fn sample_rows(dims: &[usize], bf16: bool) -> (usize, usize) {
+/// Short samples (at most [`SHORT_ROWS`] rows: a prompt's tokens in every text encoder) run
+/// vlsm's fixed-order kernel where the CPU has it, in f32 as in bf16: its sums do not depend
+/// on the row count, so such samples are run together, up to [`GROUP_ROWS`] rows a
+/// product, and each weight is streamed from memory once for all of them rather than once
+/// per prompt. A text encoder's linears are memory-bound on one prompt's few rows. The
+/// choice depends only on a sample's own row count, so a prompt takes the same kernel
+/// alone and in any batch. bf16 groups samples of any length.
+fn products(dims: &[usize], bf16: bool) -> Products {
     let rows = |d: &[usize]| d.iter().product::<usize>();
     let (samples, rows) = match dims.len() {
         0 | 1 => (1, 1),
         2 => (1, dims[0]),
         n => (dims[0], rows(&dims[1..n - 1])),
     };
-    if !bf16 || rows == 0 {
-        return (samples, rows);
+    let fixed_order = !bf16 && rows <= SHORT_ROWS && crate::gemm_f32::available();
+    if !(bf16 || fixed_order) || rows == 0 {
+        return Products {
+            samples,
+            rows,
+            fixed_order,
+        };
     }
-    let most = (BF16_GROUP_ROWS / rows).max(1);
+    let most = (GROUP_ROWS / rows).max(1);
     let group = (1..=most.min(samples))
         .rev()
         .find(|g| samples.is_multiple_of(*g))
         .unwrap_or(1);
-    (samples / group, rows * group)
+    Products {
+        samples: samples / group,
+        rows: rows * group,
+        fixed_order,
+    }
 }
 
-/// The most rows one bf16 product takes when it groups samples: the rounded activations of
-/// that many rows stay in cache while every column strip passes over them (a whole batch of
-/// images' tokens at once ran 2.3× slower).
-const BF16_GROUP_ROWS: usize = 512;
+/// The most rows one product takes when it groups samples: the activations of that many rows
+/// stay in cache while every column strip passes over them (a whole batch of images' tokens
+/// at once ran 2.3× slower in bf16).
+const GROUP_ROWS: usize = 512;
+
+/// The longest sample that runs the fixed-order f32 kernel: every text encoder's prompts
+/// (CLIP's 77 tokens, BiomedCLIP's BERT 256). Image tokens (CLIPSeg's 485) keep the gemm
+/// crate, which is faster on their tall products.
+const SHORT_ROWS: usize = 256;
 
 /// `layer.forward(x)` with the bias added inside the GEMM on flex, and in bf16 where the
 /// weight is stored so.
@@ -310,11 +358,16 @@ pub fn linear<const D: usize>(x: Tensor<D>, layer: &Linear) -> Tensor<D> {
         None => fx.to_contiguous(),
     };
     let (data, offset, x_rs) = rows_of(&fx).expect("a contiguous tensor has rows");
-    let (samples, rows) = sample_rows(&dims, fl.in_bf16());
+    let Products {
+        samples,
+        rows,
+        fixed_order,
+    } = products(&dims, fl.in_bf16());
     let mut out = vec![0f32; samples * rows * fl.d_out];
     for (i, out) in out.chunks_exact_mut((rows * fl.d_out).max(1)).enumerate() {
+        let x = data[offset + i * rows * x_rs..].as_ptr();
         // SAFETY: `rows_of` describes samples × rows rows of d_in values inside `data`.
-        unsafe { fl.apply(data[offset + i * rows * x_rs..].as_ptr(), x_rs, rows, out) };
+        unsafe { fl.apply(x, x_rs, rows, out, fixed_order) };
     }
     let mut shape = dims;
     shape[D - 1] = fl.d_out;
@@ -437,7 +490,11 @@ pub fn mlp<const D: usize>(
         None => fx.to_contiguous(),
     };
     let (data, offset, x_rs) = rows_of(&fx)?;
-    let (samples, rows) = sample_rows(&dims, l1.in_bf16() && l2.in_bf16());
+    let Products {
+        samples,
+        rows,
+        fixed_order,
+    } = products(&dims, l1.in_bf16() && l2.in_bf16());
     let hidden = l1.d_out;
     // Blocks of rows whose hidden activations fit in ~1 MiB; large weights (re-packed by
     // the GEMM on each call) go in one block.
@@ -454,7 +511,15 @@ pub fn mlp<const D: usize>(
         let (start, n) = (first + r, block.min(rows - r));
         let h = &mut h[..n * hidden];
         // SAFETY: rows start..start+n of `x` lie inside `data`; `h` holds n × hidden.
-        unsafe { l1.apply(data[offset + start * x_rs..].as_ptr(), x_rs, n, h) };
+        unsafe {
+            l1.apply(
+                data[offset + start * x_rs..].as_ptr(),
+                x_rs,
+                n,
+                h,
+                fixed_order,
+            )
+        };
         if quick_gelu {
             quick_gelu_in_place(h);
         } else {
@@ -462,7 +527,7 @@ pub fn mlp<const D: usize>(
         }
         let out = &mut out[start * l2.d_out..(start + n) * l2.d_out];
         // SAFETY: `h` holds n rows of hidden values.
-        unsafe { l2.apply(h.as_ptr(), hidden, n, out) };
+        unsafe { l2.apply(h.as_ptr(), hidden, n, out, fixed_order) };
     }
     let mut shape = dims;
     shape[D - 1] = l2.d_out;

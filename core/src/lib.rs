@@ -17,6 +17,7 @@ pub mod error;
 #[cfg(feature = "std")]
 pub mod files;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod kernels;
 pub mod limits;
 pub mod mask_check;

@@ -571,17 +571,42 @@ fn training_steps_match_medvlsm() {
             }
             let want = reference.f32(&key);
             let moved = vlsm_tests::max_abs_diff(&want, &reference.f32(&format!("before.{name}")));
-            let off = vlsm_tests::max_abs_diff(&got, &want);
             assert!(moved > 0.0, "{name} did not change in medvlsm's steps");
-            let tol = if name.contains("running_") {
-                1e-3 * moved + 1e-6
+            if name.contains("running_") {
+                let off = vlsm_tests::max_abs_diff(&got, &want);
+                let tol = 1e-3 * moved + 1e-6;
+                assert!(
+                    off <= tol,
+                    "{tag} {name}: off by {off:e} after moving {moved:e}"
+                );
             } else {
-                weight_tol
-            };
-            assert!(
-                off <= tol,
-                "{tag} {name}: off by {off:e} after moving {moved:e}"
-            );
+                // Adam's first step moves a weight by lr · g / (|g| + ε): by a whole lr
+                // wherever |g| ≫ ε, but by any fraction of it where the gradient is within
+                // rounding of zero, so which float32 kernels ran (AVX2 or AVX-512, say)
+                // decides those few. Every weight must agree within `weight_tol` but one in
+                // a thousand, and those within one lr-sized step.
+                let parted: Vec<f32> = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .filter(|off| *off > weight_tol)
+                    .collect();
+                let worst = parted.iter().copied().fold(0.0, f32::max);
+                assert!(
+                    parted.len() <= got.len() / 1000 && worst <= 1.5 * moved,
+                    "{tag} {name}: {} of {} weights off by more than {weight_tol:e} (up to \
+                     {worst:e}) after moving {moved:e}",
+                    parted.len(),
+                    got.len()
+                );
+                if !parted.is_empty() {
+                    eprintln!(
+                        "{tag} {name}: {} of {} weights off by more than {weight_tol:e}, up to {worst:e}",
+                        parted.len(),
+                        got.len()
+                    );
+                }
+            }
             checked += 1;
         }
         checked
