@@ -915,7 +915,7 @@ pub fn export_model(
             trained.len()
         )));
     }
-    let bytes = crate::weights::write_safetensors(&tensors, fp16)?;
+    let bytes = crate::weights::write_safetensors(&tensors, crate::weights::Storage::f16_if(fp16))?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for (name, content) in files.side_files() {
         write_synced(&out.join(name), content)?;

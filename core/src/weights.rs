@@ -3,6 +3,7 @@
 //! a shape mismatch is an error naming the key and both shapes, and keys nobody asked for are
 //! reported by [`Weights::check_unused`].
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,18 +17,21 @@ use crate::error::{Error, Result};
 #[cfg(feature = "pytorch")]
 const LIGHTNING_STATE_DICT: &str = "state_dict.";
 
-/// Element types a checkpoint may store floats in.
+/// Element types a checkpoint may store weights in: floats, or int8 with a float scale per
+/// index of the first dimension in `<key>_scale` (what `vlsm convert --int8` writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     F16,
     BF16,
     F64,
+    I8,
 }
 
 impl DType {
     fn size(self) -> usize {
         match self {
+            DType::I8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 => 4,
             DType::F64 => 8,
@@ -265,9 +269,13 @@ impl<'a> Weights<'a> {
             .is_some_and(|(k, _)| k.starts_with(prefix))
     }
 
-    /// All float tensor names in the checkpoint.
+    /// All weight names in the checkpoint (float or int8; an int8 tensor's scales are read
+    /// with it, so they are not listed).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
+        self.entries
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !self.is_int8_scale(k))
     }
 
     /// The stored shape of `key`, if present.
@@ -310,6 +318,9 @@ impl<'a> Weights<'a> {
             )));
         }
         self.used.borrow_mut().insert(key.to_string());
+        if entry.dtype == DType::I8 {
+            return self.dequantize(key, shape);
+        }
         let n: usize = shape.iter().product();
         let bad_len = |got: usize| {
             Error::Weights(format!(
@@ -318,22 +329,23 @@ impl<'a> Weights<'a> {
                 n * entry.dtype.size()
             ))
         };
+        let (bytes, little) = self.bytes_of(key, entry)?;
+        if bytes.len() != n * entry.dtype.size() {
+            return Err(bad_len(bytes.len()));
+        }
+        Ok(to_f32(&bytes, entry.dtype, little))
+    }
+
+    /// A tensor's stored bytes, and whether they are little-endian (else native).
+    fn bytes_of<'b>(&'b self, key: &str, entry: &'b Entry<'a>) -> Result<(Cow<'b, [u8]>, bool)> {
         match &entry.bytes {
-            Bytes::Borrowed(b) => {
-                if b.len() != n * entry.dtype.size() {
-                    return Err(bad_len(b.len()));
-                }
-                Ok(to_f32(b, entry.dtype, true))
-            }
+            Bytes::Borrowed(b) => Ok((Cow::Borrowed(*b), true)),
             #[cfg(feature = "pytorch")]
             Bytes::Lazy(t) => {
                 let b = t.read().map_err(|e| {
                     Error::Weights(format!("{}: reading `{key}`: {e}", self.source))
                 })?;
-                if b.len() != n * entry.dtype.size() {
-                    return Err(bad_len(b.len()));
-                }
-                Ok(to_f32(&b, entry.dtype, cfg!(target_endian = "little")))
+                Ok((Cow::Owned(b), cfg!(target_endian = "little")))
             }
             #[cfg(feature = "std")]
             Bytes::InFile { offset, len } => {
@@ -349,9 +361,51 @@ impl<'a> Weights<'a> {
                     .map_err(|e| {
                         Error::Weights(format!("{}: reading `{key}`: {e}", self.source))
                     })?;
-                Ok(to_f32(&b, entry.dtype, true))
+                Ok((Cow::Owned(b), true))
             }
         }
+    }
+
+    /// An int8 tensor (its shape checked) as f32: each value times the scale of its index
+    /// in the first dimension, read from `<key>_scale` (finite, one per index).
+    fn dequantize(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let entry = &self.entries[key];
+        let rows = shape.first().copied().unwrap_or(1);
+        let scale_key = format!("{key}_scale");
+        if !self.entries.contains_key(&scale_key) {
+            return Err(Error::Weights(format!(
+                "{}: weight `{key}` is int8 without its scales `{scale_key}`",
+                self.source
+            )));
+        }
+        let scales = self.read_f32(&scale_key, &[rows])?;
+        if let Some(bad) = scales.iter().find(|s| !s.is_finite()) {
+            return Err(Error::Weights(format!(
+                "{}: `{scale_key}` holds {bad}, not a finite scale",
+                self.source
+            )));
+        }
+        let n: usize = shape.iter().product();
+        let (bytes, _) = self.bytes_of(key, entry)?;
+        if bytes.len() != n {
+            return Err(Error::Weights(format!(
+                "{}: weight `{key}` holds {} bytes, {n} expected",
+                self.source,
+                bytes.len()
+            )));
+        }
+        let per_row = n / rows.max(1);
+        let mut out = Vec::with_capacity(n);
+        for (row, scale) in bytes.chunks(per_row.max(1)).zip(&scales) {
+            out.extend(row.iter().map(|&q| f32::from(q as i8) * scale));
+        }
+        Ok(out)
+    }
+
+    /// Whether `key` is the scales of an int8 tensor (read with it, not on its own).
+    pub fn is_int8_scale(&self, key: &str) -> bool {
+        key.strip_suffix("_scale")
+            .is_some_and(|base| self.dtype(base) == Some(DType::I8))
     }
 
     /// The tensor `key` on `device`, checked against `shape`.
@@ -417,13 +471,14 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// The float types weights are read from; `None` for integer and boolean tensors.
+/// The types weights are read from; `None` for other integer and boolean tensors.
 fn float_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
         safetensors::Dtype::F32 => Some(DType::F32),
         safetensors::Dtype::F16 => Some(DType::F16),
         safetensors::Dtype::BF16 => Some(DType::BF16),
         safetensors::Dtype::F64 => Some(DType::F64),
+        safetensors::Dtype::I8 => Some(DType::I8),
         _ => None,
     }
 }
@@ -531,47 +586,127 @@ fn to_f32(bytes: &[u8], dtype: DType, little: bool) -> Vec<f32> {
             .chunks_exact(2)
             .map(|c| half::bf16::from_bits(u16_of(c)).to_f32())
             .collect(),
+        // Unscaled: `Weights::dequantize` applies the scales.
+        DType::I8 => bytes.iter().map(|&q| f32::from(q as i8)).collect(),
     }
 }
 
-/// Writes f32 tensors as a safetensors file, optionally stored as f16.
+/// How `write_safetensors` stores f32 tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    F32,
+    /// float16: half the size.
+    F16,
+    /// Weights (`*.weight` with two or more dimensions: linears, convolutions, embeddings)
+    /// as symmetric int8 with one f32 scale per index of the first dimension (a linear's
+    /// or convolution's output channel, an embedding's row) in `<key>_scale`: a quarter of
+    /// the size. Biases, norms and other small tensors stay f32.
+    Int8,
+}
+
+impl Storage {
+    /// float16 with `fp16`, else float32.
+    pub fn f16_if(fp16: bool) -> Self {
+        if fp16 { Storage::F16 } else { Storage::F32 }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::F32 => "float32",
+            Storage::F16 => "float16",
+            Storage::Int8 => "int8 per channel",
+        }
+    }
+}
+
+/// A tensor stored as int8 under [`Storage::Int8`].
+fn quantized(name: &str, shape: &[usize]) -> bool {
+    name.ends_with(".weight") && shape.len() >= 2 && shape.iter().product::<usize>() >= 256
+}
+
+/// Symmetric int8 per index of the first dimension: the values (as bytes) and the scales.
+pub fn quantize_int8(values: &[f32], rows: usize) -> (Vec<u8>, Vec<f32>) {
+    let per_row = values.len() / rows.max(1);
+    let mut q = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(rows);
+    for row in values.chunks(per_row.max(1)) {
+        let largest = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = largest / 127.0;
+        scales.push(scale);
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        q.extend(
+            row.iter()
+                .map(|v| ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8),
+        );
+    }
+    (q, scales)
+}
+
+/// Writes f32 tensors as a safetensors file, stored as `storage` says.
 pub fn write_safetensors(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
-    fp16: bool,
+    storage: Storage,
 ) -> Result<Vec<u8>> {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, shape, values)| {
-            // Sized up front and filled element by element: a `flat_map(..).collect()` grows
-            // byte by byte, which took seconds on a full-size model.
-            let mut bytes = Vec::with_capacity(values.len() * if fp16 { 2 } else { 4 });
-            if fp16 {
+    let f32_bytes = |values: &[f32]| {
+        // Sized up front and filled element by element: a `flat_map(..).collect()` grows
+        // byte by byte, which took seconds on a full-size model.
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes
+    };
+    let mut encoded: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape, values) in tensors {
+        match storage {
+            Storage::F32 => encoded.push((
+                name.clone(),
+                safetensors::Dtype::F32,
+                shape.clone(),
+                f32_bytes(values),
+            )),
+            Storage::F16 => {
+                let mut bytes = Vec::with_capacity(values.len() * 2);
                 for v in values {
                     bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
                 }
-            } else {
-                for v in values {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
+                encoded.push((name.clone(), safetensors::Dtype::F16, shape.clone(), bytes));
             }
-            (name.clone(), shape.clone(), bytes)
-        })
-        .collect();
-    let dtype = if fp16 {
-        safetensors::Dtype::F16
-    } else {
-        safetensors::Dtype::F32
-    };
+            Storage::Int8 if quantized(name, shape) => {
+                let (q, scales) = quantize_int8(values, shape[0]);
+                encoded.push((name.clone(), safetensors::Dtype::I8, shape.clone(), q));
+                let scale_bytes = f32_bytes(&scales);
+                encoded.push((
+                    format!("{name}_scale"),
+                    safetensors::Dtype::F32,
+                    vec![shape[0]],
+                    scale_bytes,
+                ));
+            }
+            Storage::Int8 => encoded.push((
+                name.clone(),
+                safetensors::Dtype::F32,
+                shape.clone(),
+                f32_bytes(values),
+            )),
+        }
+    }
     let views = encoded
         .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
+    if storage == Storage::Int8 {
+        metadata.insert(
+            "vlsm_quantization".to_string(),
+            "int8 symmetric per index of dim 0; scales in <name>_scale".to_string(),
+        );
+    }
     safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::Weights(format!("writing safetensors: {e}")))
 }
@@ -579,6 +714,83 @@ pub fn write_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int8_weights_round_trip_within_half_a_step() {
+        let weight: Vec<f32> = (0..24 * 40)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut weight_rows = weight.clone();
+        weight_rows[40..80].fill(0.0); // an all-zero channel
+        let bias: Vec<f32> = (0..24).map(|i| i as f32 * 0.1).collect();
+        let tensors = vec![
+            ("l.weight".to_string(), vec![24, 40], weight_rows.clone()),
+            ("l.bias".to_string(), vec![24], bias.clone()),
+        ];
+        let bytes = write_safetensors(&tensors, Storage::Int8).unwrap();
+        let w = Weights::from_safetensors(&bytes, "int8").unwrap();
+        assert_eq!(w.keys().collect::<Vec<_>>(), ["l.bias", "l.weight"]);
+        assert_eq!(w.dtype("l.weight"), Some(DType::I8));
+        assert_eq!(w.read_f32("l.bias", &[24]).unwrap(), bias);
+        let got = w.read_f32("l.weight", &[24, 40]).unwrap();
+        for (row, (got, want)) in got.chunks(40).zip(weight_rows.chunks(40)).enumerate() {
+            let step = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (g, v) in got.iter().zip(want) {
+                assert!((g - v).abs() <= step * 0.5 + 1e-6, "row {row}: {g} vs {v}");
+            }
+        }
+        assert_eq!(&got[40..80], &[0.0; 40]);
+        w.check_unused(|_| false).unwrap();
+        // A quarter of the float32 size, plus the scales.
+        assert!(
+            bytes.len() < 24 * 40 + 24 * 4 * 2 + 400,
+            "{} bytes",
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn int8_weights_need_finite_scales_of_their_shape() {
+        let int8 = |scale: Option<(Vec<usize>, Vec<f32>)>| {
+            let q: Vec<u8> = vec![1; 6];
+            let mut views = vec![(
+                "a.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I8, vec![2, 3], &q)
+                    .unwrap(),
+            )];
+            let scale_bytes: Vec<u8> = scale
+                .as_ref()
+                .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                .unwrap_or_default();
+            if let Some((shape, _)) = &scale {
+                views.push((
+                    "a.weight_scale".to_string(),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        &scale_bytes,
+                    )
+                    .unwrap(),
+                ));
+            }
+            let bytes = safetensors::serialize(views, None).unwrap();
+            let w = Weights::from_safetensors(&bytes, "int8.safetensors").unwrap();
+            w.read_f32("a.weight", &[2, 3]).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            int8(Some((vec![2], vec![0.5, 2.0]))).unwrap(),
+            [0.5, 0.5, 0.5, 2.0, 2.0, 2.0]
+        );
+        let e = int8(None).unwrap_err();
+        assert!(
+            e.contains("int8 without its scales `a.weight_scale`"),
+            "{e}"
+        );
+        let e = int8(Some((vec![3], vec![1.0; 3]))).unwrap_err();
+        assert!(e.contains("`a.weight_scale` has shape [3]"), "{e}");
+        let e = int8(Some((vec![2], vec![1.0, f32::NAN]))).unwrap_err();
+        assert!(e.contains("not a finite scale"), "{e}");
+    }
 
     #[test]
     fn transpose_swaps_rows_and_columns() {
@@ -608,8 +820,11 @@ mod tests {
 
     #[test]
     fn missing_and_mismatched_keys_are_named() {
-        let bytes =
-            write_safetensors(&[("a.weight".into(), vec![2, 3], vec![0.0; 6])], false).unwrap();
+        let bytes = write_safetensors(
+            &[("a.weight".into(), vec![2, 3], vec![0.0; 6])],
+            Storage::F32,
+        )
+        .unwrap();
         let w = Weights::from_safetensors(&bytes, "test").unwrap();
         let e = w.read_f32("b.weight", &[2, 3]).unwrap_err().to_string();
         assert!(e.contains("missing weight `b.weight`"), "{e}");

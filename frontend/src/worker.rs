@@ -460,17 +460,21 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     Ok(())
 }
 
-/// The dtype of the first tensor in a safetensors file, for display ("F32", "F16").
+/// The type most of a safetensors file's bytes are stored in, for display ("F32", "F16",
+/// "I8" for `vlsm convert --int8`'s weights).
 fn safetensors_dtype(bytes: &[u8]) -> String {
-    safetensors::SafeTensors::read_metadata(bytes)
-        .ok()
-        .and_then(|(_, meta)| {
-            meta.tensors()
-                .values()
-                .next()
-                .map(|t| format!("{:?}", t.dtype))
-        })
-        .unwrap_or_else(|| "?".into())
+    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(bytes) else {
+        return "?".into();
+    };
+    let mut by_type = std::collections::BTreeMap::<String, usize>::new();
+    for t in meta.tensors().values() {
+        let (start, end) = t.data_offsets;
+        *by_type.entry(format!("{:?}", t.dtype)).or_default() += end.saturating_sub(start);
+    }
+    by_type
+        .into_iter()
+        .max_by_key(|(_, bytes)| *bytes)
+        .map_or_else(|| "?".into(), |(dtype, _)| dtype)
 }
 
 async fn segment(prompts: Vec<String>, image_bytes: Vec<u8>) -> Result<(), String> {

@@ -281,7 +281,9 @@ impl ModelSource {
                     )?;
                 }
             }
-            Self::Biomed(s) => s.write_folder(out, fp16, Some(trained))?,
+            Self::Biomed(s) => {
+                s.write_folder(out, vlsm::weights::Storage::f16_if(fp16), Some(trained))?
+            }
             Self::Cris(_) => unreachable!("written above"),
         }
         Ok(())

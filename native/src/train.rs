@@ -482,7 +482,8 @@ impl Trained for DecoderModel {
 
     /// Only the decoder: `decoder.safetensors`.
     fn save(&self, dir: &Path, _: &Run) -> Result<()> {
-        let bytes = vlsm::weights::write_safetensors(&self.decoder.export()?, false)?;
+        let bytes =
+            vlsm::weights::write_safetensors(&self.decoder.export()?, vlsm::weights::Storage::F32)?;
         Ok(write_synced(&dir.join("decoder.safetensors"), &bytes)?)
     }
 

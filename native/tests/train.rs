@@ -121,7 +121,31 @@ fn decoder_training_learns_the_task_and_the_export_is_the_trained_model() {
         assert!((bf16 - mean).abs() <= 0.005, "f32 {mean}, bf16 {bf16}");
         let config = std::fs::read_to_string(bf16_out.join("bench.json")).unwrap();
         assert!(config.contains("\"precision\": \"bf16\""), "{config}");
-    }
+    } // int8 weights (`vlsm convert --int8`, per output channel) keep it within half a point
+    // too, at a quarter of the file's size.
+    let int8_model = tmp.path().join("model-int8");
+    let converted = vlsm(
+        &[
+            "convert",
+            run.join("model").to_str().unwrap(),
+            int8_model.to_str().unwrap(),
+            "--int8",
+        ],
+        &[],
+    );
+    assert!(converted.status.success(), "{}", stderr(&converted));
+    let size = |dir: &Path| {
+        std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let (f32_size, int8_size) = (size(&run.join("model")), size(&int8_model));
+    let int8 = bench_val_dice(&root, &int8_model, &tmp.path().join("bench-int8"), &[]);
+    eprintln!(
+        "bench val Dice: f32 {mean:.4}, int8 weights {int8:.4} ({int8_size} bytes, f32 {f32_size})"
+    );
+    assert!((int8 - mean).abs() <= 0.005, "f32 {mean}, int8 {int8}");
+    assert!(int8_size * 3 < f32_size, "{int8_size} vs {f32_size}");
 }
 
 /// Mixed precision (float16 with loss scaling, bfloat16) learns the task as float32 does, and

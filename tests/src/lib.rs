@@ -102,9 +102,10 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) {
     assert!(d <= tol, "{what}: max |Δ| = {d:e} > {tol:e}");
 }
 
-/// How a model's logits in bf16 compare with its f32 logits on one image and some prompts.
+/// How a model's logits in bf16 or from int8 weights compare with its f32 logits on one
+/// image and some prompts.
 #[derive(Debug)]
-pub struct Bf16Agreement {
+pub struct Agreement {
     /// Largest |Δlogit| over every prompt and pixel.
     pub max_abs: f32,
     /// That over the largest |logit| in f32.
@@ -121,34 +122,71 @@ pub fn bf16_agreement(
     image: &image::RgbImage,
     prompts: &[&str],
     threshold: f32,
-) -> Option<Bf16Agreement> {
+) -> Option<Agreement> {
     if !vlsm::gemm_bf16::available() {
         eprintln!("skipped: this CPU has no AVX-512 BF16");
         return None;
     }
-    let run = |s: &vlsm::Segmenter| s.decode(&s.encode_image(image).unwrap(), prompts).unwrap();
-    let f32_logits = run(seg);
     let bf16 = vlsm::Segmenter::new(seg.model.clone(), seg.pipeline.clone(), &seg.device)
         .with_precision(vlsm::Precision::Bf16)
         .unwrap();
-    let bf16_logits = run(&bf16);
+    let a = agreement(seg, &bf16, image, prompts, threshold);
+    assert!(
+        a.max_abs > 0.0,
+        "bf16 logits equal f32's: the bf16 path did not run"
+    );
+    Some(a)
+}
+
+/// `other`'s logits against `reference`'s on one image and some prompts.
+pub fn agreement(
+    reference: &vlsm::Segmenter,
+    other: &vlsm::Segmenter,
+    image: &image::RgbImage,
+    prompts: &[&str],
+    threshold: f32,
+) -> Agreement {
+    let run = |s: &vlsm::Segmenter| s.decode(&s.encode_image(image).unwrap(), prompts).unwrap();
+    let (want, got) = (run(reference), run(other));
     let (mut max_abs, mut largest, mut agree, mut total) = (0f32, 0f32, 0usize, 0usize);
-    for (a, b) in f32_logits.iter().zip(&bf16_logits) {
+    for (a, b) in want.iter().zip(&got) {
         max_abs = max_abs.max(max_abs_diff(&a.values, &b.values));
         largest = a.values.iter().fold(largest, |m, v| m.max(v.abs()));
         let (ma, mb) = (a.mask(threshold), b.mask(threshold));
         agree += ma.iter().zip(&mb).filter(|(x, y)| x == y).count();
         total += ma.len();
     }
-    assert!(
-        max_abs > 0.0,
-        "bf16 logits equal f32's: the bf16 path did not run"
-    );
-    Some(Bf16Agreement {
+    Agreement {
         max_abs,
         relative: max_abs / largest,
         mask_agreement: agree as f64 / total as f64,
-    })
+    }
+}
+
+/// A copy of a model folder whose `model.safetensors` stores its weights in int8 (what `vlsm
+/// convert --int8` writes); every other file is copied as it is.
+pub fn int8_copy(folder: &Path) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(folder).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if path.is_file() && name != "model.safetensors" {
+            std::fs::copy(&path, out.path().join(name)).unwrap();
+        }
+    }
+    let weights =
+        vlsm::weights::Weights::from_safetensors_file(&folder.join("model.safetensors")).unwrap();
+    let tensors: Vec<_> = weights
+        .keys()
+        .map(|key| {
+            let shape = weights.shape(key).unwrap().to_vec();
+            let values = weights.read_f32(key, &shape).unwrap();
+            (key.to_string(), shape, values)
+        })
+        .collect();
+    let bytes = vlsm::weights::write_safetensors(&tensors, vlsm::weights::Storage::Int8).unwrap();
+    std::fs::write(out.path().join("model.safetensors"), bytes).unwrap();
+    out
 }
 
 /// A float64 `.npy` (little endian, C order), as numpy saves it: its shape and values.

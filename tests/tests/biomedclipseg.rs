@@ -288,7 +288,7 @@ fn vlsm_folder_round_trips() {
     let dir = shared("fixtures/tiny_biomedclipseg_d");
     let out = tempfile::tempdir().unwrap();
     sources(&dir, Arch::BiomedClipSegD, None)
-        .write_folder(out.path(), false, None)
+        .write_folder(out.path(), vlsm::weights::Storage::F32, None)
         .unwrap();
     let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSegD);
@@ -379,7 +379,7 @@ fn own_fixture_trained_decoder_exported_and_reloaded() {
         Arch::BiomedClipSeg,
         Some(dir.join("checkpoints/best.ckpt")),
     )
-    .write_folder(out.path(), false, None)
+    .write_folder(out.path(), vlsm::weights::Storage::F32, None)
     .unwrap();
     let seg = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
     assert_eq!(seg.arch(), Arch::BiomedClipSeg);
@@ -400,6 +400,27 @@ fn a_prompt_embeds_the_same_alone_and_padded_in_a_batch() {
     let alone = film(&[short]);
     let padded = film(&[long, short]).narrow(0, 1, 1);
     assert_eq!(alone.into_data(), padded.into_data());
+}
+
+/// int8 weights (vlsm's folder written with `Storage::Int8`, as `vlsm convert --int8` does)
+/// against f32: ViT, BERT and the decoder.
+#[test]
+fn int8_weights_stay_close_to_f32() {
+    let image = image::open(vlsm_tests::fixture("images/rgb_150x100.png"))
+        .unwrap()
+        .to_rgb8();
+    let dir = vlsm_tests::fixture("biomedclipseg");
+    let out = tempfile::tempdir().unwrap();
+    sources(&dir, Arch::BiomedClipSegD, None)
+        .write_folder(out.path(), vlsm::weights::Storage::Int8, None)
+        .unwrap();
+    let int8 = Segmenter::from_dir(out.path(), &Device::flex()).unwrap();
+    let seg = own(Arch::BiomedClipSegD, None);
+    let a = vlsm_tests::agreement(&seg, &int8, &image, &["polyp", "a large polyp"], 0.5);
+    eprintln!("BiomedCLIPSeg-D int8 weights vs f32: {a:?}");
+    assert!(a.max_abs > 0.0, "int8 weights gave f32's logits exactly");
+    assert!(a.relative < 0.03, "{a:?}");
+    assert!(a.mask_agreement > 0.98, "{a:?}");
 }
 
 /// bf16 linears against f32 (BERT and timm's ViT: GELU MLPs, fused qkv split in three).

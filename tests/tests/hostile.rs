@@ -253,7 +253,7 @@ fn mutated_safetensors_never_panic_and_never_read_out_of_bounds() {
             ("a".into(), vec![2, 3], vec![1.0; 6]),
             ("b".into(), vec![4], vec![2.0; 4]),
         ],
-        false,
+        vlsm::weights::Storage::F32,
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
