@@ -125,6 +125,31 @@ fn native_fingerprints(link: &str, weights: &Path, tmp: &Path, other_weights: bo
     reproduced_fingerprints(&vlsm(&args, &[]))
 }
 
+/// `vlsm reproduce LINK` natively gives the page's masks: each prompt's fingerprint equal to
+/// the page's, or (where native and wasm kernels round differently and a logit sits on the
+/// threshold) a mask that `reproduce` finds equal to the link's up to borderline pixels.
+fn assert_reproduces_up_to_borderline(link: &str, weights: &Path, tmp: &Path, page: &[String]) {
+    let file = tmp.join("link.txt");
+    std::fs::write(&file, link).unwrap();
+    let out = vlsm(
+        &[
+            "reproduce",
+            &format!("@{}", file.display()),
+            "--weights",
+            weights.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let fingerprints = reproduced_fingerprints(&out);
+    assert_eq!(fingerprints.len(), page.len(), "{}", stdout(&out));
+    for ((line, native), page) in stdout(&out).lines().zip(&fingerprints).zip(page) {
+        if native != page {
+            assert!(line.contains("matches the link up to"), "{line}");
+            eprintln!("native and page differ on the threshold: {line}");
+        }
+    }
+}
+
 /// Fingerprints `vlsm reproduce` prints for a link whose image is omitted, given the file
 /// (a DICOM file or NIfTI volume: the link's slice and window are applied). Exits 1 (and
 /// fails here) if the picture's pixels differ from the link's.
@@ -635,10 +660,9 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let state = vlsm::share::ShareState::from_link(m3_link).unwrap();
     assert_eq!(state.model.as_deref(), Some("cris"));
     assert_eq!(state.threshold, 0.35);
-    assert_eq!(
-        native_fingerprints(m3_link, &cris, tmp.path(), false),
-        cris_page
-    );
+    // Natively CRIS's text encoder runs vlsm's fixed-order GEMM and the page's wasm the gemm
+    // crate: on an AVX2 machine one mask differed in pixels on the threshold.
+    assert_reproduces_up_to_borderline(m3_link, &cris, tmp.path(), &cris_page);
     assert_eq!(m3["webgpu"]["run"], "done", "{}", m3["webgpu"]);
     assert_eq!(m3["webgpu"]["backend"], "WebGPU");
     assert_eq!(strings(&m3["webgpu"]["fingerprints"]), cris_page);
