@@ -172,9 +172,10 @@ pub fn gemm(
 }
 
 #[cfg(target_arch = "x86_64")]
-/// The output's base pointer, shared by the strips (each writes its own columns).
+/// The output's base pointer, shared by the strips (each writes its own columns); the f32
+/// GEMM's strips share theirs the same way.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: strips write disjoint columns.
 #[cfg(target_arch = "x86_64")]
 unsafe impl Send for SharedOut {}
@@ -182,7 +183,7 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 #[cfg(target_arch = "x86_64")]
 impl SharedOut {
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         // SAFETY: callers stay inside the output.
         unsafe { self.0.add(i) }
     }

@@ -186,21 +186,7 @@ struct Strip<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-/// The output's base pointer, shared by the strips (each writes its own columns).
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: strips write disjoint columns.
-#[cfg(target_arch = "x86_64")]
-unsafe impl Send for SharedOut {}
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for SharedOut {}
-#[cfg(target_arch = "x86_64")]
-impl SharedOut {
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the output.
-        unsafe { self.0.add(i) }
-    }
-}
+use crate::gemm_bf16::SharedOut;
 
 /// Rows in tiles of `$mr` (a `run::<M>` per tile height), for a strip module's `Tile`.
 #[cfg(target_arch = "x86_64")]
