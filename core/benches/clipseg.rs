@@ -3,7 +3,7 @@
 //! end-to-end cases of the README table. `cargo bench -p vlsm --bench clipseg`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vlsm::burn::tensor::Device;
+use vlsm::burn::tensor::{Device, Distribution, Tensor};
 use vlsm::model::clipseg::pixels_tensor;
 use vlsm::{ClipSeg, ClipSegConfig, Weights};
 
@@ -65,6 +65,20 @@ fn bench(c: &mut Criterion) {
         let conditioning = model.embed_prompts(&p, &device).unwrap();
         group.bench_function(format!("decoder {n} prompt(s)"), |b| {
             b.iter(|| read(model.decode(&image, conditioning.clone()).unwrap()))
+        });
+        // The decoder's parts at this batch: one layer's attention and MLP, and the head.
+        let dec = &model.decoder;
+        let tokens = Tensor::<3>::random([n, 485, 64], Distribution::Normal(0.0, 1.0), &device);
+        let layer = &dec.layers[0];
+        group.bench_function(format!("decoder attention {n} prompt(s)"), |b| {
+            b.iter(|| read(layer.self_attn.forward(tokens.clone(), None, false)))
+        });
+        group.bench_function(format!("decoder mlp {n} prompt(s)"), |b| {
+            b.iter(|| read(layer.mlp.forward(tokens.clone())))
+        });
+        let map = Tensor::<4>::random([n, 64, 22, 22], Distribution::Normal(0.0, 1.0), &device);
+        group.bench_function(format!("decoder head {n} prompt(s)"), |b| {
+            b.iter(|| read(dec.head.forward(map.clone())))
         });
         group.bench_function(format!("1 image x {n} prompt(s)"), |b| {
             b.iter(|| {

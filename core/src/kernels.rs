@@ -13,6 +13,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor, TensorData, activation};
 use burn_flex::{Flex, FlexTensor, Layout};
 
+use crate::model::layers::PatchConvTranspose;
+
 /// `exp` for f32, branch-free so loops over it vectorise: 2ⁿ·p(r) with r = x − n·ln 2 in
 /// [−ln 2 / 2, ln 2 / 2] and Cephes' degree-5 polynomial (error ≈ 1 ulp). Inputs are clamped
 /// to f32's normal range: below −87.3 it returns 1.2e-38 rather than a denormal or 0.
@@ -536,6 +538,186 @@ pub fn mlp<const D: usize>(
     )))
 }
 
+/// A flex tensor's values in row-major order (copied only when its layout is not).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The first `n` values of a contiguous flex tensor.
+fn values_of(t: &FlexTensor, n: usize) -> Option<&[f32]> {
+    t.storage::<f32>()
+        .get(t.layout().start_offset()..)?
+        .get(..n)
+}
+
+/// CLIPSeg's refined head after its 3×3 convolution: `second(relu(first(x)))` for two
+/// [`PatchConvTranspose`]s, `[P, C, g, g]` → `[P, C₂, g·k₁·k₂, g·k₁·k₂]`. Each input pixel
+/// paints a k₁·k₂ block of its own, so the whole chain runs pixel by pixel: `first` as one
+/// GEMM per prompt, then bias, ReLU and `second` on each pixel's row, written straight to
+/// the output. burn's composition instead permutes the P × C₁ × (g·k₁)² intermediate twice
+/// and adds each bias in a pass of its own. A prompt's result does not depend on the others
+/// in the batch.
+pub fn patch_conv_transpose_pair(
+    x: &Tensor<4>,
+    first: &PatchConvTranspose,
+    second: &PatchConvTranspose,
+) -> Option<Tensor<4>> {
+    let [prompts, c_in, h, w] = x.dims();
+    let (c_mid, k1, c_out, k2) = (
+        first.out_channels,
+        first.kernel,
+        second.out_channels,
+        second.kernel,
+    );
+    let (n1, n2) = (c_mid * k1 * k1, c_out * k2 * k2);
+    if first.weight.dims() != [c_in, n1]
+        || second.weight.dims() != [c_mid, n2]
+        || first.bias.dims() != [c_mid]
+        || second.bias.dims() != [c_out]
+    {
+        return None;
+    }
+    let x = contiguous(flex_f32(x)?);
+    let [w1, b1, w2, b2] = [
+        flex_f32(&first.weight.val())?,
+        flex_f32(&first.bias.val())?,
+        flex_f32(&second.weight.val())?,
+        flex_f32(&second.bias.val())?,
+    ]
+    .map(contiguous);
+    let pixels = h * w;
+    let x = values_of(&x, prompts * c_in * pixels)?;
+    let (w1, b1) = (values_of(&w1, c_in * n1)?, values_of(&b1, c_mid)?);
+    let (w2, b2) = (values_of(&w2, c_mid * n2)?, values_of(&b2, c_out)?);
+    let padded = n2.next_multiple_of(16);
+    let w2: Vec<f32> = w2
+        .chunks_exact(n2)
+        .flat_map(|row| {
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0.0, padded - n2))
+        })
+        .collect();
+    let w2 = &w2[..];
+    let (side_h, side_w) = (h * k1 * k2, w * k1 * k2);
+    let plane = side_h * side_w;
+    let mut out = vec![0f32; prompts * c_out * plane];
+    let prompt = |(p, out): (usize, &mut [f32])| {
+        // The prompt's pixels as rows, [g², C], for `first`'s GEMM.
+        let mut rows = vec![0f32; pixels * c_in];
+        for c in 0..c_in {
+            let channel = &x[(p * c_in + c) * pixels..][..pixels];
+            for (q, &v) in channel.iter().enumerate() {
+                rows[q * c_in + c] = v;
+            }
+        }
+        let mut mid = vec![0f32; pixels * n1];
+        // SAFETY: `rows` is pixels × c_in, `w1` c_in × n1, `mid` pixels × n1, row-major.
+        unsafe {
+            gemm::gemm(
+                pixels,
+                n1,
+                c_in,
+                mid.as_mut_ptr(),
+                1,
+                n1 as isize,
+                false,
+                rows.as_ptr(),
+                1,
+                c_in as isize,
+                w1.as_ptr(),
+                1,
+                n1 as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let shape = PatchPairShape {
+            w,
+            n2,
+            k1,
+            k2,
+            c_mid,
+            side_w,
+        };
+        paint_patches(&mid, &shape, (b1, w2, b2), out);
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(c_out * plane)
+            .enumerate()
+            .for_each(prompt);
+    }
+    #[cfg(target_arch = "wasm32")]
+    out.chunks_mut(c_out * plane).enumerate().for_each(prompt);
+    Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(
+        TensorData::new(out, [prompts, c_out, side_h, side_w]),
+    )))
+}
+
+/// Sizes [`paint_patches`] needs: the input grid's width, both kernels, `first`'s channels
+/// and the output's width.
+struct PatchPairShape {
+    w: usize,
+    n2: usize,
+    k1: usize,
+    k2: usize,
+    c_mid: usize,
+    side_w: usize,
+}
+
+widest_simd!(paint_patches(
+    mid: &[f32],
+    s: &PatchPairShape,
+    weights: (&[f32], &[f32], &[f32]),
+    out: &mut [f32]
+) {
+    let (b1, w2, b2) = weights;
+    let (k1, k2) = (s.k1, s.k2);
+    let n1 = s.c_mid * k1 * k1;
+    // `w2`'s rows are padded with zeros to whole blocks of 16.
+    let n2 = w2.len() / s.c_mid;
+    let plane = out.len() / b2.len();
+    let (mut u, mut acc) = (vec![0f32; s.c_mid], vec![0f32; s.n2]);
+    for (q, row) in mid.chunks_exact(n1).enumerate() {
+        let (i, j) = (q / s.w, q % s.w);
+        for (a, b) in (0..k1).flat_map(|a| (0..k1).map(move |b| (a, b))) {
+            // `first`'s output at sub-pixel (a, b): channel o sits at o·k₁² + a·k₁ + b.
+            for (o, u) in u.iter_mut().enumerate() {
+                *u = (row[o * k1 * k1 + a * k1 + b] + b1[o]).max(0.0);
+            }
+            // `second`'s sums, 16 outputs at a time in a register-sized block.
+            for (c, acc) in acc.chunks_mut(16).enumerate() {
+                let mut block = [0f32; 16];
+                for (&u, w2) in u.iter().zip(w2.chunks_exact(n2)) {
+                    for (sum, &w2) in block.iter_mut().zip(&w2[c * 16..][..16]) {
+                        *sum += u * w2;
+                    }
+                }
+                acc.copy_from_slice(&block[..acc.len()]);
+            }
+            let (top, left) = ((i * k1 + a) * k2, (j * k1 + b) * k2);
+            for (o2, block) in acc.chunks_exact(k2 * k2).enumerate() {
+                for (a2, line) in block.chunks_exact(k2).enumerate() {
+                    let start = o2 * plane + (top + a2) * s.side_w + left;
+                    for (dst, &v) in out[start..start + k2].iter_mut().zip(line) {
+                        *dst = v + b2[o2];
+                    }
+                }
+            }
+        }
+    }
+});
+
 widest_simd!(relu_in_place(values: &mut [f32]) {
     for v in values {
         *v = if *v > 0.0 { *v } else { 0.0 };
@@ -684,6 +866,11 @@ impl View<'_, u8> {
     }
 }
 
+thread_local! {
+    /// One attention head's scores, kept per thread between heads and calls.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 struct FlexAttention<'a> {
     q: View<'a, f32>,
     k: View<'a, f32>,
@@ -710,9 +897,16 @@ impl FlexAttention<'_> {
             .collect();
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |&(b, hh): &(usize, usize)| {
-            let mut scores = vec![0f32; lq * self.lk];
-            // SAFETY: head (b, hh) writes only its own [b, :, hh, :] elements.
-            unsafe { self.head(b, hh, &mut scores, out_ptr.at(b * lq * h * dv + hh * dv)) };
+            SCORES.with_borrow_mut(|scores| {
+                // Every score the head reads is written first (see `exp_scores`), so the
+                // buffer is reused as it is: a fresh lq × lk allocation per head (≈1 MB for
+                // 485 tokens) costs more in page faults than its softmax.
+                if scores.len() < lq * self.lk {
+                    scores.resize(lq * self.lk, 0.0);
+                }
+                // SAFETY: head (b, hh) writes only its own [b, :, hh, :] elements.
+                unsafe { self.head(b, hh, scores, out_ptr.at(b * lq * h * dv + hh * dv)) };
+            })
         };
         #[cfg(not(target_arch = "wasm32"))]
         {
@@ -1029,6 +1223,50 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&reference_t.into_data(), Tolerance::absolute(1e-6));
         assert_eq!(x.dims(), [2, 5, 300]);
+    }
+
+    /// The fused pair of patch transposed convolutions gives burn's composition, on the
+    /// refined head's shape and on one whose second kernel leaves a partial block of 16, and a
+    /// prompt gives the same bits alone as in a batch (including a strided input).
+    #[test]
+    fn patch_conv_transpose_pair_matches_burns_composition() {
+        let device = Device::flex();
+        let patch = |c_in: usize, c_out: usize, k: usize| PatchConvTranspose {
+            weight: burn::module::Param::from_tensor(Tensor::random(
+                [c_in, c_out * k * k],
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            )),
+            bias: burn::module::Param::from_tensor(Tensor::random(
+                [c_out],
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            )),
+            out_channels: c_out,
+            kernel: k,
+        };
+        for (c_in, c_mid, k1, c_out, k2, g) in [(16, 8, 4, 1, 4, 5), (6, 5, 2, 2, 3, 3)] {
+            let (first, second) = (patch(c_in, c_mid, k1), patch(c_mid, c_out, k2));
+            let x = Tensor::<4>::random([3, g, g, c_in], Distribution::Normal(0.0, 1.0), &device)
+                .permute([0, 3, 1, 2]);
+            let fused = patch_conv_transpose_pair(&x, &first, &second).expect("flex f32");
+            let composed = second.forward(activation::relu(first.forward(x.clone())));
+            assert_eq!(fused.dims(), [3, c_out, g * k1 * k2, g * k1 * k2]);
+            fused
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composed.into_data(), Tolerance::absolute(1e-5));
+            let alone = patch_conv_transpose_pair(&x.clone().narrow(0, 1, 1), &first, &second)
+                .expect("flex f32");
+            assert_eq!(
+                alone.into_data().try_to_vec::<f32>().unwrap(),
+                fused
+                    .narrow(0, 1, 1)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+            );
+        }
     }
 
     #[test]

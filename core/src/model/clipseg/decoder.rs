@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, activation};
 
 use crate::config::{Activation, ClipSegConfig};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::model::layers::{
     LayerShape, NamedTensor, PatchConvTranspose, TransformerLayer, export_conv_transpose,
     export_linear, linear, named,
@@ -145,11 +146,17 @@ impl DecoderHead {
     }
 
     /// `[P, R, g, g]` → logits `[P, S, S]`.
-    fn forward(&self, x: Tensor<4>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<3> {
         let x = match &self.conv {
             Some(conv) => activation::relu(conv.forward(x)),
             None => x,
         };
+        if let Some(up2) = &self.up2
+            && let Some(logits) = kernels::patch_conv_transpose_pair(&x, &self.up1, up2)
+        {
+            let [p, _, h, w] = logits.dims();
+            return logits.reshape([p, h, w]);
+        }
         let x = self.up1.forward(x);
         let x = match &self.up2 {
             Some(up2) => up2.forward(activation::relu(x)),
