@@ -687,18 +687,25 @@ widest_simd!(paint_patches(
     // `w2`'s rows are padded with zeros to whole blocks of 16.
     let n2 = w2.len() / s.c_mid;
     let plane = out.len() / b2.len();
-    let (mut u, mut acc) = (vec![0f32; s.c_mid], vec![0f32; s.n2]);
+    // `first`'s bias laid out as its output row: channel o at o·k₁² + a·k₁ + b.
+    let bias1: Vec<f32> = b1
+        .iter()
+        .flat_map(|&b| std::iter::repeat_n(b, k1 * k1))
+        .collect();
+    let (mut u, mut acc) = (vec![0f32; n1], vec![0f32; s.n2]);
     for (q, row) in mid.chunks_exact(n1).enumerate() {
         let (i, j) = (q / s.w, q % s.w);
+        for ((u, &x), &b) in u.iter_mut().zip(row).zip(&bias1) {
+            *u = (x + b).max(0.0);
+        }
         for (a, b) in (0..k1).flat_map(|a| (0..k1).map(move |b| (a, b))) {
-            // `first`'s output at sub-pixel (a, b): channel o sits at o·k₁² + a·k₁ + b.
-            for (o, u) in u.iter_mut().enumerate() {
-                *u = (row[o * k1 * k1 + a * k1 + b] + b1[o]).max(0.0);
-            }
-            // `second`'s sums, 16 outputs at a time in a register-sized block.
+            // `second`'s sums over `first`'s channels at sub-pixel (a, b), 16 outputs at a
+            // time in a register-sized block.
+            let sub = a * k1 + b;
             for (c, acc) in acc.chunks_mut(16).enumerate() {
                 let mut block = [0f32; 16];
-                for (&u, w2) in u.iter().zip(w2.chunks_exact(n2)) {
+                for (o, w2) in w2.chunks_exact(n2).enumerate() {
+                    let u = u[o * k1 * k1 + sub];
                     for (sum, &w2) in block.iter_mut().zip(&w2[c * 16..][..16]) {
                         *sum += u * w2;
                     }
