@@ -538,6 +538,50 @@ pub fn mlp<const D: usize>(
     )))
 }
 
+/// `dst (m × n, rows n apart) = alpha · a · b`, with a `m × k` and b `k × n` given as
+/// (values, column stride, row stride); one thread.
+fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (a, a_cs, a_rs): (&[f32], usize, usize),
+    (b, b_cs, b_rs): (&[f32], usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        dst.len() >= m * n
+            && (k == 0 || (a.len() > last(m, k, a_cs, a_rs) && b.len() > last(k, n, b_cs, b_rs))),
+        "product: operands out of bounds"
+    );
+    // SAFETY: every element the strides address is in bounds (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// A flex tensor's values in row-major order (copied only when its layout is not).
 fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() {
@@ -616,33 +660,15 @@ pub fn patch_conv_transpose_pair(
             }
         }
         let mut mid = vec![0f32; pixels * n1];
-        // SAFETY: `rows` is pixels × c_in, `w1` c_in × n1, `mid` pixels × n1, row-major.
-        unsafe {
-            gemm::gemm(
-                pixels,
-                n1,
-                c_in,
-                mid.as_mut_ptr(),
-                1,
-                n1 as isize,
-                false,
-                rows.as_ptr(),
-                1,
-                c_in as isize,
-                w1.as_ptr(),
-                1,
-                n1 as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        product(
+            (pixels, n1, c_in),
+            &mut mid,
+            (&rows, 1, c_in),
+            (w1, 1, n1),
+            1.0,
+        );
         let shape = PatchPairShape {
             w,
-            n2,
             k1,
             k2,
             c_mid,
@@ -668,7 +694,6 @@ pub fn patch_conv_transpose_pair(
 /// and the output's width.
 struct PatchPairShape {
     w: usize,
-    n2: usize,
     k1: usize,
     k2: usize,
     c_mid: usize,
@@ -685,14 +710,14 @@ widest_simd!(paint_patches(
     let (k1, k2) = (s.k1, s.k2);
     let n1 = s.c_mid * k1 * k1;
     // `w2`'s rows are padded with zeros to whole blocks of 16.
-    let n2 = w2.len() / s.c_mid;
+    let padded = w2.len() / s.c_mid;
     let plane = out.len() / b2.len();
     // `first`'s bias laid out as its output row: channel o at o·k₁² + a·k₁ + b.
     let bias1: Vec<f32> = b1
         .iter()
         .flat_map(|&b| std::iter::repeat_n(b, k1 * k1))
         .collect();
-    let (mut u, mut acc) = (vec![0f32; n1], vec![0f32; s.n2]);
+    let (mut u, mut acc) = (vec![0f32; n1], vec![0f32; b2.len() * k2 * k2]);
     for (q, row) in mid.chunks_exact(n1).enumerate() {
         let (i, j) = (q / s.w, q % s.w);
         for ((u, &x), &b) in u.iter_mut().zip(row).zip(&bias1) {
@@ -704,7 +729,7 @@ widest_simd!(paint_patches(
             let sub = a * k1 + b;
             for (c, acc) in acc.chunks_mut(16).enumerate() {
                 let mut block = [0f32; 16];
-                for (o, w2) in w2.chunks_exact(n2).enumerate() {
+                for (o, w2) in w2.chunks_exact(padded).enumerate() {
                     let u = u[o * k1 * k1 + sub];
                     for (sum, &w2) in block.iter_mut().zip(&w2[c * 16..][..16]) {
                         *sum += u * w2;
@@ -963,30 +988,14 @@ impl FlexAttention<'_> {
     ) -> Vec<f32> {
         let (lq, d) = (self.lq, self.d);
         let lk = scores.len() / lq;
-        // SAFETY: `q` is lq × d, `k` lk × d, `scores` lq × lk, all row-major.
-        unsafe {
-            gemm::gemm(
-                lq,
-                lk,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                lk as isize,
-                false,
-                q.as_ptr(),
-                1,
-                d as isize,
-                k.as_ptr(),
-                d as isize, // kᵀ: its rows are the columns
-                1,
-                0.0,
-                attention_scale(d),
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // kᵀ: its rows are k's columns.
+        product(
+            (lq, lk, d),
+            scores,
+            (q, 1, d),
+            (k, d, 1),
+            attention_scale(d),
+        );
         let mut inverse_sums = Vec::with_capacity(lq);
         for (i, row) in scores.chunks_exact_mut(lk).enumerate() {
             // Causal: key j > query i is masked (PyTorch's is_causal with Lq = Lk).

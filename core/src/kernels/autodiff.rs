@@ -20,7 +20,9 @@ use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
-use super::{FlexAttention, LANES, View, attention_scale, dims4, flex_attention, scale_in_place};
+use super::{
+    FlexAttention, LANES, View, attention_scale, dims4, flex_attention, product, scale_in_place,
+};
 
 #[backend_extension(Flex, Autodiff)]
 trait AttentionOps: Backend {
@@ -278,51 +280,6 @@ widest_simd!(softmax_gradient_row(p: &[f32], ds: &mut [f32]) {
         *d = p * (*d - dot);
     }
 });
-
-/// `dst (m × n, rows n apart) = alpha · a · b`, with a `m × k` and b `k × n` given as
-/// (values, column stride, row stride).
-fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    (a, a_cs, a_rs): (&[f32], usize, usize),
-    (b, b_cs, b_rs): (&[f32], usize, usize),
-    alpha: f32,
-) {
-    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        m > 0
-            && n > 0
-            && k > 0
-            && dst.len() >= m * n
-            && a.len() > last(m, k, a_cs, a_rs)
-            && b.len() > last(k, n, b_cs, b_rs),
-        "attention gradient: operands out of bounds"
-    );
-    // SAFETY: every element the strides address is in bounds (checked above).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
 
 #[cfg(test)]
 mod tests {
