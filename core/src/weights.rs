@@ -12,6 +12,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
+mod stream;
+pub use stream::SafetensorsStream;
+
 /// Where a Lightning checkpoint keeps the model's tensors (pytorch-reader flattens nested
 /// dicts with dots).
 #[cfg(feature = "pytorch")]
@@ -49,6 +52,9 @@ enum Bytes<'a> {
     /// Little-endian bytes at an offset of the weights' safetensors file, read on demand.
     #[cfg(feature = "std")]
     InFile { offset: u64, len: usize },
+    /// Little-endian bytes received by a [`SafetensorsStream`], given up to the module that
+    /// reads them (`None` afterwards), so loading frees the file as the model grows.
+    Streamed(RefCell<Option<Vec<u8>>>),
 }
 
 struct Entry<'a> {
@@ -170,7 +176,7 @@ impl<'a> Weights<'a> {
         file.read_exact(&mut len_bytes)
             .map_err(|_| invalid("shorter than its header".into()))?;
         let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > 100_000_000 || 8 + header_len > file_len {
+        if header_len > stream::MAX_HEADER_BYTES || 8 + header_len > file_len {
             return Err(invalid(format!(
                 "header length {header_len} does not fit the file"
             )));
@@ -340,6 +346,14 @@ impl<'a> Weights<'a> {
     fn bytes_of<'b>(&'b self, key: &str, entry: &'b Entry<'a>) -> Result<(Cow<'b, [u8]>, bool)> {
         match &entry.bytes {
             Bytes::Borrowed(b) => Ok((Cow::Borrowed(*b), true)),
+            Bytes::Streamed(cell) => match cell.borrow_mut().take() {
+                Some(b) => Ok((Cow::Owned(b), true)),
+                None => Err(Error::Weights(format!(
+                    "{}: weight `{key}` was read twice from a streamed download (its bytes \
+                     are freed once loaded)",
+                    self.source
+                ))),
+            },
             #[cfg(feature = "pytorch")]
             Bytes::Lazy(t) => {
                 let b = t.read().map_err(|e| {

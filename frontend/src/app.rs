@@ -78,6 +78,7 @@ pub struct LoadedInfo {
     pub from_cache: bool,
     pub download_ms: f64,
     pub load_ms: f64,
+    pub wasm_memory_bytes: u64,
     /// The model family, as the link names it.
     pub model: String,
 }
@@ -386,6 +387,7 @@ impl Page {
                 from_cache,
                 download_ms,
                 load_ms,
+                wasm_memory_bytes,
                 model,
                 ..
             } => {
@@ -412,6 +414,7 @@ impl Page {
                     from_cache,
                     download_ms,
                     load_ms,
+                    wasm_memory_bytes,
                     model,
                 }));
                 if let Some(pending) = self.pending.get_untracked()
@@ -920,6 +923,7 @@ async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
         &response,
         expected,
         vlsm::limits::MAX_IMAGE_BYTES,
+        None,
         |_, _| {},
     )
     .await
@@ -1077,14 +1081,15 @@ fn ModelPanel(page: Page) -> impl IntoView {
                 ModelState::Loading { url } => format!("Loading {url} — {}", page.worker_status.get()),
                 ModelState::Failed { message } => format!("Failed: {message}"),
                 ModelState::Loaded(info) => format!(
-                    "{} loaded on {} · {} {} ({} in {:.0} ms), built in {:.0} ms",
+                    "{} loaded on {} · {} {} ({} in {:.0} ms), built in {:.0} ms · worker memory {}",
                     vlsm::model::Arch::from_name(&info.model).map_or("Model", |a| a.display_name()),
                     info.device,
                     logic::human_bytes(info.bytes as f64),
                     info.dtype,
                     if info.from_cache { "from the browser cache" } else { "downloaded" },
                     info.download_ms,
-                    info.load_ms
+                    info.load_ms,
+                    logic::human_bytes(info.wasm_memory_bytes as f64)
                 ),
             }}</p>
             {move || match page.model.get() {

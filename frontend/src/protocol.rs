@@ -68,6 +68,9 @@ pub enum FromWorker {
         from_cache: bool,
         download_ms: f64,
         load_ms: f64,
+        /// The worker's wasm memory once the model is built: its high-water mark, since
+        /// wasm memory never shrinks.
+        wasm_memory_bytes: u64,
         input_size: usize,
         /// The model family (`clipseg`, `biomedclipseg`, `biomedclipseg-d`).
         model: String,

@@ -9,6 +9,7 @@ use std::rc::Rc;
 use js_sys::{ArrayBuffer, Float32Array, Uint8Array};
 use sha2::{Digest, Sha256};
 use vlsm::burn::tensor::Device;
+use vlsm::weights::SafetensorsStream;
 use vlsm::{ModelFiles, Segmenter};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -16,7 +17,8 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Cache, DedicatedWorkerGlobalScope, MessageEvent, Response};
 
 use crate::js::{
-    STALL_MS, content_length, describe, fetch_within, now_ms, pack, read_body, unpack, within,
+    CacheCopy, STALL_MS, content_length, describe, fetch_within, now_ms, pack, read_body,
+    read_body_chunks, unpack, within,
 };
 use crate::protocol::{Backend, FromWorker, ToWorker};
 
@@ -94,9 +96,87 @@ async fn handle(data: JsValue) {
 
 /// One model file, from Cache Storage or the network.
 struct Fetched {
+    /// The file's bytes; empty for the weights, which went into `weights` as they arrived.
     bytes: Vec<u8>,
+    /// The weights file, split into its tensors (see [`SafetensorsStream`]).
+    weights: Option<SafetensorsStream>,
+    /// The file's length in bytes.
+    len: u64,
     from_cache: bool,
     sha256: Option<String>,
+}
+
+/// What reading one response gave, or why it stopped.
+enum Read {
+    Done(Fetched),
+    /// The transfer failed (retrying may help).
+    Failed(String),
+    /// The bytes are not a safetensors file (retrying will not help).
+    Invalid(String),
+}
+
+/// Reads a response's body: the weights into a [`SafetensorsStream`] tensor by tensor
+/// (`stream`), anything else into bytes; hashing it when `hash`. `progress` gets each
+/// chunk's running total.
+async fn read_file(
+    response: &Response,
+    name: &str,
+    cap: u64,
+    copy: Option<&CacheCopy>,
+    stream: bool,
+    hash: bool,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Read {
+    let total = content_length(response);
+    let mut hasher = hash.then(Sha256::new);
+    let mut weights = stream.then(|| SafetensorsStream::new(name, total));
+    let mut invalid = None;
+    let mut bytes = Vec::new();
+    let read = match weights.as_mut() {
+        Some(weights) => {
+            read_body_chunks(response, total, cap, copy, |chunk, done| {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(chunk);
+                }
+                progress(done, total);
+                weights.push(chunk).map_err(|e| {
+                    invalid = Some(e.to_string());
+                    "not a safetensors file".to_string()
+                })
+            })
+            .await
+        }
+        None => read_body(response, total, cap, copy, |chunk, done| {
+            if let Some(h) = hasher.as_mut() {
+                h.update(chunk);
+            }
+            progress(done, total);
+        })
+        .await
+        .map(|b| {
+            bytes = b;
+            bytes.len() as u64
+        }),
+    };
+    if let Some(why) = invalid {
+        return Read::Invalid(why);
+    }
+    let len = match read {
+        Ok(len) => len,
+        Err(e) => return Read::Failed(e),
+    };
+    if let Some(t) = total
+        && t != len
+    {
+        return Read::Failed(format!("it stopped after {len} of {t} bytes"));
+    }
+    Read::Done(Fetched {
+        bytes,
+        weights,
+        len,
+        from_cache: false,
+        sha256: hasher.map(|h| vlsm::share::hex(&h.finalize())),
+    })
 }
 
 async fn open_cache() -> Option<Cache> {
@@ -122,25 +202,23 @@ async fn cached(cache: &Cache, url: &str) -> Option<Response> {
     hit.dyn_into::<Response>().ok()
 }
 
-/// Fetches `url`; `Ok(None)` when the server says 404 and the file is optional. A fresh
-/// download goes into Cache Storage only when it arrived whole (the cache's own copy is a
-/// tee of the same stream: if the stream fails, `put` fails and stores nothing).
+/// Fetches `url`; `Ok(None)` when the server says 404 and the file is optional. The
+/// weights (`weights`: hashed, and split into tensors as they arrive, so the page never
+/// holds the whole file) or any other file into bytes. A fresh download goes into Cache
+/// Storage only when it arrived whole (the cache's own copy is a tee of the same stream: if
+/// the stream fails, `put` fails and stores nothing).
 async fn fetch_file(
     cache: Option<&Cache>,
     url: &str,
     name: &str,
     optional: bool,
-    hash: bool,
+    weights: bool,
 ) -> Result<Option<Fetched>, String> {
     // Caps by file (the page's heap is at most 4 GiB: weights are capped lower than natively).
     let cap = vlsm::limits::download_cap(name).min(vlsm::limits::MAX_PAGE_WEIGHTS_BYTES);
     let started = now_ms();
     let mut last_post = 0.0;
-    let mut hasher = hash.then(Sha256::new);
-    let mut progress = |chunk: &[u8], done: u64, total: Option<u64>, from_cache: bool| {
-        if let Some(h) = hasher.as_mut() {
-            h.update(chunk);
-        }
+    let mut progress = |done: u64, total: Option<u64>, from_cache: bool| {
         let t = now_ms();
         if t - last_post > 100.0 || Some(done) == total {
             last_post = t;
@@ -157,6 +235,7 @@ async fn fetch_file(
             );
         }
     };
+    let invalid = |why: String| format!("{url}: {why}");
     if optional
         && let Some(cache) = cache
         && cached(cache, &absent_key(url)).await.is_some()
@@ -166,31 +245,34 @@ async fn fetch_file(
     if let Some(cache) = cache
         && let Some(response) = cached(cache, url).await
     {
-        let total = content_length(&response);
-        let bytes = read_body(&response, total, cap, |c, d| progress(c, d, total, true)).await;
-        if let Ok(bytes) = bytes
-            && total.is_none_or(|t| t == bytes.len() as u64)
+        let stored_sha = match cached(cache, &sha_key(url)).await {
+            Some(r) => JsFuture::from(r.text().map_err(|e| describe(&e))?)
+                .await
+                .ok()
+                .and_then(|v| v.as_string())
+                .filter(|s| s.len() == 64),
+            None => None,
+        };
+        // The hash stored with the entry, when there is one, spares hashing it again.
+        let hash = weights && stored_sha.is_none();
+        match read_file(&response, name, cap, None, weights, hash, |done, total| {
+            progress(done, total, true)
+        })
+        .await
         {
-            let stored_sha = match cached(cache, &sha_key(url)).await {
-                Some(r) => JsFuture::from(r.text().map_err(|e| describe(&e))?)
-                    .await
-                    .ok()
-                    .and_then(|v| v.as_string()),
-                None => None,
-            };
-            let sha256 = match (hash, stored_sha) {
-                (false, _) => None,
-                (true, Some(s)) if s.len() == 64 => Some(s),
-                (true, _) => Some(vlsm::share::sha256_hex(&bytes)),
-            };
-            return Ok(Some(Fetched {
-                bytes,
-                from_cache: true,
-                sha256,
-            }));
+            Read::Done(mut fetched) => {
+                fetched.from_cache = true;
+                if weights && fetched.sha256.is_none() {
+                    fetched.sha256 = stored_sha;
+                }
+                return Ok(Some(fetched));
+            }
+            Read::Invalid(why) => return Err(invalid(why)),
+            // A damaged entry: forget it and download again.
+            Read::Failed(_) => {
+                let _ = JsFuture::from(cache.delete_with_str(url)).await;
+            }
         }
-        // A damaged entry: forget it and download again.
-        let _ = JsFuture::from(cache.delete_with_str(url)).await;
     }
     let response: Response = fetch_within(scope().fetch_with_str(url), url).await?;
     if response.status() == 404 && optional {
@@ -208,51 +290,57 @@ async fn fetch_file(
             response.status_text()
         ));
     }
-    let total = content_length(&response);
-    // The cache stores a tee of the stream only when the server announced a length within
-    // the cap: the tee's branch would otherwise keep reading an endless body after ours
-    // stopped. A body without a length is stored from the bytes once read and checked.
-    let tee = total.is_some_and(|t| t <= cap);
-    let stored = match cache {
-        Some(cache) if tee => response
-            .clone()
+    // The cache takes a copy as the body is read when the server announced a length within
+    // the cap. A body without a length is stored from the bytes once read and checked (so
+    // such weights are held whole once, then split).
+    let copy = match (cache, content_length(&response)) {
+        (Some(cache), Some(total)) if total <= cap => CacheCopy::new(total)
             .ok()
-            .map(|copy| cache.put_with_str(url, &copy)),
+            .map(|(copy, response)| (copy, cache.put_with_str(url, &response))),
         _ => None,
     };
-    // On failure, wait (boundedly: a stalled server may never end the tee) for the cache's
-    // copy to fail with the stream, then make sure no entry is left behind.
-    let forget = async |stored: Option<js_sys::Promise>| {
-        if let Some(put) = stored {
+    // On failure, abandon the cache's copy and wait (boundedly) for its `put` to fail, then
+    // make sure no entry is left behind.
+    let forget = async |copy: Option<(CacheCopy, js_sys::Promise)>| {
+        if let Some((copy, put)) = copy {
+            copy.abort();
             let _ = within(put, STALL_MS).await;
         }
         if let Some(cache) = cache {
             let _ = JsFuture::from(cache.delete_with_str(url)).await;
         }
     };
-    let bytes = match read_body(&response, total, cap, |c, d| progress(c, d, total, false)).await {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            forget(stored).await;
+    let stream = weights && (copy.is_some() || cache.is_none());
+    let read = read_file(
+        &response,
+        name,
+        cap,
+        copy.as_ref().map(|(c, _)| c),
+        stream,
+        weights,
+        |done, total| progress(done, total, false),
+    )
+    .await;
+    let mut fetched = match read {
+        Read::Done(fetched) => fetched,
+        Read::Invalid(why) => {
+            forget(copy).await;
+            return Err(invalid(why));
+        }
+        Read::Failed(e) => {
+            forget(copy).await;
             return Err(format!(
                 "downloading {name} failed: {e}; press Retry to try again"
             ));
         }
     };
-    if let Some(t) = total
-        && t != bytes.len() as u64
-    {
-        forget(stored).await;
-        return Err(format!(
-            "downloading {name} stopped after {} of {t} bytes; press Retry to try again",
-            bytes.len()
-        ));
-    }
-    let sha256 = hasher.map(|h| vlsm::share::hex(&h.finalize()));
-    let stored = match (cache, stored) {
-        (Some(_), Some(put)) => Some(put),
+    let stored = match (cache, copy) {
+        (Some(_), Some((copy, put))) => {
+            copy.close().await;
+            Some(put)
+        }
         (Some(cache), None) => {
-            let array = js_sys::Uint8Array::from(bytes.as_slice());
+            let array = js_sys::Uint8Array::from(fetched.bytes.as_slice());
             Response::new_with_opt_buffer_source(Some(&array))
                 .ok()
                 .map(|r| cache.put_with_str(url, &r))
@@ -262,17 +350,21 @@ async fn fetch_file(
     if let (Some(cache), Some(put)) = (cache, stored) {
         // Storing can fail (quota, private mode): the model still loads, only not offline.
         if JsFuture::from(put).await.is_ok()
-            && let Some(sha) = &sha256
+            && let Some(sha) = &fetched.sha256
             && let Ok(r) = Response::new_with_opt_str(Some(sha))
         {
             let _ = JsFuture::from(cache.put_with_str(&sha_key(url), &r)).await;
         }
     }
-    Ok(Some(Fetched {
-        bytes,
-        from_cache: false,
-        sha256,
-    }))
+    if weights && fetched.weights.is_none() {
+        // Read whole for the cache's sake: split it now, then let the bytes go.
+        let mut split = SafetensorsStream::new(name, Some(fetched.len));
+        split
+            .push(&std::mem::take(&mut fetched.bytes))
+            .map_err(|e| invalid(e.to_string()))?;
+        fetched.weights = Some(split);
+    }
+    Ok(Some(fetched))
 }
 
 async fn webgpu() -> Result<Device, String> {
@@ -412,7 +504,8 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     }
     let files = ModelFiles {
         config_json: &config.bytes,
-        safetensors: &weights.bytes,
+        // The weights came as a stream instead: see below.
+        safetensors: &[],
         preprocessor_config_json: optional_file("preprocessor_config.json"),
         tokenizer_json: optional_file("tokenizer.json"),
         tokenizer_config_json: optional_file("tokenizer_config.json"),
@@ -421,18 +514,27 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
         vocab_txt: optional_file("vocab.txt"),
         merges_txt: bytes_of(&merges),
     };
+    let pipeline = vlsm::Pipeline::from_files(&files).map_err(|e| e.to_string())?;
+    let stream = weights
+        .weights
+        .ok_or("model.safetensors was not read as weights")?;
+    let dtype = stream.main_dtype().unwrap_or_else(|| "?".into());
+    let tensors = stream
+        .finish()
+        .map_err(|e| format!("{}: {e}", file("model.safetensors")))?;
     let (device, used, note) = device_for(backend).await;
     status(format!("loading the model on {}", used.label()));
     // Drop the previous model first: two full-size models may not fit.
     MODEL.with(|m| *m.borrow_mut() = None);
     let load_started = now_ms();
-    let segmenter = Segmenter::from_files(&files, &device).map_err(|e| e.to_string())?;
-    let dtype = safetensors_dtype(&weights.bytes);
+    // Each tensor's bytes are freed as the model takes them.
+    let segmenter =
+        Segmenter::from_weights(pipeline, &tensors, &device).map_err(|e| e.to_string())?;
+    drop(tensors);
     let input_size = segmenter.input_size();
     let load_ms = now_ms() - load_started;
-    let weights_bytes = weights.bytes.len() as u64;
+    let weights_bytes = weights.len;
     let weights_sha256 = weights.sha256.clone().unwrap_or_default();
-    drop(weights);
     MODEL.with(|m| {
         *m.borrow_mut() = Some(Loaded {
             segmenter: Rc::new(segmenter),
@@ -452,6 +554,7 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
             from_cache: all_cached,
             download_ms,
             load_ms,
+            wasm_memory_bytes: wasm_memory_bytes(),
             input_size,
             model: arch.name().to_string(),
         },
@@ -460,21 +563,12 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
     Ok(())
 }
 
-/// The type most of a safetensors file's bytes are stored in, for display ("F32", "F16",
-/// "I8" for `vlsm convert --int8`'s weights).
-fn safetensors_dtype(bytes: &[u8]) -> String {
-    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(bytes) else {
-        return "?".into();
-    };
-    let mut by_type = std::collections::BTreeMap::<String, usize>::new();
-    for t in meta.tensors().values() {
-        let (start, end) = t.data_offsets;
-        *by_type.entry(format!("{:?}", t.dtype)).or_default() += end.saturating_sub(start);
-    }
-    by_type
-        .into_iter()
-        .max_by_key(|(_, bytes)| *bytes)
-        .map_or_else(|| "?".into(), |(dtype, _)| dtype)
+/// The size of this worker's wasm memory (it only grows: the high-water mark of its heap).
+fn wasm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    return core::arch::wasm32::memory_size(0) as u64 * 65_536;
+    #[cfg(not(target_arch = "wasm32"))]
+    0
 }
 
 async fn segment(prompts: Vec<String>, image_bytes: Vec<u8>) -> Result<(), String> {

@@ -438,12 +438,13 @@ function rendererKb(field = 'VmRSS') {
   return peak;
 }
 
-/// Samples the renderers' memory every 200 ms until stopped; `stop()` gives the peak (kB).
+/// Samples the renderers' memory every 200 ms until stopped; `stop()` gives the peak (kB),
+/// `stop(false)` the peak so far without stopping.
 function sampleRendererMemory() {
   let peak = 0;
   const take = () => { peak = Math.max(peak, rendererKb('VmRSS'), rendererKb('VmHWM')); };
   const timer = setInterval(take, 200);
-  return () => { clearInterval(timer); take(); return peak; };
+  return (stop = true) => { if (stop) clearInterval(timer); take(); return peak; };
 }
 
 async function bench(args) {
@@ -460,6 +461,7 @@ async function bench(args) {
     await waitFor(page, '#load');
     out.model = await loadModel(page, `${base}/models/m`);
     out.load_ms = Date.now() - t0;
+    out.renderer_peak_load_mb = stopSampling(false) / 1024;
     out.status = await page.textContent('#model-status');
     await page.setInputFiles('#image-file', args.image);
     await waitFor(page, '#image-status');

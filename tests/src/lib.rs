@@ -216,3 +216,19 @@ pub fn read_npy_f64(path: &Path) -> (Vec<usize>, Vec<f64>) {
         .collect();
     (shape, values)
 }
+
+/// A model folder holding a `model.safetensors`, loaded as the page loads it: the weights
+/// arrive in chunks of `chunk` bytes into a [`vlsm::weights::SafetensorsStream`] (never held
+/// whole), the other files from the folder.
+pub fn load_streamed(dir: &Path, chunk: usize) -> vlsm::Segmenter {
+    let files = vlsm::files::DirFiles::read(dir).unwrap();
+    let pipeline = vlsm::Pipeline::from_files(&files.model_files()).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let mut stream =
+        vlsm::weights::SafetensorsStream::new("model.safetensors", Some(bytes.len() as u64));
+    for part in bytes.chunks(chunk) {
+        stream.push(part).unwrap();
+    }
+    let weights = stream.finish().unwrap();
+    vlsm::Segmenter::from_weights(pipeline, &weights, &vlsm::burn::tensor::Device::flex()).unwrap()
+}

@@ -308,6 +308,11 @@ fn vlsm_folder_round_trips() {
     };
     let seg = Segmenter::from_files(&files, &Device::flex()).unwrap();
     check(&seg, &Case::shared("tiny_biomedclipseg_d"));
+    // The page's load: the weights streamed in odd-sized chunks, each tensor freed as it loads.
+    check(
+        &vlsm_tests::load_streamed(out.path(), 4093),
+        &Case::shared("tiny_biomedclipseg_d"),
+    );
 }
 
 #[test]

@@ -663,6 +663,11 @@ fn int8_weights_are_declined_for_cris() {
     let image = image::open(vlsm_tests::fixture("images/rgb_150x100.png"))
         .unwrap()
         .to_rgb8();
+    // The page's load of the f32 folder (streamed, each tensor freed as it loads): the
+    // same logits as medvlsm's checkpoint.
+    let streamed = vlsm_tests::load_streamed(f32_folder.path(), 65_521);
+    let same = vlsm_tests::agreement(&seg, &streamed, &image, &["polyp", "a large polyp"], 0.35);
+    assert_eq!(same.max_abs, 0.0, "{same:?}");
     let a = vlsm_tests::agreement(&seg, &int8, &image, &["polyp", "a large polyp"], 0.35);
     eprintln!("CRIS int8 weights vs f32: {a:?}");
     assert!(

@@ -291,6 +291,23 @@ fn loading_from_bytes_equals_loading_from_the_directory() {
         .decode(&from_dir.encode_image(&rgb).unwrap(), &["polyp"])
         .unwrap();
     assert_eq!(a, b);
+    // Streamed as the page downloads it, in chunks of one byte up to more than the file.
+    for chunk in [1, 4093, 1 << 30] {
+        let streamed = vlsm_tests::load_streamed(&dir, chunk);
+        let c = streamed
+            .decode(&streamed.encode_image(&rgb).unwrap(), &["polyp"])
+            .unwrap();
+        assert_eq!(a, c, "chunks of {chunk} bytes");
+    }
+    // And the other decoder head.
+    let dir = fixture("clipseg_simple");
+    let from_dir = Segmenter::from_dir(&dir, &Device::flex()).unwrap();
+    let streamed = vlsm_tests::load_streamed(&dir, 4093);
+    let [a, b] = [from_dir, streamed].map(|s| {
+        s.decode(&s.encode_image(&rgb).unwrap(), &["polyp"])
+            .unwrap()
+    });
+    assert_eq!(a, b);
 }
 
 /// int8 weights (`vlsm convert --int8`: one scale per output channel, widened to f32 as they
@@ -321,6 +338,14 @@ fn int8_weights_stay_close_to_f32() {
         0.5,
     );
     assert_eq!(same.max_abs, 0.0, "{same:?}");
+    let streamed = vlsm_tests::agreement(
+        &from_bytes(int8.path()),
+        &vlsm_tests::load_streamed(int8.path(), 100_003),
+        &image,
+        &prompts,
+        0.5,
+    );
+    assert_eq!(streamed.max_abs, 0.0, "{streamed:?}");
 }
 
 /// bf16 linears (`--precision bf16`) against f32 on the refined fixture: logits within a few

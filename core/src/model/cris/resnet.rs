@@ -356,11 +356,11 @@ impl AttentionPool {
                 out_proj: proj("c_proj", out)?,
                 num_heads: cfg.heads,
             },
-            positional_embedding: w.param(
-                &format!("{prefix}.positional_embedding"),
-                [g * g + 1, c],
+            // From the values read above: a streamed checkpoint gives each tensor once.
+            positional_embedding: Param::from_tensor(Tensor::from_data(
+                TensorData::new(table, [g * g + 1, c]),
                 device,
-            )?,
+            )),
             grid: g,
             connect: ConvBn::load(
                 w,
