@@ -54,7 +54,7 @@ enum Bytes<'a> {
     InFile { offset: u64, len: usize },
     /// Little-endian bytes received by a [`SafetensorsStream`], given up to the module that
     /// reads them (`None` afterwards), so loading frees the file as the model grows.
-    Streamed(RefCell<Option<Vec<u8>>>),
+    Streamed(RefCell<Option<stream::Streamed>>),
 }
 
 struct Entry<'a> {
@@ -335,6 +335,14 @@ impl<'a> Weights<'a> {
                 n * entry.dtype.size()
             ))
         };
+        // Streamed f32 values are already what the model needs: hand them over.
+        if let Bytes::Streamed(cell) = &entry.bytes {
+            let mut slot = cell.borrow_mut();
+            match slot.take() {
+                Some(stream::Streamed::F32(values)) if values.len() == n => return Ok(values),
+                other => *slot = other,
+            }
+        }
         let (bytes, little) = self.bytes_of(key, entry)?;
         if bytes.len() != n * entry.dtype.size() {
             return Err(bad_len(bytes.len()));
@@ -347,7 +355,11 @@ impl<'a> Weights<'a> {
         match &entry.bytes {
             Bytes::Borrowed(b) => Ok((Cow::Borrowed(*b), true)),
             Bytes::Streamed(cell) => match cell.borrow_mut().take() {
-                Some(b) => Ok((Cow::Owned(b), true)),
+                Some(stream::Streamed::Raw(b)) => Ok((Cow::Owned(b), true)),
+                Some(stream::Streamed::F32(v)) => Ok((
+                    Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+                    cfg!(target_endian = "little"),
+                )),
                 None => Err(Error::Weights(format!(
                     "{}: weight `{key}` was read twice from a streamed download (its bytes \
                      are freed once loaded)",

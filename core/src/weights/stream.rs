@@ -23,7 +23,46 @@ struct Slot {
     len: usize,
     /// How many of its bytes have arrived.
     filled: usize,
-    bytes: Vec<u8>,
+    buffer: Streamed,
+}
+
+/// A streamed tensor's bytes. f32 ones go straight into f32 storage on little-endian
+/// targets (safetensors' byte order), so loading hands them to the model without a copy.
+pub(super) enum Streamed {
+    F32(Vec<f32>),
+    Raw(Vec<u8>),
+}
+
+impl Streamed {
+    fn for_dtype(dtype: Option<DType>) -> Self {
+        if dtype == Some(DType::F32) && cfg!(target_endian = "little") {
+            Streamed::F32(Vec::new())
+        } else {
+            Streamed::Raw(Vec::new())
+        }
+    }
+
+    /// Room for `len` bytes, or `None` when there is not enough memory.
+    fn reserve(&mut self, len: usize) -> Option<()> {
+        match self {
+            Streamed::F32(v) => v.try_reserve_exact(len.div_ceil(4)).ok(),
+            Streamed::Raw(v) => v.try_reserve_exact(len).ok(),
+        }
+    }
+
+    /// Writes `chunk` at byte offset `at` (the bytes before it already written).
+    fn write(&mut self, at: usize, chunk: &[u8]) {
+        match self {
+            Streamed::F32(v) => {
+                let end = at + chunk.len();
+                if v.len() * 4 < end {
+                    v.resize(end.div_ceil(4), 0.0);
+                }
+                bytemuck::cast_slice_mut::<f32, u8>(v)[at..end].copy_from_slice(chunk);
+            }
+            Streamed::Raw(v) => v.extend_from_slice(chunk),
+        }
+    }
 }
 
 /// Takes a safetensors file chunk by chunk ([`Self::push`]) and gives its [`Weights`] once
@@ -116,7 +155,7 @@ impl SafetensorsStream {
             };
             let take = (slot.len - slot.filled).min(chunk.len());
             if slot.dtype.is_some() {
-                slot.bytes.extend_from_slice(&chunk[..take]);
+                slot.buffer.write(slot.filled, &chunk[..take]);
             }
             slot.filled += take;
             self.data_received += take as u64;
@@ -170,7 +209,7 @@ impl SafetensorsStream {
                     shape: info.shape.clone(),
                     len: end - begin,
                     filled: 0,
-                    bytes: Vec::new(),
+                    buffer: Streamed::for_dtype(float_dtype(info.dtype)),
                 };
                 (begin, slot)
             })
@@ -200,7 +239,7 @@ impl SafetensorsStream {
         if let Some(slot) = self.slots.get_mut(self.next)
             && slot.dtype.is_some()
         {
-            slot.bytes.try_reserve_exact(slot.len).map_err(|_| {
+            slot.buffer.reserve(slot.len).ok_or_else(|| {
                 Error::Weights(format!(
                     "{source}: not enough memory for weight `{}` ({} bytes)",
                     slot.name, slot.len
@@ -220,7 +259,10 @@ impl SafetensorsStream {
                     Entry {
                         dtype,
                         shape: std::mem::take(&mut slot.shape),
-                        bytes: Bytes::Streamed(RefCell::new(Some(std::mem::take(&mut slot.bytes)))),
+                        bytes: Bytes::Streamed(RefCell::new(Some(std::mem::replace(
+                            &mut slot.buffer,
+                            Streamed::Raw(Vec::new()),
+                        )))),
                     },
                 );
             }
