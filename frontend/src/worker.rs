@@ -116,11 +116,12 @@ enum Read {
 }
 
 /// Reads a response's body: the weights into a [`SafetensorsStream`] tensor by tensor
-/// (`stream`), anything else into bytes; hashing it when `hash`. `progress` gets each
-/// chunk's running total.
+/// (`stream`; errors name the file by `url`), anything else into bytes; hashing it when
+/// `hash`, and writing it to the cache's `copy` when given. `progress` gets each chunk's
+/// running total.
 async fn read_file(
     response: &Response,
-    name: &str,
+    url: &str,
     cap: u64,
     copy: Option<&CacheCopy>,
     stream: bool,
@@ -129,7 +130,7 @@ async fn read_file(
 ) -> Read {
     let total = content_length(response);
     let mut hasher = hash.then(Sha256::new);
-    let mut weights = stream.then(|| SafetensorsStream::new(name, total));
+    let mut weights = stream.then(|| SafetensorsStream::new(url, total));
     let mut invalid = None;
     let mut bytes = Vec::new();
     let read = match weights.as_mut() {
@@ -205,8 +206,8 @@ async fn cached(cache: &Cache, url: &str) -> Option<Response> {
 /// Fetches `url`; `Ok(None)` when the server says 404 and the file is optional. The
 /// weights (`weights`: hashed, and split into tensors as they arrive, so the page never
 /// holds the whole file) or any other file into bytes. A fresh download goes into Cache
-/// Storage only when it arrived whole (the cache's own copy is a tee of the same stream: if
-/// the stream fails, `put` fails and stores nothing).
+/// Storage only when it arrived whole (the cache's copy is written as the body is read: if
+/// the read fails, the copy is abandoned, `put` fails and stores nothing).
 async fn fetch_file(
     cache: Option<&Cache>,
     url: &str,
@@ -235,7 +236,6 @@ async fn fetch_file(
             );
         }
     };
-    let invalid = |why: String| format!("{url}: {why}");
     if optional
         && let Some(cache) = cache
         && cached(cache, &absent_key(url)).await.is_some()
@@ -255,7 +255,7 @@ async fn fetch_file(
         };
         // The hash stored with the entry, when there is one, spares hashing it again.
         let hash = weights && stored_sha.is_none();
-        match read_file(&response, name, cap, None, weights, hash, |done, total| {
+        match read_file(&response, url, cap, None, weights, hash, |done, total| {
             progress(done, total, true)
         })
         .await
@@ -267,7 +267,7 @@ async fn fetch_file(
                 }
                 return Ok(Some(fetched));
             }
-            Read::Invalid(why) => return Err(invalid(why)),
+            Read::Invalid(why) => return Err(why),
             // A damaged entry: forget it and download again.
             Read::Failed(_) => {
                 let _ = JsFuture::from(cache.delete_with_str(url)).await;
@@ -313,7 +313,7 @@ async fn fetch_file(
     let stream = weights && (copy.is_some() || cache.is_none());
     let read = read_file(
         &response,
-        name,
+        url,
         cap,
         copy.as_ref().map(|(c, _)| c),
         stream,
@@ -325,7 +325,7 @@ async fn fetch_file(
         Read::Done(fetched) => fetched,
         Read::Invalid(why) => {
             forget(copy).await;
-            return Err(invalid(why));
+            return Err(why);
         }
         Read::Failed(e) => {
             forget(copy).await;
@@ -358,10 +358,10 @@ async fn fetch_file(
     }
     if weights && fetched.weights.is_none() {
         // Read whole for the cache's sake: split it now, then let the bytes go.
-        let mut split = SafetensorsStream::new(name, Some(fetched.len));
+        let mut split = SafetensorsStream::new(url, Some(fetched.len));
         split
             .push(&std::mem::take(&mut fetched.bytes))
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         fetched.weights = Some(split);
     }
     Ok(Some(fetched))
@@ -519,9 +519,7 @@ async fn load(url: &str, backend: Backend) -> Result<(), String> {
         .weights
         .ok_or("model.safetensors was not read as weights")?;
     let dtype = stream.main_dtype().unwrap_or_else(|| "?".into());
-    let tensors = stream
-        .finish()
-        .map_err(|e| format!("{}: {e}", file("model.safetensors")))?;
+    let tensors = stream.finish().map_err(|e| e.to_string())?;
     let (device, used, note) = device_for(backend).await;
     status(format!("loading the model on {}", used.label()));
     // Drop the previous model first: two full-size models may not fit.

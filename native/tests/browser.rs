@@ -402,6 +402,21 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     let nifti_link_native = fingerprints_from_file(&nifti_link, &nifti, &weights, tmp.path());
     let dicom = fixture("dicom/multiframe_rle.dcm");
 
+    // A folder whose model.safetensors is a web page (what a wrong URL may serve with 200).
+    let not_weights = tmp.path().join("not-weights");
+    std::fs::create_dir_all(&not_weights).unwrap();
+    for entry in std::fs::read_dir(&weights).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, not_weights.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        not_weights.join("model.safetensors"),
+        "<!doctype html><title>Sign in</title>".repeat(20_000),
+    )
+    .unwrap();
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -424,6 +439,8 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
         .arg(&biomed)
         .arg("--model3")
         .arg(&cris)
+        .arg("--model4")
+        .arg(&not_weights)
         .arg("--shots")
         .arg(&shots)
         .arg("--nifti")
@@ -714,6 +731,23 @@ fn the_page_segments_like_the_cli_and_its_links_reproduce() {
     );
     assert!(
         bad["truncated_link"].as_str().unwrap().contains("link"),
+        "{bad}"
+    );
+    // Weights that are not safetensors: refused from their first bytes, nothing cached.
+    assert_eq!(bad["not_weights_state"], "failed", "{bad}");
+    let not_weights = bad["not_weights"].as_str().unwrap();
+    assert!(
+        not_weights.contains("/models/m4/model.safetensors: not a valid safetensors file")
+            && not_weights.contains("header length")
+            && !not_weights.contains('\n'),
+        "{bad}"
+    );
+    assert!(
+        !bad["not_weights_cached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u.as_str().unwrap().ends_with("/m4/model.safetensors")),
         "{bad}"
     );
     assert_eq!(bad["wrong_weights_state"], "failed");

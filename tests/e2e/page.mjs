@@ -33,7 +33,8 @@ const TYPES = {
   '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
 };
 
-// Extra model folders, by mount: /models/m2/ (--model2), /models/m3/ (--model3).
+// Extra model folders, by mount: /models/m2/ (--model2), /models/m3/ (--model3),
+// /models/m4/ (--model4, a folder whose model.safetensors is not safetensors).
 function serve(dist, modelDir, port = 0, extra = {}) {
   const log = [];
   const state = { modelsOffline: false, truncateWeights: false };
@@ -241,7 +242,7 @@ async function clinical(page, args) {
 
 async function e2e(args) {
   const { server, log, state, port } = await serve(path.resolve(args.dist), path.resolve(args.model), args.port ?? 0,
-    Object.fromEntries([['m2', args.model2], ['m3', args.model3]].filter(([, d]) => d).map(([m, d]) => [m, path.resolve(d)])));
+    Object.fromEntries([['m2', args.model2], ['m3', args.model3], ['m4', args.model4]].filter(([, d]) => d).map(([m, d]) => [m, path.resolve(d)])));
   const base = `http://127.0.0.1:${port}`;
   const modelUrl = `${base}/models/m`;
   const out = { base, console: [], requests: [] };
@@ -384,6 +385,14 @@ async function e2e(args) {
     await waitFor(bad, '#load');
     await loadModel(bad, `${base}/models/endless`);
     out.bad.endless_weights = await errorText(bad);
+    if (args.model4) {
+      await bad.goto(`${base}/?backend=cpu`);
+      await waitFor(bad, '#load');
+      out.bad.not_weights_state = await loadModel(bad, `${base}/models/m4`);
+      out.bad.not_weights = await errorText(bad);
+      out.bad.not_weights_cached = await bad.evaluate(async () =>
+        (await (await caches.open('vlsm-models-v1')).keys()).map((r) => r.url));
+    }
     await bad.setInputFiles('#image-file', { name: 'notes.png', mimeType: 'image/png', buffer: Buffer.from('this is not an image') });
     out.bad.not_an_image = await errorText(bad);
     if (args['bad-dicom']) {
