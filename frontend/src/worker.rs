@@ -245,7 +245,12 @@ async fn fetch_file(
     if let Some(cache) = cache
         && let Some(response) = cached(cache, url).await
     {
-        let stored_sha = match cached(cache, &sha_key(url)).await {
+        // Only the weights are hashed.
+        let stored = match weights {
+            true => cached(cache, &sha_key(url)).await,
+            false => None,
+        };
+        let stored_sha = match stored {
             Some(r) => JsFuture::from(r.text().map_err(|e| describe(&e))?)
                 .await
                 .ok()

@@ -202,14 +202,15 @@ impl SafetensorsStream {
                 let (begin, end) = info.data_offsets;
                 let dtype_name = format!("{:?}", info.dtype);
                 *self.bytes_by_type.entry(dtype_name.clone()).or_default() += (end - begin) as u64;
+                let dtype = float_dtype(info.dtype);
                 let slot = Slot {
                     name,
-                    dtype: float_dtype(info.dtype),
+                    dtype,
                     dtype_name,
                     shape: info.shape.clone(),
                     len: end - begin,
                     filled: 0,
-                    buffer: Streamed::for_dtype(float_dtype(info.dtype)),
+                    buffer: Streamed::for_dtype(dtype),
                 };
                 (begin, slot)
             })
